@@ -1,0 +1,46 @@
+# batchlab: the one entry point. `make run` and `make test` are all a new user types.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+LOCK := requirements/all.lock
+STAMP := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-fast bench lint lock clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): $(LOCK) pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv from the pinned lock (idempotent; fast when done)
+
+run: setup ## run the main job on the embedded default
+	$(PY) -m batchlab.cli figure1 --out results/figure1
+
+test: setup ## run the test suite
+	$(PY) -m pytest -q
+
+bench: setup ## side-by-side benchmarks, written to benchmarks/results/
+	$(PY) -m benchmarks.run --out benchmarks/results
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check libs tests benchmarks services
+
+lock: ## re-resolve the lock files from pyproject.toml (needs uv)
+	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
+	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --python-version 3.11 --generate-hashes -o requirements/controller.lock
+	uv pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
+
+clean: ## remove the virtual environment and generated results
+	rm -rf $(VENV) results

@@ -1,0 +1,1 @@
+"""batchlab: fair optimizer comparisons across batch sizes."""
