@@ -1,0 +1,108 @@
+"""Build optimizers and schedules from plain data (as an experiment spec carries them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from batchlab.optim import alias, groups, schedules
+from batchlab.optim.schema import (
+    ConfigError,
+    validate_optimizer_config,
+    validate_schedule_config,
+)
+
+__all__ = ["from_config", "schedule_from_config"]
+
+_BUILDERS = {
+    "nesterov": alias.nesterov,
+    "heavy_ball": alias.heavy_ball,
+    "sgd": alias.sgd,
+    "lars": alias.lars,
+    "lamb": alias.lamb,
+    "adam": alias.adam,
+}
+
+
+def _build_schedule(cfg: dict[str, Any], path: str) -> optax.Schedule:
+    kwargs = {k: v for k, v in cfg.items() if k != "schedule"}
+    if kwargs.get("total_steps", 0) is None:
+        raise ConfigError(f"{path}.total_steps", "required (no step budget was given to fill it)")
+    try:
+        return getattr(schedules, cfg["schedule"])(**kwargs)
+    except ValueError as err:  # cross-field checks inside the schedule
+        raise ConfigError(path, str(err)) from err
+
+
+def schedule_from_config(
+    value: Any, *, total_steps: int | None = None, path: str = "learning_rate"
+) -> optax.Schedule:
+    """Build a schedule from a number or a {"schedule": KIND, ...} mapping.
+
+    Args:
+      value: see :mod:`batchlab.optim.schema`.
+      total_steps: the step budget, used where the mapping leaves ``total_steps`` out.
+      path: the field path used in error messages.
+
+    Returns:
+      An optax schedule.
+
+    Raises:
+      ConfigError: naming the field path.
+    """
+    cfg = validate_schedule_config(value, path=path, total_steps=total_steps)
+    return _build_schedule(cfg, path)
+
+
+def _build_group(cfg: dict[str, Any], path: str) -> optax.GradientTransformation:
+    kwargs = {k: v for k, v in cfg.items() if k not in ("optimizer", "learning_rate")}
+    lr = _build_schedule(cfg["learning_rate"], f"{path}.learning_rate")
+    return _BUILDERS[cfg["optimizer"]](lr, **kwargs)
+
+
+def from_config(
+    mapping: Any, *, total_steps: int | None = None, path: str = "optimizer"
+) -> optax.GradientTransformation:
+    """Build an optimizer (per parameter group, each with its schedule) from plain data.
+
+    Args:
+      mapping: a GROUP or {"weights": GROUP, "bias_bn": GROUP} (see :mod:`batchlab.optim.schema`).
+      total_steps: the step budget, filled into schedules that leave it out.
+      path: the field path used in error messages.
+
+    Returns:
+      An optax GradientTransformation.
+
+    Raises:
+      ConfigError (a ValueError): naming the field path and the allowed values.
+
+    Example:
+      >>> opt = from_config({
+      ...     "weights": {"optimizer": "lars", "learning_rate": 1.0, "weight_decay": 1e-4},
+      ...     "bias_bn": {"optimizer": "heavy_ball", "learning_rate": 1.0},
+      ... })
+    """
+    cfg = validate_optimizer_config(mapping, path=path, total_steps=total_steps)
+    if "optimizer" in cfg:
+        return _build_group(cfg, path)
+    return groups.grouped(
+        weights=_build_group(cfg["weights"], f"{path}.weights"),
+        bias_bn=_build_group(cfg["bias_bn"], f"{path}.bias_bn"),
+    )
+
+
+def learning_rate_fn(mapping: Any, *, total_steps: int | None = None, group: str = "weights"):
+    """The learning-rate schedule of one group of a config (for logging and plots).
+
+    Args:
+      mapping: an optimizer config.
+      total_steps: the step budget.
+      group: which group's schedule, for per-group configs.
+
+    Returns:
+      An optax schedule.
+    """
+    cfg = validate_optimizer_config(mapping, total_steps=total_steps)
+    group_cfg = cfg if "optimizer" in cfg else cfg[group]
+    return _build_schedule(group_cfg["learning_rate"], f"optimizer.{group}.learning_rate")

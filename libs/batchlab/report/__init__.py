@@ -1,0 +1,1 @@
+"""batchlab.report: tables and plots built from stored results and configurations."""
