@@ -12,7 +12,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast bench lint lock clean
+.PHONY: help setup protos run test bench lint lock clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,7 +23,11 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv from the pinned lock (idempotent; fast when done)
+setup: $(STAMP) ## create .venv from the pinned lock and generate protos (idempotent; fast when done)
+	@$(PY) -m batchlab.proto.generate --if-stale
+
+protos: $(STAMP) ## regenerate Python code from protos/ into libs/batchlab/proto/v1 (git-ignored)
+	$(PY) -m batchlab.proto.generate
 
 run: setup ## run the main job on the embedded default
 	$(PY) -m batchlab.cli figure1 --out results/figure1
