@@ -1,0 +1,368 @@
+"""batchlab.data: datasets by name, deterministic sharding, and batch pipelines.
+
+Datasets (see :data:`DATASETS` for their metadata):
+
+* ``mnist1d``, ``digits``, ``mlm_corpus``: built offline into a tfds data folder by
+  :func:`prepare` (once; reused afterwards) and read as array_record without TensorFlow.
+* ``imagenet2012``: tfds' prepared ImageNet, read with ``tfds.data_source`` and preprocessed as
+  in MLPerf (:mod:`batchlab.data.imagenet`).
+
+``get_dataset`` returns a random-access source (``len`` and ``source[i]`` -> dict of numpy);
+``input_pipeline`` returns a :class:`BatchIterator` of fixed-size numpy batches for one shard,
+with the dataset's preprocessing (for ``mlm_corpus``: BERT pretraining examples).
+
+Example:
+  >>> from batchlab import data
+  >>> it = data.input_pipeline("digits", "train", 32, data_dir="/tmp/tfds")  # doctest: +SKIP
+  >>> batch = next(it)  # doctest: +SKIP
+  >>> batch["image"].shape, batch["label"].dtype  # doctest: +SKIP
+  ((32, 8, 8, 1), dtype('int32'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from batchlab.data import bert, imagenet
+from batchlab.data.paths import default_data_dir
+from batchlab.data.pipeline import ArraySource, BatchIterator, Preprocess, collate
+from batchlab.data.sharding import (
+    ShardIterator,
+    epoch_permutation,
+    example_rng,
+    examples_per_shard,
+    shard_indices,
+)
+from batchlab.data.tokenizer import WordPieceTokenizer
+
+__all__ = [
+    "DATASETS",
+    "ArraySource",
+    "BatchIterator",
+    "DatasetInfo",
+    "ShardIterator",
+    "WordPieceTokenizer",
+    "builder",
+    "collate",
+    "dataset_info",
+    "default_data_dir",
+    "epoch_permutation",
+    "example_rng",
+    "examples_per_shard",
+    "get_dataset",
+    "input_pipeline",
+    "list_datasets",
+    "make_config",
+    "mlm_tokenizer",
+    "prepare",
+    "shard_indices",
+]
+
+
+# These need tensorflow-datasets; importing them lazily keeps `batchlab.data` (sharding,
+# pipelines, preprocessing) importable with numpy alone, e.g. in the sharding service.
+_FROM_BUILDERS = ("builder", "make_config", "prepare")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BUILDERS:
+        from batchlab.data import builders
+
+        return getattr(builders, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a study need to know about a dataset.
+
+    Attributes:
+      name: registered name.
+      input_key: feature holding the model input after preprocessing.
+      input_shape: shape of one preprocessed input.
+      num_classes: number of labels (None for the masked-LM corpus).
+      splits: examples per split for the default config, or None where it depends on the
+        machine (``mlm_corpus``: documents from this Python's stdlib).
+      offline: True when :func:`prepare` builds it from installed packages.
+      description: one line.
+    """
+
+    name: str
+    input_key: str
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    splits: Mapping[str, int] | None
+    offline: bool
+    description: str
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist1d": DatasetInfo(
+        "mnist1d",
+        "x",
+        (40,),
+        10,
+        {"train": 40_000, "validation": 10_000},
+        True,
+        "MNIST-1D signals generated locally (seed 42).",
+    ),
+    "digits": DatasetInfo(
+        "digits",
+        "image",
+        (8, 8, 1),
+        10,
+        {"train": 1_438, "validation": 359},
+        True,
+        "scikit-learn 8x8 digits scaled to [0, 1].",
+    ),
+    "mlm_corpus": DatasetInfo(
+        "mlm_corpus",
+        "input_ids",
+        (128,),
+        None,
+        None,
+        True,
+        "Python stdlib docstrings, WordPiece-tokenized; input_pipeline yields BERT examples.",
+    ),
+    "imagenet2012": DatasetInfo(
+        "imagenet2012",
+        "image",
+        (224, 224, 3),
+        imagenet.NUM_CLASSES,
+        dict(imagenet.SPLIT_SIZES),
+        False,
+        "ILSVRC 2012 with MLPerf ResNet-50 preprocessing (tfds, prepared beforehand).",
+    ),
+}
+
+
+def list_datasets() -> list[str]:
+    """Returns the registered dataset names."""
+    return sorted(DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Returns the metadata of a registered dataset.
+
+    Raises:
+      ValueError: for an unknown name, listing the allowed ones.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {list_datasets()}; got {name!r}")
+    return DATASETS[name]
+
+
+def _check_kwargs(name: str, kwargs: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown keyword arguments {unknown} for {name}; allowed: {sorted(allowed)}"
+        )
+
+
+def _offline_builder(name: str, data_dir, config, build: bool):
+    from batchlab.data import builders
+
+    if build:
+        return builders.prepare(name, data_dir, config=config)
+    result = builders.builder(name, data_dir, config=config)
+    if not result.data_path.exists():
+        raise FileNotFoundError(
+            f"{name} is not built at {result.data_dir}; call prepare({name!r}, ...) first"
+        )
+    return result
+
+
+def get_dataset(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    config: Any = None,
+    build: bool = True,
+    **kwargs: Any,
+):
+    """Returns a random-access source of one split: ``len(source)``, ``source[i]`` -> dict.
+
+    Args:
+      name: one of :func:`list_datasets`.
+      split: 'train' or 'validation'.
+      data_dir: tfds data folder; :func:`default_data_dir` when None.
+      config: builder config (name or object) of an offline dataset, e.g. 'small'.
+      build: build an offline dataset if it is missing (never rebuilds).
+      **kwargs: imagenet2012 only: ``manual_dir`` (tar files, to prepare it) and ``decode``
+        (True for tfds-decoded arrays instead of JPEG bytes).
+
+    Returns:
+      The source. Features: mnist1d {'x' float32 (40,), 'label' int64}; digits {'image'
+      float32 (8, 8, 1), 'label' int64}; mlm_corpus {'token_ids' int32 (n,),
+      'sentence_lengths' int32 (s,), 'path' bytes}; imagenet2012 {'image' JPEG bytes,
+      'label' int64, 'file_name' bytes}. tfds hands scalar int64 features (labels) back as
+      Python ints; they become int64 arrays once batched.
+
+    Raises:
+      ValueError: for an unknown name, split or keyword argument.
+      FileNotFoundError: when ``build=False`` (or for imagenet2012) and nothing is prepared.
+    """
+    dataset_info(name)  # Rejects unknown names, listing the allowed ones.
+    if name == "imagenet2012":
+        _check_kwargs(name, kwargs, {"manual_dir", "decode"})
+        if config is not None:
+            raise ValueError("imagenet2012 takes no config")
+        if split not in imagenet.SPLIT_SIZES:
+            raise ValueError(f"split must be one of {sorted(imagenet.SPLIT_SIZES)}; got {split!r}")
+        return imagenet.data_source(split, data_dir, **kwargs)
+    _check_kwargs(name, kwargs, set())
+    prepared = _offline_builder(name, data_dir, config, build)
+    splits = sorted(prepared.info.splits.keys())
+    if split not in splits:
+        raise ValueError(f"split must be one of {splits}; got {split!r}")
+    return prepared.as_data_source(split)
+
+
+def mlm_tokenizer(
+    data_dir: str | os.PathLike | None = None, *, config: Any = None, build: bool = True
+) -> WordPieceTokenizer:
+    """Returns the WordPiece tokenizer saved with the `mlm_corpus` dataset.
+
+    Args:
+      data_dir: tfds data folder; :func:`default_data_dir` when None.
+      config: `mlm_corpus` config (name or object).
+      build: build the corpus if it is missing.
+
+    Returns:
+      The tokenizer (its vocabulary file is ``<dataset dir>/vocab.txt``).
+    """
+    return _offline_builder("mlm_corpus", data_dir, config, build).tokenizer()
+
+
+@functools.lru_cache(maxsize=16)
+def _in_memory_split(name: str, split: str, data_dir: str | None, config: str | None) -> ArraySource:
+    """A small classification split held in memory, loaded once per process.
+
+    Studies run many short trials on the same split; reading it from disk once per
+    process instead of once per pipeline keeps input off the critical path.
+    """
+    source = get_dataset(name, split, data_dir, config=config)
+    return _in_memory_classification(source, dataset_info(name).input_key)
+
+
+def _in_memory_classification(source: Any, input_key: str) -> ArraySource:
+    """Loads a small classification split into memory as float32 inputs and int32 labels."""
+    arrays = ArraySource.from_source(source).arrays
+    return ArraySource(
+        {
+            input_key: arrays[input_key].astype(np.float32, copy=False),
+            "label": arrays["label"].astype(np.int32),
+        }
+    )
+
+
+def input_pipeline(
+    name: str,
+    split: str,
+    batch_size: int,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    config: Any = None,
+    train: bool | None = None,
+    seed: int = 0,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    drop_remainder: bool | None = None,
+    preprocess: Preprocess | None = None,
+    prefetch: int = 2,
+    num_workers: int = 1,
+    state: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> BatchIterator:
+    """Returns a :class:`BatchIterator` of preprocessed fixed-size batches for one shard.
+
+    Training mode shuffles per epoch, augments (ImageNet), repeats forever and drops each
+    epoch's remainder. Evaluation mode keeps order, runs one epoch and pads the last batch,
+    adding a boolean 'mask'.
+
+    Args:
+      name: one of :func:`list_datasets`.
+      split: 'train' or 'validation'.
+      batch_size: examples per batch on this shard.
+      data_dir: tfds data folder; :func:`default_data_dir` when None.
+      config: offline builder config (name or object), e.g. 'small'.
+      train: training mode; defaults to ``split == 'train'``.
+      seed: data seed (order, augmentation, and for mlm_corpus the pretraining examples).
+      shard_index: this shard, in ``[0, shard_count)``.
+      shard_count: number of shards (hosts).
+      num_epochs: epochs to run; default None (forever) in training, 1 in evaluation.
+      drop_remainder: default True in training, False (pad + mask) in evaluation.
+      preprocess: override the dataset's ``fn(example, rng) -> example``.
+      prefetch: batches prepared ahead in a background thread (0: none).
+      num_workers: threads applying preprocessing within a batch.
+      state: a ``get_state()`` dict to resume from.
+      **kwargs: imagenet2012: ``manual_dir``; mlm_corpus: ``max_seq_length`` (128),
+        ``max_predictions_per_seq``, ``dupe_factor``, ``masked_lm_prob``, ``short_seq_prob``.
+
+    Returns:
+      The iterator; batches are dicts of numpy arrays with a leading ``batch_size`` axis:
+      mnist1d {'x' float32, 'label' int32}; digits and imagenet2012 {'image' float32,
+      'label' int32}; mlm_corpus the int32 BERT features of :mod:`batchlab.data.bert`.
+
+    Raises:
+      ValueError: for an unknown name, split, keyword argument or bad shard/batch argument.
+    """
+    info = dataset_info(name)
+    train = (split == "train") if train is None else bool(train)
+    if num_epochs is None and not train:
+        num_epochs = 1
+    if drop_remainder is None:
+        drop_remainder = train
+    if name == "mlm_corpus":
+        bert_args = {
+            "max_seq_length",
+            "max_predictions_per_seq",
+            "dupe_factor",
+            "masked_lm_prob",
+            "short_seq_prob",
+        }
+        _check_kwargs(name, kwargs, bert_args)
+        documents = get_dataset(name, split, data_dir, config=config)
+        tokenizer = mlm_tokenizer(data_dir, config=config)
+        source = bert.BertPretrainingSource(
+            documents, vocab_size=tokenizer.vocab_size, seed=seed, **kwargs
+        )
+        default_preprocess = None
+    elif name == "imagenet2012":
+        source = get_dataset(name, split, data_dir, config=config, **kwargs)
+        default_preprocess = imagenet.train_preprocess if train else imagenet.eval_preprocess
+    else:
+        # Small enough to hold in memory; batches are then gathered, not built per example.
+        cacheable = not kwargs and (config is None or isinstance(config, str))
+        if cacheable:
+            source = _in_memory_split(name, split, None if data_dir is None else os.fspath(data_dir), config)
+        else:
+            source = _in_memory_classification(
+                get_dataset(name, split, data_dir, config=config, **kwargs), info.input_key
+            )
+        default_preprocess = None
+    iterator = BatchIterator(
+        source,
+        batch_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        seed=seed,
+        shuffle=train,
+        num_epochs=num_epochs,
+        preprocess=preprocess or default_preprocess,
+        drop_remainder=drop_remainder,
+        prefetch=prefetch,
+        num_workers=num_workers,
+    )
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
