@@ -47,6 +47,33 @@ def _figure1(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_run(args: argparse.Namespace) -> int:
+    """Run an experiment spec in this process and write its results and report."""
+    from batchlab.runner import run_experiment
+    from batchlab.search import SpecError
+
+    try:
+        out = run_experiment(args.spec, args.out, data_dir=args.data_dir, progress=not args.no_progress)
+    except (SpecError, ValueError, FileNotFoundError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        return 2
+    Console().print(f"results in {out}; report: {Path(out) / 'report' / 'report.md'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Rebuild the report of a stored experiment."""
+    from batchlab.report import write_report
+
+    try:
+        path = write_report(args.results, args.out)
+    except (ValueError, FileNotFoundError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        return 2
+    Console().print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``batchlab`` command."""
     parser = argparse.ArgumentParser(prog="batchlab", description=__doc__)
@@ -55,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     fig = sub.add_parser("figure1", help="regenerate the paper's Figure 1 and Table 1")
     fig.add_argument("--out", default="results/figure1", help="output folder")
     fig.set_defaults(func=_figure1)
+
+    local = sub.add_parser("local", help="run experiments in this process (no services)")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+    run = local_sub.add_parser("run", help="run an experiment spec; rerunning resumes it")
+    run.add_argument("spec", help="experiment spec (YAML)")
+    run.add_argument("--out", required=True, help="results folder")
+    run.add_argument("--data-dir", default=None, help="tfds data folder (default: BATCHLAB_DATA_DIR)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_local_run)
+
+    rep = sub.add_parser("report", help="rebuild the report of stored results")
+    rep.add_argument("results", help="results folder of an experiment")
+    rep.add_argument("--out", default=None, help="report folder (default: RESULTS/report)")
+    rep.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""The on-disk layout of an experiment's results, shared by the local runner and the reports.
+
+OUT/experiment.json                      the spec, its studies, status and timestamps
+OUT/runs/<study_id>/t{T}_r{R}_a{A}.json  one file per run attempt: request + result
+OUT/studies/<study_id>.json              the study's best trial and score, once finished
+
+Every file is written atomically (temporary file + rename), so a run interrupted at any
+moment leaves either the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from batchlab.search.protocol import Outcome, RunRecord, RunRequest
+
+__all__ = ["ResultStore", "request_to_dict"]
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def request_to_dict(request: RunRequest) -> dict[str, Any]:
+    """A RunRequest as plain JSON data."""
+    return {
+        "study_id": request.study_id,
+        "kind": str(request.kind),
+        "trial_index": request.trial_index,
+        "replica": request.replica,
+        "seed": request.seed,
+        "attempt": request.attempt,
+        "hyperparameters": request.hyperparameters,
+        "batch_size": request.batch_size,
+        "step_budget": request.step_budget,
+        "eval_every_steps": request.eval_every_steps,
+    }
+
+
+class ResultStore:
+    """Reads and writes one experiment's results folder.
+
+    Args:
+      root: the experiment's output folder.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def experiment_path(self) -> Path:
+        return self.root / "experiment.json"
+
+    def run_path(self, request: RunRequest) -> Path:
+        name = f"t{request.trial_index}_r{request.replica}_a{request.attempt}.json"
+        return self.root / "runs" / request.study_id / name
+
+    def study_path(self, study_id: str) -> Path:
+        return self.root / "studies" / f"{study_id}.json"
+
+    def write_experiment(self, payload: dict[str, Any]) -> None:
+        _write_json(self.experiment_path(), payload)
+
+    def read_experiment(self) -> dict[str, Any] | None:
+        path = self.experiment_path()
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_run(self, request: RunRequest, result: dict[str, Any]) -> None:
+        _write_json(self.run_path(request), {"request": request_to_dict(request), "result": result})
+
+    def write_study(self, study_id: str, payload: dict[str, Any]) -> None:
+        _write_json(self.study_path(study_id), payload)
+
+    def records(self, study_id: str) -> list[RunRecord]:
+        """Every stored attempt of a study as protocol records, in a stable order."""
+        folder = self.root / "runs" / study_id
+        out = []
+        for path in sorted(folder.glob("t*_r*_a*.json")):
+            try:
+                payload = json.loads(path.read_text())
+                req, res = payload["request"], payload["result"]
+                stt = res.get("steps_to_target")
+                out.append(
+                    RunRecord(
+                        trial_index=int(req["trial_index"]),
+                        seed=int(req["seed"]),
+                        outcome=Outcome[res["outcome"]],
+                        final_metrics={
+                            k: (math.nan if v is None else float(v))
+                            for k, v in (res.get("final_metrics") or {}).items()
+                        },
+                        steps_to_target=math.inf if stt is None else float(stt),
+                        steps_run=int(res.get("steps_completed", 0)),
+                    )
+                )
+            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: malformed run record ({err})") from err
+        return out

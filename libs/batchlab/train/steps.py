@@ -1,0 +1,131 @@
+"""train_step and eval_step: pure functions of (state, batch), jitted by the loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from batchlab.train.workloads import Workload, classification_loss
+
+__all__ = ["TrainState", "eval_step", "make_eval_step", "make_train_step"]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that changes during training and is checkpointed."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def _forward(workload: Workload, model, variables, batch, *, train: bool, rng=None):
+    """Model outputs, per-example losses and metrics for one batch."""
+    if workload.kind == "classification":
+        mutable = ["batch_stats"] if train else False
+        out = model.apply(variables, batch["input"], train=train, mutable=mutable)
+        logits, updates = out if train else (out, {})
+        return logits, updates
+    rngs = {"dropout": rng} if train else {}
+    logits = model.apply(
+        variables,
+        batch["input_ids"],
+        batch["segment_ids"],
+        batch["input_mask"],
+        batch["masked_lm_positions"],
+        train=train,
+        rngs=rngs,
+    )
+    return logits, {}
+
+
+def _metrics(workload: Workload, hparams, outputs, batch, weights):
+    """Weighted sums: {'loss': (sum, count), ...}; the loss includes no regulariser."""
+    if workload.kind == "classification":
+        per_example, correct, w = classification_loss(
+            outputs,
+            batch["label"],
+            num_classes=outputs.shape[-1],
+            label_smoothing=hparams["label_smoothing"],
+            weights=weights,
+        )
+        return {
+            "loss": (jnp.sum(per_example * w), jnp.sum(w)),
+            "accuracy": (jnp.sum(correct * w), jnp.sum(w)),
+        }
+    mlm_logits, nsp_logits = outputs
+    mlm_w = batch["masked_lm_weights"].astype(jnp.float32)
+    if weights is not None:
+        mlm_w = mlm_w * weights[:, None]
+    mlm_xent = optax.softmax_cross_entropy_with_integer_labels(
+        mlm_logits.astype(jnp.float32), batch["masked_lm_ids"]
+    )
+    mlm_correct = (jnp.argmax(mlm_logits, -1) == batch["masked_lm_ids"]).astype(jnp.float32)
+    ex_w = jnp.ones(nsp_logits.shape[0]) if weights is None else weights
+    nsp_xent = optax.softmax_cross_entropy_with_integer_labels(
+        nsp_logits.astype(jnp.float32), batch["next_sentence_label"]
+    )
+    nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]).astype(jnp.float32)
+    mlm_count = jnp.maximum(jnp.sum(mlm_w), 1.0)
+    nsp_count = jnp.sum(ex_w)
+    # BERT's pretraining loss: mean masked-LM loss + mean next-sentence loss.
+    total = jnp.sum(mlm_xent * mlm_w) / mlm_count + jnp.sum(nsp_xent * ex_w) / jnp.maximum(nsp_count, 1.0)
+    return {
+        "loss": (total * nsp_count, nsp_count),
+        "mlm_loss": (jnp.sum(mlm_xent * mlm_w), mlm_count),
+        "mlm_accuracy": (jnp.sum(mlm_correct * mlm_w), mlm_count),
+        "nsp_accuracy": (jnp.sum(nsp_correct * ex_w), nsp_count),
+    }
+
+
+def make_train_step(workload: Workload, hparams, model, optimizer: optax.GradientTransformation):
+    """A ``train_step(state, batch) -> (state, metrics)`` for jit.
+
+    The gradient is of the mean unregularised loss; L2 and weight decay live in the
+    optimizer, per parameter group. Virtual-batch BN statistics are updated in
+    ``batch_stats``. The returned metrics are batch means (loss, accuracy).
+    """
+
+    def loss_fn(params, state, batch, rng):
+        variables = {"params": params}
+        if state.batch_stats is not None:
+            variables["batch_stats"] = state.batch_stats
+        outputs, updates = _forward(workload, model, variables, batch, train=True, rng=rng)
+        sums = _metrics(workload, hparams, outputs, batch, None)
+        loss = sums["loss"][0] / sums["loss"][1]
+        return loss, (updates.get("batch_stats", state.batch_stats), sums)
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        grads, (batch_stats, sums) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
+
+    return train_step
+
+
+def make_eval_step(workload: Workload, hparams, model):
+    """An ``eval_step(state, batch) -> {name: (weighted sum, weight)}`` for jit (eval-mode BN)."""
+
+    def eval_step(state: TrainState, batch):
+        variables = {"params": state.params}
+        if state.batch_stats is not None:
+            variables["batch_stats"] = state.batch_stats
+        outputs, _ = _forward(workload, model, variables, batch, train=False)
+        weights = batch.get("mask")
+        weights = None if weights is None else weights.astype(jnp.float32)
+        return _metrics(workload, hparams, outputs, batch, weights)
+
+    return eval_step
+
+
+eval_step = make_eval_step
