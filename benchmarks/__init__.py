@@ -1,0 +1,1 @@
+"""batchlab benchmarks: comparisons measured side by side in one run (`make bench`)."""

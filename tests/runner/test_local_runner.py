@@ -1,0 +1,105 @@
+"""The local runner: resumable, deterministic, and every shipped spec validates."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from batchlab.runner import ResultStore, run_experiment
+from batchlab.search import SpecError, load_spec
+from batchlab.train.workloads import workload_names
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "name": "tiny",
+    "search_seed": 3,
+    "trials_per_study": 2,
+    "max_total_trials": 3,
+    "seeds_per_best": 1,
+    "selection": "BEST_VALIDATION_METRIC",
+    "workloads": [
+        {
+            "workload": "mnist1d_resnet1d_small",
+            "target": {"metric": "validation/accuracy", "value": 0.3, "goal": "MAXIMIZE"},
+            "eval_every_steps": 10,
+            "points": [{"batch_size": 32, "step_budget": 20}],
+        }
+    ],
+    "optimizers": [
+        {
+            "name": "nesterov",
+            "config": {"optimizer": "nesterov", "learning_rate": {"schedule": "cosine", "peak_value": 0.1}},
+            "search_space": {"parameters": [{"path": "optimizer.learning_rate.peak_value", "log": {"min": 0.01, "max": 1.0}}]},
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_validates_with_known_workloads(path):
+    load_spec(path, known_workloads=set(workload_names()))
+
+
+def test_unknown_workload_names_the_field():
+    bad = json.loads(json.dumps(TINY))
+    bad["workloads"][0]["workload"] = "mnist2d"
+    with pytest.raises(SpecError, match=r"workloads\[0\]\.workload"):
+        load_spec(bad, known_workloads=set(workload_names()))
+
+
+def _fake_train(calls):
+    def train(request, study, data_dir):
+        calls.append(request.name)
+        acc = 0.2 + 0.1 * request.trial_index + 0.01 * (request.seed % 7)
+        diverged = request.hyperparameters["optimizer"]["learning_rate"]["peak_value"] > 0.9
+        curve = [{"step": 10.0, "validation/accuracy": acc, "train/accuracy": acc}]
+        return {
+            "outcome": "DIVERGED" if diverged else "SUCCEEDED",
+            "steps_completed": 20,
+            "curve": curve,
+            "final_metrics": curve[-1],
+            "steps_to_target": 10 if acc >= 0.3 else None,
+        }
+
+    return train
+
+
+def test_runner_resumes_from_stored_runs_and_refuses_another_spec(tmp_path):
+    calls = []
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    store = ResultStore(tmp_path)
+    assert store.read_experiment()["status"] == "SUCCEEDED"
+    first = list(calls)
+    assert len(first) >= 3  # 2 feasible tuning trials + 1 rerun
+    study_id = store.read_experiment()["studies"][0]["id"]
+    assert store.study_path(study_id).exists()
+    # Running again finds everything done: nothing is trained twice.
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    assert calls == first
+    # Deleting the study summary and one run: only that run is redone.
+    store.study_path(study_id).unlink()
+    victim = sorted((tmp_path / "runs" / study_id).glob("*.json"))[-1]
+    victim.unlink()
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    assert len(calls) == len(first) + 1
+    other = json.loads(json.dumps(TINY))
+    other["name"] = "tiny2"
+    with pytest.raises(ValueError, match="different spec"):
+        run_experiment(other, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+
+
+@pytest.mark.slow
+def test_real_runs_are_deterministic(tmp_path, small_data_dir):
+    outs = []
+    for name in ("a", "b"):
+        out = run_experiment(TINY, tmp_path / name, data_dir=small_data_dir, progress=False, write_report=False)
+        studies = sorted((out / "studies").glob("*.json"))
+        outs.append([json.loads(p.read_text())["score"] for p in studies])
+        runs = sorted((out / "runs").rglob("*.json"))
+        for p in runs:
+            result = json.loads(p.read_text())["result"]
+            assert result["outcome"] in ("SUCCEEDED", "DIVERGED")
+            assert not math.isnan(result["final_metrics"]["validation/accuracy"])
+    assert outs[0] == outs[1]
