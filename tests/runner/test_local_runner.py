@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from batchlab.runner import ResultStore, run_experiment
-from batchlab.search import SpecError, load_spec
+from batchlab.search import SpecError, expand_studies, load_spec
 from batchlab.train.workloads import workload_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ TINY = {
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_spec_validates_with_known_workloads(path):
-    load_spec(path, known_workloads=set(workload_names()))
+    assert expand_studies(load_spec(path, known_workloads=set(workload_names())))
 
 
 def test_unknown_workload_names_the_field():

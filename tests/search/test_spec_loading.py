@@ -310,11 +310,9 @@ def test_search_package_imports_no_jax():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
-def test_every_spec_under_experiments_loads():
-    paths = sorted((REPO_ROOT / "experiments").rglob("*.yaml"))
-    assert MINIMAL_SPEC in paths
-    for path in paths:
-        assert spec.expand_studies(spec.load_spec(path, known_workloads=KNOWN)), path
+def test_minimal_example_spec_loads():
+    # Every shipped spec is checked against the real workload registry in tests/runner.
+    assert spec.expand_studies(spec.load_spec(MINIMAL_SPEC, known_workloads=KNOWN))
 
 
 def test_the_readme_example_is_a_valid_spec():

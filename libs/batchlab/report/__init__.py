@@ -1,1 +1,234 @@
-"""batchlab.report: tables and plots built from stored results and configurations."""
+"""batchlab.report: tables and plots built from stored results and configurations.
+
+`write_report(results_dir)` reads an experiment's stored results (experiment.json, runs/,
+studies/; see batchlab.report.results) and writes results_dir/report/report.md with its PNG
+figures. Nothing is recomputed from models or data, so a finished (or still running)
+experiment can be reported again at any time, and the same stored results give a
+byte-identical report.md. No JAX: numpy, matplotlib (Agg) and json only.
+
+    from batchlab.report import write_report
+    write_report("results/minimal")          # -> results/minimal/report/report.md
+
+References:
+  Nado et al. 2021, "A Large Batch Optimizer Reality Check": Tables 2 and 4, Figures 1 and 4.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from batchlab.report import figures
+from batchlab.report.answers import answer_paragraph
+from batchlab.report.results import Experiment, load_results
+from batchlab.report.tables import (
+    DASH,
+    best_hyperparameters_table,
+    comparison_table,
+    display_optimizer,
+    effort_table,
+    markdown_table,
+)
+from batchlab.search.space import SearchParameter
+
+__all__ = ["build_markdown", "load_results", "write_report"]
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.md"
+FIGURES = "figures"
+
+
+def _get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """A spec field by proto name or lowerCamelCase JSON name."""
+    if name in mapping:
+        return mapping[name]
+    head, *rest = name.split("_")
+    return mapping.get(head + "".join(p.title() for p in rest), default)
+
+
+def _parameter_text(parameter: SearchParameter) -> str:
+    if parameter.scale.value in ("linear", "log"):
+        text = f"`{parameter.path}` {parameter.scale.value} [{parameter.low:g}, {parameter.high:g}]"
+    elif parameter.scale.value == "discrete":
+        text = f"`{parameter.path}` one of {list(parameter.values)}"
+    else:
+        text = f"`{parameter.path}` fixed {parameter.value!r}"
+    if parameter.one_minus:
+        text += " (as 1 − value)"
+    if parameter.integer:
+        text += " (integer)"
+    if parameter.tied_paths:
+        text += " (also " + ", ".join(f"`{p}`" for p in parameter.tied_paths) + ")"
+    return text
+
+
+def _spec_section(experiment: Experiment) -> list[str]:
+    spec = experiment.spec
+    lines = ["## Spec", ""]
+    if not spec:
+        return lines + ["experiment.json stores no spec.", ""]
+    selection = _get(spec, "selection", DASH)
+    lines += [
+        f"- Search seed {_get(spec, 'search_seed', 0)}; tuning stops at "
+        f"{_get(spec, 'trials_per_study', DASH)} feasible trials per study "
+        f"(at most {_get(spec, 'max_total_trials', DASH)} trials, diverged ones included); "
+        f"the best trial by {selection} is rerun with {_get(spec, 'seeds_per_best', 0)} "
+        f"fresh seeds; infrastructure failures are retried up to "
+        f"{_get(spec, 'max_attempts', 0) or 3} attempts.",
+        "",
+    ]
+    rows = []
+    for workload in _get(spec, "workloads", ()):
+        target = _get(workload, "target", {})
+        goal = ">=" if str(_get(target, "goal", "MAXIMIZE")) in ("MAXIMIZE", "1") else "<="
+        points = ", ".join(
+            f"{_get(p, 'batch_size', 0):,} × {_get(p, 'step_budget', 0):,} steps"
+            for p in _get(workload, "points", ()))
+        hyper = _get(workload, "hyperparameters", {}) or {}
+        rows.append([
+            f"`{_get(workload, 'workload', '?')}`",
+            f"{_get(target, 'metric', '?')} {goal} {_get(target, 'value', '?')}",
+            str(_get(workload, "eval_every_steps", DASH)),
+            points,
+            ", ".join(f"{k}={v}" for k, v in sorted(hyper.items())) or DASH,
+        ])
+    lines += [markdown_table(["workload", "target", "eval every", "batch size × step budget",
+                              "workload hyperparameters"], rows, ["l"] * 5)]
+    rows = []
+    for optimizer in _get(spec, "optimizers", ()):
+        config = _get(optimizer, "config", {}) or {}
+        space = experiment.search_space(str(_get(optimizer, "name", "")))
+        searched = ("unreadable" if space is None
+                    else "; ".join(_parameter_text(p) for p in space.parameters) or DASH)
+        rows.append([f"`{_get(optimizer, 'name', '?')}`", display_optimizer(config, "weights"),
+                     display_optimizer(config, "bias_bn"), searched])
+    lines += [markdown_table(["optimizer", "weights optimizer", "bias/BN optimizer",
+                              "search space"], rows, ["l"] * 4)]
+    return lines
+
+
+def _provenance(experiment: Experiment) -> list[str]:
+    stored = sum(1 for s in experiment.studies if s.stored)
+    provisional = [s for s in experiment.studies if not s.stored]
+    lines = [
+        "## How this report was produced", "",
+        f"- Built by `batchlab.report.write_report` from the stored results only: "
+        f"`experiment.json`, {experiment.run_count()} run files under `runs/` and {stored} "
+        f"study scores under `studies/` (of {len(experiment.studies)} studies). Rebuild it "
+        "with `batchlab report RESULTS_DIR`; the same stored results give the same report.",
+        f"- Results produced by: `{experiment.command or DASH}`.",
+        "- Each study tunes by quasi-random search, picks its best trial and reruns it with "
+        "fresh seeds; a row is the median over those seeds (numpy's linear-interpolation "
+        "quartiles in brackets). Diverged seeds are left out of the metric statistics and "
+        "counted apart. A median steps-to-target of \"never\" means half the seeds or more "
+        "never reached the target.",
+    ]
+    if provisional:
+        lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
+                     "provisional, scored from their run files so far.")
+    return lines + [""]
+
+
+def _figure(out_dir: Path, name: str) -> Path:
+    return out_dir / FIGURES / name
+
+
+def _link(caption: str, name: str) -> str:
+    return f"![{caption}]({FIGURES}/{name})"
+
+
+def build_markdown(experiment: Experiment, out_dir: Path) -> str:
+    """Write the figures of an experiment under out_dir/figures and return the report text.
+
+    Args:
+      experiment: the loaded results.
+      out_dir: the report folder (figures go in its figures/ subfolder).
+
+    Returns:
+      The markdown of report.md.
+    """
+    spec_description = _get(experiment.spec, "description", "") if experiment.spec else ""
+    lines = [f"# Optimizer comparison: `{experiment.name}`", ""]
+    if spec_description:
+        lines += [spec_description, ""]
+    lines += [
+        f"Status **{experiment.status}**; started {experiment.started_at or DASH}, finished "
+        f"{experiment.finished_at or DASH} (as stored in experiment.json).", "",
+    ]
+    lines += _provenance(experiment)
+    lines += _spec_section(experiment)
+    lines += ["## Results by workload, batch size and step budget", ""]
+    for workload in experiment.workloads():
+        for point in [p for p in experiment.points() if p[0] == workload]:
+            _, batch_size, step_budget = point
+            stem = f"{workload}_b{batch_size}_s{step_budget}"
+            lines += [f"### {workload}: batch size {batch_size:,}, {step_budget:,} steps", ""]
+            lines += [answer_paragraph(experiment, *point)]
+            lines += [comparison_table(experiment, *point)]
+            names = {
+                "seeds": f"seeds_{stem}.png",
+                "curves": f"curves_{stem}.png",
+                "schedules": f"lr_{stem}.png",
+            }
+            figures.plot_seed_distributions(experiment, *point,
+                                            _figure(out_dir, names["seeds"]))
+            figures.plot_training_curves(experiment, *point, _figure(out_dir, names["curves"]))
+            figures.plot_best_schedules(experiment, *point,
+                                        _figure(out_dir, names["schedules"]))
+            lines += [
+                _link("final metric of each seed against the target", names["seeds"]), "",
+                _link("validation and train curves of the best trial's seeds",
+                      names["curves"]), "",
+                _link("learning rate of each best trial", names["schedules"]), "",
+            ]
+        name = f"steps_to_target_{workload}.png"
+        figures.plot_steps_to_target(experiment, workload, _figure(out_dir, name))
+        lines += [f"### {workload}: steps to target across batch sizes", "",
+                  _link("median steps to target against batch size", name), ""]
+    lines += ["## Tuning effort", "",
+              "Budgets are fair when every optimizer at a point has the same number of "
+              "feasible trials and reruns; diverged trials come on top of them.", "",
+              effort_table(experiment)]
+    for workload in experiment.workloads():
+        name = f"effort_{workload}.png"
+        figures.plot_tuning_effort(experiment, workload, _figure(out_dir, name))
+        lines += [_link(f"tuning effort on {workload}", name), ""]
+    lines += ["## Best hyperparameters", "",
+              "The best trial's value of each tuned search-space path (dotted keys under "
+              "`optimizer.` are shown without that prefix).", ""]
+    for label in experiment.optimizers():
+        table = best_hyperparameters_table(experiment, label)
+        if table:
+            lines += [f"### `{label}`", "", table]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.md and its PNG figures from an experiment's stored results.
+
+    Args:
+      results_dir: the folder holding experiment.json, runs/ and studies/.
+      out_dir: where to write (default results_dir/report); created if missing.
+
+    Returns:
+      The path of report.md.
+
+    Raises:
+      FileNotFoundError: results_dir or experiment.json is missing.
+      ValueError: a stored file is malformed (the message names the file and the field).
+
+    Example:
+      >>> write_report("results/minimal")  # doctest: +SKIP
+      PosixPath('results/minimal/report/report.md')
+    """
+    experiment = load_results(results_dir)
+    out = Path(out_dir) if out_dir is not None else Path(results_dir) / "report"
+    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    text = build_markdown(experiment, out)
+    path = out / REPORT_NAME
+    path.write_text(text, encoding="utf-8")
+    log.info("wrote %s (%d studies)", path, len(experiment.studies))
+    return path

@@ -1,0 +1,309 @@
+"""Markdown tables like the paper's, built from an Experiment (batchlab.report.results).
+
+Three tables:
+  - `comparison_table`: one (workload, batch size, step budget), one row per optimizer label,
+    as Table 4 (weights and bias/BN optimizers, median validation metric over seeds) with the
+    train metric beside it as in Table 2 (right), the seeds reaching the target, the median
+    steps to the target and the tuning effort behind each row.
+  - `effort_table`: trials (feasible, diverged, abandoned), runs, steps and examples of each
+    study, to show the budgets compared are equal.
+  - `best_hyperparameters_table`: the best trial's value of every tuned search-space path.
+
+Conventions: metric values to 4 decimals, the median with [q25, q75] (numpy's linear
+percentiles, as batchlab.search.scoring), "never" for a median steps-to-target of infinity
+(half the seeds or more never reached the target), "—" where there is nothing to show.
+
+References:
+  Nado et al. 2021, "A Large Batch Optimizer Reality Check", Tables 2 and 4, Appendix D.3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from batchlab.report.results import Experiment, StudyResult
+from batchlab.search.scoring import MetricSummary
+from batchlab.search.space import get_path
+
+__all__ = [
+    "DASH",
+    "best_hyperparameters_table",
+    "comparison_table",
+    "display_optimizer",
+    "effort_table",
+    "format_metric",
+    "format_steps",
+    "format_summary",
+    "markdown_table",
+]
+
+DASH = "—"
+_DISPLAY = {"nesterov": "Nesterov", "heavy_ball": "Momentum", "sgd": "SGD", "lars": "LARS",
+            "lamb": "LAMB", "adam": "Adam"}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   align: Sequence[str] | None = None) -> str:
+    """A GitHub-flavoured markdown table; '|' inside cells is escaped.
+
+    Args:
+      header: the column titles.
+      rows: the cells, one sequence per row, as many as the header.
+      align: per column "l" or "r" (default: first column left, the others right).
+
+    Returns:
+      The table, one line per row, ending with a newline.
+    """
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, the header {len(header)}")
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)]) + "\n"
+
+
+def format_metric(value: float | None) -> str:
+    """A metric value to 4 decimals; "—" for None or NaN.
+
+    Args:
+      value: the value.
+    """
+    if value is None or math.isnan(value):
+        return DASH
+    return f"{value:.4f}"
+
+
+def format_steps(value: float | None) -> str:
+    """A steps-to-target: an integer with separators, "never" for inf, "—" for None.
+
+    Args:
+      value: steps, math.inf (never reached) or None (no finished seed).
+    """
+    if value is None or math.isnan(value):
+        return DASH
+    if math.isinf(value):
+        return "never"
+    return f"{round(value):,}"
+
+
+def format_summary(summary: MetricSummary | None) -> str:
+    """A metric summary as "median [q25, q75]" ("—" without data).
+
+    Args:
+      summary: the summary over seeds.
+    """
+    if summary is None or summary.count == 0:
+        return DASH
+    return (f"{format_metric(summary.median)} [{format_metric(summary.q25)}, "
+            f"{format_metric(summary.q75)}]")
+
+
+def _format_range(summary: MetricSummary | None) -> str:
+    if summary is None or summary.count == 0:
+        return DASH
+    return f"{format_metric(summary.min)}–{format_metric(summary.max)}"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def display_optimizer(config: Mapping[str, Any], group: str) -> str:
+    """A readable optimizer name of one parameter group, e.g. "LARS" or "Adam (eps=1e-06)".
+
+    Args:
+      config: the optimizer config: one group ({"optimizer": NAME, ...}) or
+        {"weights": group, "bias_bn": group}.
+      group: "weights" or "bias_bn" (ignored for a single group).
+    """
+    part = config if "optimizer" in config else config.get(group)
+    if not isinstance(part, Mapping) or "optimizer" not in part:
+        return "?"
+    name = str(part["optimizer"])
+    text = _DISPLAY.get(name, name)
+    if name in ("adam", "lamb") and "eps" in part:
+        text += f" (eps={_format_value(float(part['eps']))})"
+    return text
+
+
+def _label(study: StudyResult) -> str:
+    if study.done:
+        return study.info.optimizer
+    return f"{study.info.optimizer} (in progress)"
+
+
+def _seeds(study: StudyResult) -> str:
+    if study.score is None:
+        return DASH
+    seeds = study.score.seeds
+    text = f"{seeds.finished}/{seeds.planned}"
+    extras = []
+    if seeds.diverged:
+        extras.append(f"{seeds.diverged} diverged")
+    if seeds.abandoned:
+        extras.append(f"{seeds.abandoned} abandoned")
+    return f"{text} ({', '.join(extras)})" if extras else text
+
+
+def _reaching(study: StudyResult) -> str:
+    if study.score is None or study.score.seeds.finished == 0:
+        return DASH
+    seeds = study.score.seeds
+    fraction = seeds.fraction_reaching_target or 0.0
+    return f"{seeds.reached_target}/{seeds.finished} ({fraction:.0%})"
+
+
+def _trials(study: StudyResult) -> str:
+    if study.score is None:
+        return DASH
+    effort = study.score.effort
+    text = f"{effort.feasible_trials} / {effort.diverged_trials} / {effort.total_trials}"
+    if effort.abandoned_trials:
+        text += f" ({effort.abandoned_trials} abandoned)"
+    return text
+
+
+def comparison_table(experiment: Experiment, workload: str, batch_size: int,
+                     step_budget: int) -> str:
+    """Table 4 (with Table 2's train column) for one (workload, batch size, step budget).
+
+    One row per optimizer label: weights and bias/BN optimizers, the target metric's median
+    over the best trial's seeds with [q25, q75] and min–max, the train metric's median beside
+    it, the seeds finished (and diverged), the seeds reaching the target, the median steps to
+    the target, the tuning trials (feasible / diverged / total) and every step spent. A study
+    still running is marked "(in progress)" and explained under the table.
+
+    Args:
+      experiment: the loaded results.
+      workload: the workload name.
+      batch_size: examples per step.
+      step_budget: training steps.
+
+    Returns:
+      Markdown (the table, then notes on unfinished studies, if any).
+
+    References:
+      Nado et al. 2021, Table 4 (median over 5 seeds of the best setting), Table 2 (median
+      train and test accuracy), Figure 4 (quartiles, min and max).
+    """
+    studies = experiment.at_point(workload, batch_size, step_budget)
+    if not studies:
+        raise KeyError(f"no studies at {workload}, batch {batch_size}, {step_budget} steps")
+    target = studies[0].info.target
+    metric, train = target.metric, studies[0].info.train_metric
+    header = [
+        "optimizer", "weights optimizer", "bias/BN optimizer",
+        f"{metric} median [q25, q75]", f"{metric} min–max",
+        f"{train} median [q25, q75]" if train else "train metric",
+        "seeds finished", f"seeds reaching {target.value:g}", "median steps to target",
+        "trials feasible / diverged / total", "steps spent (tuning + reruns)",
+    ]
+    rows = []
+    notes = []
+    for study in studies:
+        score = study.score
+        metric_summary = score.seeds.metric if score is not None else None
+        rows.append([
+            _label(study),
+            display_optimizer(study.info.optimizer_config, "weights"),
+            display_optimizer(study.info.optimizer_config, "bias_bn"),
+            format_summary(metric_summary),
+            _format_range(metric_summary),
+            format_summary(study.train_summary()),
+            _seeds(study),
+            _reaching(study),
+            format_steps(score.seeds.median_steps_to_target) if score is not None else DASH,
+            _trials(study),
+            f"{score.effort.total_steps:,}" if score is not None else DASH,
+        ])
+        if not study.stored:
+            notes.append(f"- `{study.id}`: {study.note}")
+    table = markdown_table(header, rows, ["l", "l", "l"] + ["r"] * (len(header) - 3))
+    if notes:
+        table += "\n" + "\n".join(notes) + "\n"
+    return table
+
+
+def effort_table(experiment: Experiment) -> str:
+    """Tuning effort of every study: trials, runs, steps and examples, grouped by point.
+
+    Budgets are fair when the trial counts (feasible trials) and steps match across the
+    optimizers of one (workload, batch size, step budget); diverged trials come on top, as in
+    Appendix D.3 (67 LAMB trials for 25 feasible ones).
+
+    Args:
+      experiment: the loaded results.
+
+    Returns:
+      The markdown table.
+
+    References:
+      Nado et al. 2021, Appendix D.3 (feasible trials as the tuning budget).
+    """
+    header = ["workload", "batch size", "step budget", "optimizer", "trials", "feasible",
+              "diverged", "abandoned", "runs", "failed attempts", "tuning steps",
+              "rerun steps", "total steps", "examples"]
+    rows = []
+    for point in experiment.points():
+        for study in experiment.at_point(*point):
+            if study.score is None:
+                rows.append([*_point_cells(point), _label(study)] + [DASH] * 10)
+                continue
+            e = study.score.effort
+            rows.append([*_point_cells(point), _label(study), str(e.total_trials),
+                         str(e.feasible_trials), str(e.diverged_trials), str(e.abandoned_trials),
+                         str(e.runs), str(e.failed_attempts), f"{e.tuning_steps:,}",
+                         f"{e.rerun_steps:,}", f"{e.total_steps:,}", f"{e.total_examples:,}"])
+    return markdown_table(header, rows, ["l", "r", "r", "l"] + ["r"] * 10)
+
+
+def _point_cells(point: tuple[str, int, int]) -> list[str]:
+    workload, batch_size, step_budget = point
+    return [workload, f"{batch_size:,}", f"{step_budget:,}"]
+
+
+def best_hyperparameters_table(experiment: Experiment, optimizer: str) -> str:
+    """The best trial's tuned hyperparameters of one optimizer label, one row per point.
+
+    Columns are the label's tuned search-space paths (tied paths get the same value and are
+    not repeated; fixed parameters are constants and left out), read from the stored best
+    hyperparameters with dotted keys.
+
+    Args:
+      experiment: the loaded results.
+      optimizer: the optimizer label.
+
+    Returns:
+      The markdown table ("" when the label has no studies).
+    """
+    paths = experiment.search_paths(optimizer)
+    header = ["workload", "batch size", "step budget", "best trial",
+              *(p.removeprefix("optimizer.") for p in paths)]
+    rows = []
+    for study in experiment.studies:
+        if study.info.optimizer != optimizer:
+            continue
+        best = study.score.best_hyperparameters if study.score is not None else None
+        trial = DASH if study.best_trial is None else str(study.best_trial)
+        if best is None:
+            values = [DASH] * len(paths)
+            if not study.done:
+                trial = "in progress"
+        else:
+            values = [_format_value(get_path(best, p)) for p in paths]
+        rows.append([*_point_cells(study.info.point), trial, *values])
+    if not rows:
+        return ""
+    return markdown_table(header, rows, ["l", "r", "r", "r"] + ["r"] * len(paths))
