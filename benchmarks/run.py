@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ("optimizers",)
+BENCHMARKS = ("optimizers", "training")
 
 
 def main(argv: list[str] | None = None) -> int:

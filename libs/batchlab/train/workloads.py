@@ -209,9 +209,9 @@ WORKLOADS: dict[str, Workload] = {
             model_kwargs={},
             defaults=dict(_BERT_DEFAULTS),
             target_metric="validation/mlm_accuracy",
-            eval_batch_size=256,
-            train_eval_examples=1024,
-            validation_examples=1024,
+            eval_batch_size=128,
+            train_eval_examples=256,
+            validation_examples=512,
             description="Tiny BERT (2 layers, d 128) masked-LM + NSP on the local stdlib corpus.",
         ),
         Workload(
