@@ -101,6 +101,7 @@ class RunResult:
     train_time_s: float = 0.0
     input_wait_s: float = 0.0
     examples_per_second: float = 0.0
+    startup_time_s: float = 0.0
     resumed_from_step: int | None = None
     final_state: Any = dataclasses.field(default=None, repr=False, compare=False)
     """The TrainState at the end, when ``train_and_evaluate(..., return_state=True)``."""
@@ -293,6 +294,7 @@ def train_and_evaluate(
     should_stop: Callable[[], bool] | None = None,
     data_parallel: DataParallel | None = None,
     return_state: bool = False,
+    on_checkpoint: Callable[[int, str], None] | None = None,
 ) -> RunResult:
     """Train one run to its step budget (or divergence, cancellation, target) and evaluate it.
 
@@ -303,6 +305,8 @@ def train_and_evaluate(
       should_stop: polled between steps; True ends the run as CANCELLED (after a checkpoint).
       data_parallel: the devices to use (default: all).
       return_state: put the final TrainState in ``RunResult.final_state``.
+      on_checkpoint: called with (step, checkpoint_dir) after each checkpoint is on disk
+        (its files are in ``checkpoint_dir/<step>``), e.g. to upload it.
 
     Returns:
       The RunResult. Exceptions inside training become outcome FAILED with the error text;
@@ -317,7 +321,7 @@ def train_and_evaluate(
     state = None
     step = 0
     outcome, error, diverged_step = Outcome.SUCCEEDED, None, None
-    input_wait = train_time = 0.0
+    input_wait = train_time = startup_time = 0.0
     steps_this_session = 0
     pending: list[tuple[int, jax.Array]] = []
     # Training losses since the last evaluation (their mean is the next point's
@@ -345,6 +349,8 @@ def train_and_evaluate(
                 "step": step, "curve": curve, "data_state": iterator.get_state(),
                 "window_losses": window_losses,
             })
+            if on_checkpoint is not None:
+                on_checkpoint(step, str(ckpt.directory))
 
     try:
         ckpt = RunCheckpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -378,6 +384,13 @@ def train_and_evaluate(
                 )
                 step += 1
                 steps_this_session += 1
+                if steps_this_session == 1:
+                    # The first step compiles and the first batch loads the data: keep both
+                    # out of the steady-state throughput and input-wait figures.
+                    jax.block_until_ready(state.params)
+                    startup_time = time.perf_counter() - t_train
+                    input_wait = 0.0
+                    t_train = time.perf_counter()
                 pending.append((step, metrics["loss"]))
                 is_eval = step % cfg.eval_every_steps == 0 or step == cfg.total_steps
                 if step % cfg.divergence_check_every == 0 or is_eval:
@@ -415,7 +428,7 @@ def train_and_evaluate(
             cfg.target.value,
             cfg.target.goal,
         )
-    examples = steps_this_session * cfg.batch_size
+    examples = max(steps_this_session - 1, 0) * cfg.batch_size
     return RunResult(
         outcome=outcome,
         steps_completed=step,
@@ -427,6 +440,7 @@ def train_and_evaluate(
         train_time_s=train_time,
         input_wait_s=input_wait,
         examples_per_second=examples / train_time if train_time > 0 else 0.0,
+        startup_time_s=startup_time,
         resumed_from_step=resumed_from,
         final_state=state if return_state else None,
     )

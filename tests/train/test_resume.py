@@ -1,0 +1,112 @@
+"""Checkpoint and resume: an interrupted run, resumed, ends bit-identical to an uninterrupted one.
+
+The reference is the session's baseline run (30 steps, evaluated and checkpointed at 10, 20,
+30). Each test interrupts the same configuration in a fresh checkpoint folder, resumes it with a
+new ``train_and_evaluate`` call, and compares the final TrainState leaf by leaf with
+``np.array_equal``, the curve exactly, and the training batches fed after the resume.
+"""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import Recorder, assert_batches_equal, assert_trees_equal, stop_after
+
+from batchlab.search.protocol import Outcome
+from batchlab.train import train_and_evaluate
+from batchlab.train.checkpoint import RunCheckpointer
+
+
+def _run(config, *, fail_at_batch=None, **kwargs):
+    """One session of a run, recording the batches it trains on."""
+    with pytest.MonkeyPatch.context() as mp:
+        rec = Recorder(fail_at_batch=fail_at_batch).patch(mp)
+        result = train_and_evaluate(config, return_state=True, **kwargs)
+    return result, rec
+
+
+def _checkpoint(directory, abstract_state, step=None):
+    ckpt = RunCheckpointer(directory)
+    try:
+        return ckpt.latest_step(), *ckpt.restore(abstract_state, step)
+    finally:
+        ckpt.close()
+
+
+def test_baseline_final_checkpoint_holds_the_final_state(baseline):
+    state = baseline.result.final_state
+    assert int(state.step) == 30
+    latest, restored, meta = _checkpoint(baseline.checkpoint_dir, state)
+    assert latest == 30
+    assert_trees_equal(restored, state)
+    assert meta["step"] == 30 and meta["curve"] == baseline.result.curve
+    assert meta["window_losses"] == []
+
+
+def test_cancelled_mid_window_then_resumed_is_bit_identical(make_config, baseline, tmp_path):
+    """should_stop after 15 steps (between evaluations) saves a checkpoint; the resume finishes."""
+    config = make_config(checkpoint_dir=str(tmp_path))
+    first, rec1 = _run(config, should_stop=stop_after(15))
+    assert first.outcome is Outcome.CANCELLED
+    assert first.steps_completed == 15
+    assert first.curve == baseline.result.curve[:1]
+    latest, _, meta = _checkpoint(tmp_path, first.final_state)
+    assert latest == 15
+    assert len(meta["window_losses"]) == 5  # steps 11-15, for step 20's train/batch_loss
+
+    second, rec2 = _run(config)
+    assert second.outcome is Outcome.SUCCEEDED
+    assert second.resumed_from_step == 15
+    assert second.steps_completed == 30
+    assert second.curve == baseline.result.curve
+    assert_trees_equal(second.final_state, baseline.result.final_state)
+    # The data resumed where it stopped: batches 0-14, then 15-29, as uninterrupted.
+    assert_batches_equal(rec1.batches + rec2.batches, baseline.recorder.batches)
+    # And the saved final checkpoints agree too.
+    _, final_b, _ = _checkpoint(tmp_path, second.final_state)
+    _, final_a, _ = _checkpoint(baseline.checkpoint_dir, baseline.result.final_state)
+    assert_trees_equal(final_b, final_a)
+
+
+def test_cancelled_right_after_an_evaluation_then_resumed(make_config, baseline, tmp_path):
+    """Cancelling at a step already saved (an evaluation step, or at once after a resume)."""
+    config = make_config(checkpoint_dir=str(tmp_path))
+    first, rec1 = _run(config, should_stop=stop_after(20))
+    assert first.outcome is Outcome.CANCELLED, first.error
+    assert first.steps_completed == 20
+
+    again, rec_again = _run(config, should_stop=lambda: True)
+    assert again.outcome is Outcome.CANCELLED, again.error
+    assert again.resumed_from_step == 20 and again.steps_completed == 20
+    assert rec_again.batches == []
+
+    last, rec2 = _run(config)
+    assert last.outcome is Outcome.SUCCEEDED
+    assert last.curve == baseline.result.curve
+    assert_trees_equal(last.final_state, baseline.result.final_state)
+    assert_batches_equal(rec1.batches + rec2.batches, baseline.recorder.batches)
+
+
+def test_crashed_run_resumes_from_its_last_checkpoint(make_config, baseline, tmp_path):
+    """An exception at step 26 (FAILED, nothing saved) resumes from the step-20 checkpoint."""
+    config = make_config(checkpoint_dir=str(tmp_path))
+    crashed, rec1 = _run(config, fail_at_batch=25)
+    assert crashed.outcome is Outcome.FAILED
+    assert "injected data failure at batch 25" in crashed.error
+    assert crashed.steps_completed == 25
+    assert [p["step"] for p in crashed.curve] == [10, 20]
+
+    resumed, rec2 = _run(config)
+    assert resumed.outcome is Outcome.SUCCEEDED
+    assert resumed.resumed_from_step == 20
+    assert resumed.curve == baseline.result.curve
+    assert_trees_equal(resumed.final_state, baseline.result.final_state)
+    assert_batches_equal(rec2.batches, baseline.recorder.batches[20:])
+
+
+def test_a_finished_run_resumed_does_nothing_more(baseline, make_config):
+    result, rec = _run(make_config(checkpoint_dir=baseline.checkpoint_dir))
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.resumed_from_step == 30 and result.steps_completed == 30
+    assert rec.batches == []
+    assert result.curve == baseline.result.curve
+    assert_trees_equal(result.final_state, baseline.result.final_state)
