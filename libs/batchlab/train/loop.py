@@ -266,12 +266,17 @@ class _Run:
         )
         return it, None
 
-    def evaluate(self, state: TrainState) -> dict[str, float]:
+    def evaluate(self, state: TrainState, splits: tuple[str, ...] = ("train", "validation")) -> dict[str, float]:
+        """Metrics (eval-mode BN) on the first training examples and/or the validation split."""
         w = self.workload
         # Every device gets an equal share of an eval batch; padding is masked out.
         batch_size = -(-w.eval_batch_size // self.dp.num_devices) * self.dp.num_devices
         out: dict[str, float] = {}
-        for split, limit in (("train", w.train_eval_examples), ("validation", w.validation_examples)):
+        limits = {"train": w.train_eval_examples, "validation": w.validation_examples}
+        for split in splits:
+            if split not in limits:
+                raise ValueError(f"split: must be one of {sorted(limits)}, got {split!r}")
+            limit = limits[split]
             it, max_batches = self._eval_batches(split, limit, batch_size)
             totals: dict[str, list] = {}
             with it:

@@ -1,0 +1,133 @@
+"""A thin, typed client of the controller's ExperimentService."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, experiment_pb2
+from batchlab.rpc.client import channel as open_channel
+
+__all__ = ["ExperimentClient", "default_controller_address", "spec_request_id"]
+
+CONTROLLER_ADDR_ENV = "BATCHLAB_CONTROLLER_ADDR"
+DEFAULT_CONTROLLER_ADDR = "127.0.0.1:50051"
+
+
+def default_controller_address() -> str:
+    """``$BATCHLAB_CONTROLLER_ADDR`` or 127.0.0.1:50051 (the embedded stack)."""
+    return os.environ.get(CONTROLLER_ADDR_ENV, "").strip() or DEFAULT_CONTROLLER_ADDR
+
+
+def spec_request_id(spec: experiment_pb2.ExperimentSpec) -> str:
+    """A stable idempotency key for a spec: resubmitting the same spec returns the same experiment."""
+    canonical = json.dumps(json_format.MessageToDict(spec), sort_keys=True).encode()
+    return "spec-" + hashlib.sha256(canonical).hexdigest()[:32]
+
+
+class ExperimentClient:
+    """Calls the controller.
+
+    Args:
+      address: host:port of the controller (default: :func:`default_controller_address`).
+      token: bearer token (default: ``$BATCHLAB_AUTH_TOKEN``).
+      timeout: seconds per unary call.
+    """
+
+    def __init__(self, address: str | None = None, *, token: str | None = None, timeout: float = 30.0):
+        self.address = address or default_controller_address()
+        token = os.environ.get("BATCHLAB_AUTH_TOKEN") if token is None else token
+        self._channel = open_channel(self.address, token=token)
+        self._stub = controller_pb2_grpc.ExperimentServiceStub(self._channel)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ExperimentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(
+        self, spec: experiment_pb2.ExperimentSpec, *, request_id: str | None = None, validate_only: bool = False
+    ) -> controller_pb2.Experiment:
+        """Submit a spec; the same request id (default: derived from the spec) returns the same experiment."""
+        request = controller_pb2.SubmitExperimentRequest(
+            spec=spec, request_id=request_id or spec_request_id(spec), validate_only=validate_only
+        )
+        return self._stub.SubmitExperiment(request, timeout=self._timeout)
+
+    def get(self, name: str) -> controller_pb2.Experiment:
+        return self._stub.GetExperiment(controller_pb2.GetExperimentRequest(name=_name(name)), timeout=self._timeout)
+
+    def list(self, *, page_size: int = 50) -> Iterator[controller_pb2.Experiment]:
+        """Every experiment, following page tokens."""
+        token = ""
+        while True:
+            page = self._stub.ListExperiments(
+                controller_pb2.ListExperimentsRequest(page_size=page_size, page_token=token), timeout=self._timeout
+            )
+            yield from page.experiments
+            token = page.next_page_token
+            if not token:
+                return
+
+    def trials(self, parent: str, *, page_size: int = 200) -> Iterator[controller_pb2.Trial]:
+        """Every trial under an experiment or a study, following page tokens."""
+        token = ""
+        while True:
+            page = self._stub.ListTrials(
+                controller_pb2.ListTrialsRequest(parent=_name(parent), page_size=page_size, page_token=token),
+                timeout=self._timeout,
+            )
+            yield from page.trials
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch(self, name: str, *, period_seconds: float = 1.0) -> Iterator[controller_pb2.WatchExperimentResponse]:
+        """Stream updates until the experiment ends."""
+        request = controller_pb2.WatchExperimentRequest(name=_name(name), period_seconds=period_seconds)
+        return self._stub.WatchExperiment(request)
+
+    def cancel(self, name: str) -> controller_pb2.Experiment:
+        return self._stub.CancelExperiment(controller_pb2.CancelExperimentRequest(name=_name(name)), timeout=self._timeout)
+
+    def report(self, name: str, out_dir: str | Path) -> Path:
+        """Fetch the report and write report.md and its files under ``out_dir``."""
+        report = self._stub.GetReport(controller_pb2.GetReportRequest(name=_name(name)), timeout=120)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(report.markdown)
+        for f in report.files:
+            target = (out / f.name).resolve()
+            if out.resolve() not in target.parents:
+                raise ValueError(f"report file name escapes the output folder: {f.name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.content)
+        return out / "report.md"
+
+
+def _name(name: str) -> str:
+    """Accept "experiments/abc" or just "abc"."""
+    return name if "/" in name else f"experiments/{name}"
+
+
+def describe_error(err: grpc.RpcError) -> str:
+    """One line for people: the status code and the server's message."""
+    code = err.code().name if hasattr(err, "code") else "UNKNOWN"
+    details = err.details() if hasattr(err, "details") else str(err)
+    return f"{code}: {details}"
+
+
+def spec_to_json(spec: experiment_pb2.ExperimentSpec) -> dict[str, Any]:
+    return json_format.MessageToDict(spec, preserving_proto_field_name=True)

@@ -1,0 +1,97 @@
+"""The evaluation service: argument errors, a missing checkpoint, and a real checkpoint evaluated."""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from batchlab.proto.v1 import evaluation_pb2
+from services.evaluator.servicer import EvaluationServicer
+
+HP = {"optimizer": {"optimizer": "nesterov", "learning_rate": 0.05, "momentum": 0.9}, "workload": {}}
+
+
+class _Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self):
+        self.code = None
+        self.details = None
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise _Aborted(details)
+
+    def set_trailing_metadata(self, md):
+        pass
+
+    def is_active(self):
+        return True
+
+
+def _request(**overrides):
+    hp = struct_pb2.Struct()
+    hp.update(HP)
+    fields = dict(trial="experiments/e/studies/s/trials/0-r0", workload="mnist1d_resnet1d_small",
+                  hyperparameters=hp, batch_size=32, step_budget=20)
+    fields.update(overrides)
+    return evaluation_pb2.EvaluateRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"workload": "mnist2d"}, "workload"),
+        ({"split": "test"}, "split"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"trial": ""}, "trial"),
+    ],
+)
+def test_bad_requests_are_invalid_argument_naming_the_field(overrides, field):
+    servicer = EvaluationServicer(lambda *a: None, evaluate=lambda *a: (0, {}))
+    ctx = FakeContext()
+    with pytest.raises(_Aborted):
+        servicer.Evaluate(_request(**overrides), ctx)
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in ctx.details
+
+
+def test_missing_checkpoint_is_not_found():
+    servicer = EvaluationServicer(lambda *a: None, evaluate=lambda *a: (0, {}))
+    ctx = FakeContext()
+    with pytest.raises(_Aborted):
+        servicer.Evaluate(_request(), ctx)
+    assert ctx.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.slow
+def test_evaluates_a_real_checkpoint_like_the_training_loop(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    from batchlab.data import prepare
+    from batchlab.train import RunConfig, train_and_evaluate
+
+    data_dir = tmp_path / "data"
+    prepare("mnist1d", data_dir, config="small")
+    ckpt = tmp_path / "ckpt"
+    config = RunConfig(workload="mnist1d_resnet1d_small", optimizer=HP["optimizer"], batch_size=32,
+                       total_steps=20, eval_every_steps=10, data_dir=str(data_dir), checkpoint_dir=str(ckpt))
+    result = train_and_evaluate(config)
+    assert result.outcome.name == "SUCCEEDED"
+
+    def load(trial, step, folder: Path):
+        steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+        chosen = steps[-1] if step is None else step
+        shutil.copytree(ckpt / str(chosen), folder)
+        return SimpleNamespace(step=chosen)
+
+    servicer = EvaluationServicer(load, data_dir=str(data_dir))
+    response = servicer.Evaluate(_request(), FakeContext())
+    assert response.step == 20
+    # The same numbers the training loop recorded at its last evaluation.
+    assert response.metrics["validation/accuracy"] == pytest.approx(result.curve[-1]["validation/accuracy"], abs=1e-6)
+    assert response.metrics["validation/loss"] == pytest.approx(result.curve[-1]["validation/loss"], rel=1e-5)
