@@ -1,0 +1,1 @@
+"""batchlab.rpc: shared gRPC glue for the services (server builder, health, auth, metrics)."""

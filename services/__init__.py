@@ -1,0 +1,1 @@
+"""batchlab's deployables: one package per service (servicer, server wiring, storage)."""

@@ -1,0 +1,1 @@
+"""Checkpoint storage service: streamed uploads, hash-verified reads, retention per trial."""

@@ -1,0 +1,1 @@
+"""Data sharding service: prepares datasets once and hands out each shard's example order."""

@@ -1,0 +1,187 @@
+"""A real server on a free loopback port: health, auth, metrics, errors, graceful stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
+from batchlab.rpc import client, errors
+from batchlab.rpc.metrics import make_metrics
+from batchlab.rpc.server import Registration, build_server, settings_from_env
+
+SERVICE = "batchlab.v1.ShardingService"
+TOKEN = "s3cret-token"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _Servicer(sharding_pb2_grpc.ShardingServiceServicer):
+    """A stand-in service: GetShard echoes, PrepareDataset fails or sleeps on request."""
+
+    def __init__(self):
+        self.started = threading.Event()
+
+    @errors.handle_errors
+    def PrepareDataset(self, request, context):
+        if request.dataset == "bad":
+            raise errors.InvalidArgument("dataset", "must be one of ['mnist1d']")
+        if request.dataset == "bug":
+            raise ZeroDivisionError("oops")
+        if request.dataset == "slow":
+            self.started.set()
+            time.sleep(0.6)
+        return sharding_pb2.DatasetInfo(dataset=request.dataset)
+
+    @errors.handle_errors
+    def GetShard(self, request, context):
+        return sharding_pb2.ShardAssignment(indices=[request.shard_index], end_of_epoch=True)
+
+
+def _registration(servicer=None):
+    return Registration.for_service(sharding_pb2, sharding_pb2_grpc, "ShardingService",
+                                    servicer or _Servicer())
+
+
+@pytest.fixture
+def make_server():
+    servers = []
+
+    def make(**kwargs):
+        servicer = kwargs.pop("servicer", None) or _Servicer()
+        server = build_server([_registration(servicer)], service_name="test", **kwargs)
+        server.start()
+        servers.append(server)
+        return server, servicer
+
+    yield make
+    for server in servers:
+        server.stop(None)
+
+
+def _stub(server, token=None):
+    ch = client.channel(server.address, token=token)
+    return ch, sharding_pb2_grpc.ShardingServiceStub(ch)
+
+
+def test_registration_names_the_full_service():
+    assert _registration().service == SERVICE
+
+
+def test_binds_a_free_loopback_port(make_server):
+    server, _ = make_server()
+    assert server.port > 0 and server.address == f"127.0.0.1:{server.port}"
+
+
+def test_health_serving_then_not_serving_after_stop(make_server):
+    server, _ = make_server()
+    ch = client.channel(server.address)
+    health = health_pb2_grpc.HealthStub(ch)
+    for name in ("", SERVICE):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert next(watch).status == SERVING
+    stopper = threading.Thread(target=server.stop, args=(1.0,))
+    stopper.start()
+    assert next(watch).status == NOT_SERVING
+    stopper.join()
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    ch.close()
+
+
+def test_graceful_stop_lets_in_flight_calls_finish(make_server):
+    server, servicer = make_server()
+    ch, stub = _stub(server)
+    result = {}
+
+    def call():
+        result["info"] = stub.PrepareDataset(sharding_pb2.PrepareDatasetRequest(dataset="slow"),
+                                             timeout=10)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert servicer.started.wait(5)
+    server.stop(5.0)
+    caller.join()
+    assert result["info"].dataset == "slow"
+    ch.close()
+
+
+def test_client_errors_keep_their_code_and_field(make_server):
+    server, _ = make_server()
+    ch, stub = _stub(server)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PrepareDataset(sharding_pb2.PrepareDatasetRequest(dataset="bad"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dataset: must be one of" in info.value.details()
+    assert dict(info.value.trailing_metadata())[errors.FIELD_PATH_METADATA_KEY] == "dataset"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PrepareDataset(sharding_pb2.PrepareDatasetRequest(dataset="bug"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "oops" not in info.value.details()
+    ch.close()
+
+
+@pytest.mark.parametrize("token, code", [
+    (None, grpc.StatusCode.UNAUTHENTICATED),
+    ("wrong", grpc.StatusCode.UNAUTHENTICATED),
+    (TOKEN, grpc.StatusCode.OK),
+])
+def test_auth_token_required(make_server, token, code):
+    server, _ = make_server(auth_token=TOKEN)
+    ch, stub = _stub(server, token=token)
+    try:
+        stub.GetShard(sharding_pb2.GetShardRequest(shard_index=3), timeout=5)
+        got = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        got = exc.code()
+    assert got == code
+    # Health is exempt: probes carry no token.
+    health = health_pb2_grpc.HealthStub(ch)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+    ch.close()
+
+
+def test_metrics_count_calls_by_method_and_code(make_server):
+    metrics = make_metrics(CollectorRegistry(), roles=["sharding"])
+    server, _ = make_server(metrics=metrics, auth_token=TOKEN)
+    ch, stub = _stub(server, token=TOKEN)
+    stub.GetShard(sharding_pb2.GetShardRequest(), timeout=5)
+    stub.GetShard(sharding_pb2.GetShardRequest(), timeout=5)
+    with pytest.raises(grpc.RpcError):
+        stub.PrepareDataset(sharding_pb2.PrepareDatasetRequest(dataset="bad"), timeout=5)
+    _, anonymous = _stub(server)
+    with pytest.raises(grpc.RpcError):
+        anonymous.GetShard(sharding_pb2.GetShardRequest(), timeout=5)
+
+    def count(method, code):
+        return metrics.registry.get_sample_value(
+            "batchlab_rpc_requests_total",
+            {"service": SERVICE, "method": method, "code": code}) or 0
+
+    assert count("GetShard", "OK") == 2
+    assert count("PrepareDataset", "INVALID_ARGUMENT") == 1
+    assert count("GetShard", "UNAUTHENTICATED") == 1
+    assert metrics.registry.get_sample_value(
+        "batchlab_rpc_latency_seconds_count", {"service": SERVICE, "method": "GetShard"}) == 3
+    ch.close()
+
+
+def test_settings_from_env():
+    settings = settings_from_env("checkpoints", default_port=50053, environ={
+        "BATCHLAB_CHECKPOINTS_PORT": "0", "BATCHLAB_AUTH_TOKEN": "t",
+        "BATCHLAB_BIND_HOST": "127.0.0.1"})
+    assert (settings.host, settings.port, settings.metrics_port, settings.auth_token,
+            settings.grace) == ("127.0.0.1", 0, 9103, "t", 10.0)
+    defaults = settings_from_env("sharding", default_port=50052, environ={})
+    assert (defaults.host, defaults.port, defaults.metrics_port, defaults.auth_token) == (
+        "0.0.0.0", 50052, 9102, None)
+    with pytest.raises(ValueError, match="BATCHLAB_SHARDING_PORT"):
+        settings_from_env("sharding", default_port=1, environ={"BATCHLAB_SHARDING_PORT": "x"})
