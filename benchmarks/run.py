@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ("optimizers", "training")
+BENCHMARKS = ("optimizers", "training", "resnet50")
 
 
 def main(argv: list[str] | None = None) -> int:
