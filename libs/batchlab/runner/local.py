@@ -93,8 +93,11 @@ def run_experiment(
       batchlab.search.SpecError: for an invalid spec (naming the field path).
       ValueError: when ``out_dir`` holds the results of a different spec.
     """
+    from batchlab.train.compilation_cache import enable_compilation_cache
     from batchlab.train.workloads import workload_names
 
+    if train_fn is None:
+        enable_compilation_cache()
     spec = load_spec(spec, known_workloads=set(workload_names()))
     store = ResultStore(out_dir)
     studies = expand_studies(spec)
