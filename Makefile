@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/all.lock
 STAMP := $(VENV)/.installed
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export JAX_PLATFORMS ?= cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
@@ -12,10 +13,10 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos run test bench lint lock clean
+.PHONY: help setup protos run test bench lint lock images k8s-check clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +24,9 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv from the pinned lock and generate protos (idempotent; fast when done)
+setup: $(STAMP) ## create .venv from the pinned lock, generate protos, install promtool (idempotent)
 	@$(PY) -m batchlab.proto.generate --if-stale
+	@scripts/ensure_prometheus.sh || echo "setup: Prometheus/promtool not installed; the tests that need them will be skipped" >&2
 
 protos: $(STAMP) ## regenerate Python code from protos/ into libs/batchlab/proto/v1 (git-ignored)
 	$(PY) -m batchlab.proto.generate
@@ -38,12 +40,20 @@ test: setup ## run the test suite
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/
 	$(PY) -m benchmarks.run --out benchmarks/results
 
+images: ## build the container images (docker): batchlab/control, batchlab/trainer, batchlab/trainer:-tpu
+	docker build -t batchlab/control:$(VERSION) -f services/controller/Dockerfile .
+	docker build -t batchlab/trainer:$(VERSION) -f services/trainer/Dockerfile .
+	docker build --build-arg JAX_ACCELERATOR=tpu -t batchlab/trainer:$(VERSION)-tpu -f services/trainer/Dockerfile .
+
+k8s-check: setup ## render every kustomize build and validate it offline (schemas, conventions, promtool)
+	$(PY) -m pytest -q tests/k8s
+
 lint: setup ## ruff
 	$(VENV)/bin/ruff check libs tests benchmarks services
 
 lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
-	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --python-version 3.11 --generate-hashes -o requirements/controller.lock
+	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --extra data --python-version 3.11 --generate-hashes -o requirements/controller.lock
 	uv pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
 
 clean: ## remove the virtual environment and generated results

@@ -239,6 +239,15 @@ def _demo(args: argparse.Namespace) -> int:
         stack.down()
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
     from batchlab.client.experiments import default_controller_address
 
@@ -286,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", help="experiment spec (YAML)")
     submit.add_argument("--request-id", default=None, help="idempotency key (default: derived from the spec)")
     submit.add_argument("--validate-only", action="store_true", help="validate on the server, store nothing")
-    submit.add_argument("--wait", action="store_true", help="watch until the experiment ends")
+    submit.add_argument("--wait", type=_boolean, nargs="?", const=True, default=False,
+                        help="watch until the experiment ends (--wait, --wait=true or --wait=false)")
     _add_connection_args(submit)
     submit.set_defaults(func=_submit)
 
