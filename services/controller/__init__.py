@@ -1,0 +1,1 @@
+"""The experiment controller: storage, ExperimentService, the scheduler and its trainer pool."""

@@ -1,0 +1,370 @@
+"""The scheduler: drives every running experiment's studies with the study protocol.
+
+One background thread repeats a tick:
+  1. collect attempts that ended on the trainer pool and store their results (a lost
+     trainer or a run that raised is outcome FAILED: the protocol retries it as attempt + 1,
+     on whichever trainer is free, resuming from the trial's last uploaded checkpoint);
+  2. for each PENDING or RUNNING experiment and each study: the stored attempts become
+     protocol records, `batchlab.search.next_runs(study, records, in_flight=...,
+     parallelism=...)` says what to launch, and those runs are stored as QUEUED attempts;
+     the study's score (`score_study`) is stored whenever its records change; when every
+     study is done the experiment SUCCEEDED;
+  3. hand QUEUED attempts, oldest first, to free trainers (QUEUED -> ACTIVE);
+  4. ask trainers running attempts of a cancelled or failed experiment to stop.
+
+The protocol is a pure function of the stored records, so nothing but storage carries state
+across ticks or controller restarts. On start, attempts still ACTIVE in storage belonged to a
+controller that died (their trainers went with it): they are completed as FAILED and the
+protocol retries them, so a controller killed at any moment and restarted on the same state
+directory finishes the experiment with every trial completed exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format
+
+from batchlab.proto.v1 import experiment_pb2
+from batchlab.search import Study, expand_studies, next_runs, score_study
+from services.controller.pool import Finished, TrainerPool
+from services.controller.results import run_record
+from services.controller.storage import (
+    AttemptRecord,
+    AttemptState,
+    ExperimentRecord,
+    ExperimentState,
+    ExperimentStorage,
+    NewAttempt,
+    StudyRecord,
+    TrialKey,
+)
+
+__all__ = ["Scheduler", "StudyCache", "attempt_request"]
+
+log = logging.getLogger(__name__)
+
+RESTART_ERROR = "controller restarted: the attempt's trainer belonged to the previous controller"
+
+
+class StudyCache:
+    """Expanded studies of stored specs, computed once per experiment."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._studies: dict[str, list[Study]] = {}
+
+    def get(self, experiment: ExperimentRecord) -> list[Study]:
+        """The experiment's studies (batchlab.search.expand_studies of its stored spec)."""
+        with self._lock:
+            found = self._studies.get(experiment.id)
+        if found is None:
+            spec = json_format.ParseDict(dict(experiment.spec), experiment_pb2.ExperimentSpec())
+            found = expand_studies(spec)
+            with self._lock:
+                self._studies[experiment.id] = found
+        return found
+
+
+def attempt_request(experiment_id: str, study: Study, attempt: AttemptRecord) -> dict[str, Any]:
+    """The plain-data request a trainer runs (services.trainer.actor)."""
+    key = attempt.trial
+    return {
+        "trial": key.name,
+        "experiment_id": experiment_id,
+        "study_id": study.id,
+        "trial_index": key.trial_index,
+        "replica": key.replica,
+        "attempt": attempt.attempt,
+        "seed": attempt.seed,
+        "kind": attempt.kind,
+        "workload": study.workload,
+        "hyperparameters": dict(attempt.hyperparameters),
+        "batch_size": study.batch_size,
+        "step_budget": study.step_budget,
+        "eval_every_steps": study.eval_every_steps,
+        "target": study.target.to_dict(),
+    }
+
+
+class Scheduler:
+    """Runs experiments from storage on a trainer pool.
+
+    Args:
+      storage: the controller's storage.
+      pool: the trainers.
+      studies: a shared StudyCache (the servicer uses the same one).
+      parallelism: runs of one study in flight at once (default: the pool's size).
+      interval_s: time between ticks when nothing happens.
+      metrics: batchlab.rpc.metrics ControllerMetrics, or None.
+      metrics_interval_s: the least time between two refreshes of the gauges (they read
+        the whole storage).
+    """
+
+    def __init__(self, storage: ExperimentStorage, pool: TrainerPool, *,
+                 studies: StudyCache | None = None, parallelism: int | None = None,
+                 interval_s: float = 0.2, metrics: Any = None,
+                 metrics_interval_s: float = 1.0):
+        self.storage = storage
+        self.pool = pool
+        self.studies = studies or StudyCache()
+        self.parallelism = parallelism or pool.size
+        self.interval_s = interval_s
+        self.metrics = metrics
+        self.metrics_interval_s = metrics_interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._scores: dict[tuple[str, str], tuple[int, str]] = {}
+        self._queued_since: dict[int, float] = {}
+        self._metrics_updated = -float("inf")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def recover(self) -> list[AttemptRecord]:
+        """Complete as FAILED the attempts a dead controller left ACTIVE (retried later)."""
+        failed = self.storage.fail_active_attempts(RESTART_ERROR)
+        for attempt in failed:
+            log.warning("%s attempt %d was ACTIVE under the previous controller: FAILED, "
+                        "will be retried", attempt.trial.name, attempt.attempt)
+        return failed
+
+    def start(self) -> None:
+        """Recover, then tick in a background thread until `stop`."""
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop ticking, wait for the thread, and retire the trainers."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.pool.close()
+
+    def wake(self) -> None:
+        """Tick now (a submission or a cancellation happened)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep scheduling; the error is logged
+                log.exception("scheduler tick failed")
+            if self._wake.is_set():
+                continue  # something changed during the tick: plan again now
+            if self.pool.running():
+                # Wake up as soon as an attempt ends (or after the interval).
+                self._record_finished(self.pool.poll(timeout=self.interval_s))
+            else:
+                self._wake.wait(self.interval_s)
+
+    # -- one tick ---------------------------------------------------------------------------
+    def tick(self, wait_s: float = 0.0) -> None:
+        """One round: collect, plan, dispatch, stop what should stop.
+
+        Args:
+          wait_s: how long to wait for a finished attempt first.
+        """
+        self._record_finished(self.pool.poll(timeout=wait_s))
+        active = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
+        for experiment in active:
+            try:
+                self._plan(experiment)
+            except Exception as error:  # noqa: BLE001 - one bad experiment must not stop others
+                log.exception("experiment %s failed", experiment.id)
+                self._fail(experiment, f"{type(error).__name__}: {error}")
+        self._dispatch()
+        self._stop_ended()
+        self._update_metrics()
+
+    def _record_finished(self, finished: Sequence[Finished]) -> None:
+        for item in finished:
+            d = item.dispatch
+            if item.result is not None:
+                outcome = str(item.result.get("outcome", "FAILED"))
+                error = item.result.get("error") or ""
+                changed = self.storage.complete_attempt(d.attempt_id, outcome,
+                                                        result=item.result, error=error)
+            else:
+                outcome = "FAILED"
+                changed = self.storage.complete_attempt(d.attempt_id, outcome, error=item.error)
+            log.info("%s attempt %d ended %s on %s%s", d.trial, d.attempt, outcome,
+                     d.lease.worker, f" ({item.error})" if item.error else "")
+            if not changed:
+                log.warning("%s attempt %d was completed already; result ignored", d.trial,
+                            d.attempt)
+            elif self.metrics is not None:
+                self.metrics.runs_finished.labels(experiment=d.experiment_id,
+                                                  outcome=outcome).inc()
+                if outcome == "DIVERGED":
+                    self.metrics.divergences.labels(experiment=d.experiment_id).inc()
+                study, trial = _labels(d.trial)
+                self.metrics.end_trial(d.experiment_id, study, trial)
+        if finished:
+            self._wake.set()
+
+    def _plan(self, experiment: ExperimentRecord) -> None:
+        if experiment.state is ExperimentState.PENDING:
+            self.storage.set_experiment_state(experiment.id, ExperimentState.RUNNING,
+                                              expected=[ExperimentState.PENDING])
+            log.info("experiment %s RUNNING", experiment.id)
+        studies = self.studies.get(experiment)
+        attempts = self.storage.attempts(experiment.id)
+        by_study: dict[str, list[AttemptRecord]] = {s.id: [] for s in studies}
+        for attempt in attempts:
+            by_study.setdefault(attempt.trial.study_id, []).append(attempt)
+        new: list[NewAttempt] = []
+        all_done = True
+        for study in studies:
+            mine = by_study[study.id]
+            records = [r for r in (run_record(a) for a in mine) if r is not None]
+            in_flight = [(a.trial.trial_index, a.seed) for a in mine
+                         if a.state is not AttemptState.COMPLETED]
+            decision = next_runs(study, records, in_flight=in_flight,
+                                 parallelism=self.parallelism)
+            for request in decision.launch:
+                new.append(NewAttempt(
+                    TrialKey(experiment.id, study.id, request.trial_index, request.replica),
+                    seed=request.seed, attempt=request.attempt, kind=str(request.kind),
+                    hyperparameters=request.hyperparameters))
+            self._store_score(experiment.id, study, records, decision.phase.value,
+                              decision.best_trial)
+            all_done = all_done and decision.done and not in_flight
+        if new:
+            stored = self.storage.add_attempts(new)
+            now = time.monotonic()
+            for attempt in stored:
+                self._queued_since[attempt.id] = now
+                log.info("queued %s attempt %d (%s)", attempt.trial.name, attempt.attempt,
+                         attempt.kind)
+        if all_done:
+            self._finish(experiment, attempts)
+
+    def _store_score(self, experiment_id: str, study: Study, records: list, phase: str,
+                     best_trial: int | None) -> None:
+        marker = (len(records), phase)
+        if self._scores.get((experiment_id, study.id)) == marker:
+            return
+        score = score_study(study, records)
+        self.storage.put_study(experiment_id, StudyRecord(study.id, phase, best_trial,
+                                                          score.to_dict()))
+        self._scores[(experiment_id, study.id)] = marker
+
+    def _finish(self, experiment: ExperimentRecord, attempts: Sequence[AttemptRecord]) -> None:
+        results = [a for a in attempts if a.outcome in ("SUCCEEDED", "DIVERGED")]
+        if attempts and not results:
+            last = next((a.error for a in reversed(attempts) if a.error), "")
+            self._fail(experiment, f"every run failed; last error: {last}")
+            return
+        if self.storage.set_experiment_state(experiment.id, ExperimentState.SUCCEEDED,
+                                             expected=[ExperimentState.RUNNING]):
+            log.info("experiment %s SUCCEEDED", experiment.id)
+
+    def _fail(self, experiment: ExperimentRecord, error: str) -> None:
+        if self.storage.set_experiment_state(
+                experiment.id, ExperimentState.FAILED, error=error,
+                expected=[ExperimentState.PENDING, ExperimentState.RUNNING]):
+            log.error("experiment %s FAILED: %s", experiment.id, error)
+        self.cancel_queued(experiment.id, error="experiment failed")
+
+    def cancel_queued(self, experiment_id: str, error: str = "experiment cancelled") -> int:
+        """Complete the experiment's QUEUED attempts as CANCELLED; returns how many."""
+        count = 0
+        for attempt in self.storage.attempts(experiment_id, states=[AttemptState.QUEUED]):
+            if self.storage.complete_attempt(attempt.id, "CANCELLED", error=error,
+                                             expected=[AttemptState.QUEUED]):
+                count += 1
+        return count
+
+    def _dispatch(self) -> None:
+        running = {e.id: e for e in self.storage.experiments_in([ExperimentState.RUNNING])}
+        for experiment in running.values():
+            queued = self.storage.attempts(experiment.id, states=[AttemptState.QUEUED])
+            if not queued:
+                continue
+            studies = {s.id: s for s in self.studies.get(experiment)}
+            for attempt in queued:
+                study = studies[attempt.trial.study_id]
+                resources = dict(study.resources)
+                hosts = int(resources.get("num_hosts") or 1)
+                lease = self.pool.acquire(resources, hosts)
+                if lease is None:
+                    return  # no trainer free: the rest wait, oldest first
+                if not self.storage.activate_attempt(attempt.id, lease.worker):
+                    self.pool.release(lease)
+                    continue
+                try:
+                    self.pool.start(lease, attempt.id, experiment.id,
+                                    attempt_request(experiment.id, study, attempt))
+                except Exception as error:  # noqa: BLE001 - the attempt fails; retried later
+                    log.exception("starting %s attempt %d failed", attempt.trial.name,
+                                  attempt.attempt)
+                    self.pool.release(lease)
+                    self.storage.complete_attempt(attempt.id, "FAILED",
+                                                  error=f"could not start: {error}")
+                    continue
+                queued_at = self._queued_since.pop(attempt.id, None)
+                if self.metrics is not None and queued_at is not None:
+                    self.metrics.scheduling_latency.observe(time.monotonic() - queued_at)
+
+    def _stop_ended(self) -> None:
+        for dispatch in self.pool.running():
+            if dispatch.stop_requested:
+                continue
+            experiment = self.storage.get_experiment(dispatch.experiment_id)
+            if experiment is None or experiment.terminal:
+                self.pool.stop(dispatch)
+
+    def _update_metrics(self) -> None:
+        if (self.metrics is None or
+                time.monotonic() - self._metrics_updated < self.metrics_interval_s):
+            return
+        self._metrics_updated = time.monotonic()
+        counts = self.pool.counts()
+        for state, n in counts.items():
+            self.metrics.trainers.labels(state=state).set(n)
+        queued = 0
+        by_state: dict[str, int] = {s.value: 0 for s in ExperimentState}
+        for experiment in self.storage.experiments_in(list(ExperimentState)):
+            by_state[experiment.state.value] += 1
+        for state, n in by_state.items():
+            self.metrics.experiments.labels(state=state).set(n)
+        for experiment in self.storage.experiments_in([ExperimentState.RUNNING]):
+            attempts = self.storage.attempts(experiment.id)
+            queued += sum(1 for a in attempts if a.state is AttemptState.QUEUED)
+            self.metrics.set_trial_counts(experiment.id, trial_state_counts(attempts))
+        self.metrics.queue_depth.set(queued)
+
+
+def latest_attempts(attempts: Sequence[AttemptRecord]) -> list[AttemptRecord]:
+    """The latest attempt of each trial (study, trial index, replica), in creation order."""
+    latest: dict[TrialKey, AttemptRecord] = {}
+    first: dict[TrialKey, int] = {}
+    for attempt in attempts:
+        first.setdefault(attempt.trial, attempt.id)
+        current = latest.get(attempt.trial)
+        if current is None or attempt.attempt > current.attempt:
+            latest[attempt.trial] = attempt
+    return sorted(latest.values(), key=lambda a: first[a.trial])
+
+
+def trial_state_counts(attempts: Sequence[AttemptRecord]) -> Mapping[tuple[str, str], int]:
+    """Trials by (state, outcome) for the `batchlab_trials` gauge; outcome "none" if open."""
+    counts: dict[tuple[str, str], int] = {}
+    for attempt in latest_attempts(attempts):
+        key = (attempt.state.value, attempt.outcome or "none")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _labels(trial: str) -> tuple[str, str]:
+    """(study, trial) labels of a trial resource name."""
+    parts = trial.split("/")
+    return (parts[3], parts[5]) if len(parts) >= 6 else ("", trial)

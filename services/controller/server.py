@@ -1,0 +1,342 @@
+"""Runs the experiment controller: ``python -m services.controller.server``.
+
+Wiring: SQLite storage in the state directory, a pool of Ray trainer actors, the scheduler
+thread and the ExperimentService gRPC server (with health, auth and metrics).
+
+Environment:
+  BATCHLAB_CONTROLLER_PORT: gRPC port (default 50051).
+  BATCHLAB_BIND_HOST: interface to bind (default 127.0.0.1; 0.0.0.0 in a pod).
+  BATCHLAB_CONTROLLER_ADDR: the address trainers dial to report progress (default: the
+    bound address; set it when trainers run on other machines).
+  BATCHLAB_STATE_DIR: where the database lives (default ./.batchlab/controller).
+  BATCHLAB_RAY_ADDRESS: a Ray cluster to connect to (e.g. ray://head:10001 or host:6379);
+    unset starts a local Ray with BATCHLAB_RAY_CPUS logical CPUs (default: all).
+  BATCHLAB_NUM_TRAINERS: trainer actors at most (default 2).
+  BATCHLAB_CHECKPOINTS_ADDR: the checkpoint service trainers upload to and resume from;
+    unset: BATCHLAB_CHECKPOINT_DIR, a folder every trainer can read (default
+    <state dir>/checkpoints with a local Ray; none with a remote one).
+  BATCHLAB_SHARDING_ADDR: the sharding service trainers ask to prepare a run's dataset
+    (unset: the datasets must exist in the trainers' data folder).
+  BATCHLAB_DATA_DIR: the trainers' data folder (tfds datasets under <dir>/tfds).
+  BATCHLAB_RESULTS_DIR: GetReport also keeps each experiment's results layout and report
+    under <dir>/<experiment id> (default: not kept).
+  BATCHLAB_JAX_CACHE_DIR: JAX's persistent compilation cache for the trainers.
+  BATCHLAB_WORKLOADS: workload names specs are checked against, comma separated, when the
+    controller cannot import batchlab.train (it installs no JAX); unset: any name passes.
+  BATCHLAB_REPORT_INTERVAL_SECONDS: how often trainers send progress (default 2).
+  BATCHLAB_AUTH_TOKEN: when set, calls need ``authorization: Bearer <token>`` (trainers get it).
+  BATCHLAB_METRICS_PORT: Prometheus port (default 9101; 0 picks a free one).
+  BATCHLAB_TRAINER_METRICS_PORT: trainers' Prometheus port (unset: none).
+  BATCHLAB_SHUTDOWN_GRACE_SECONDS: time in-flight calls get after SIGTERM (default 10).
+
+SIGTERM or SIGINT stops it gracefully: health turns NOT_SERVING, watch streams end, calls
+in flight finish, the scheduler stops and the trainers are released. Runs in flight are
+completed as FAILED by the next controller on the same state directory and retried there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc
+from batchlab.rpc.server import Registration, build_server, configure_logging
+from services.controller.pool import RayTrainerPool, TrainerPool
+from services.controller.scheduler import Scheduler, StudyCache
+from services.controller.servicer import ExperimentServicer
+from services.controller.storage import ExperimentStorage, SQLiteStorage
+from services.trainer.local_ray import LOCAL_RAY_ENV, ensure_local_ray
+
+__all__ = ["Controller", "ControllerConfig", "known_workloads", "main"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9101
+DEFAULT_STATE_DIR = ".batchlab/controller"
+def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer; got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {raw!r}")
+    return value
+
+
+def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number; got {raw!r}") from None
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0; got {raw!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """Everything the controller reads from its environment (see the module docstring).
+
+    Args:
+      host: interface to bind.
+      port: gRPC port (0: any free one).
+      metrics_port: Prometheus port (0: any free one); None: no endpoint.
+      state_dir: the database folder.
+      advertised_address: the address trainers dial ("" = the bound one).
+      ray_address: a Ray cluster to connect to ("" = start a local one, unless Ray is
+        initialised in this process already).
+      ray_cpus: logical CPUs of a local Ray (None: all).
+      num_trainers: trainer actors at most.
+      checkpoints_address: the checkpoint service ("" = none).
+      sharding_address: the sharding service ("" = none).
+      checkpoint_dir: shared checkpoint folder when there is no service ("" = none).
+      data_dir: the trainers' tfds folder ("" = their default).
+      results_dir: where GetReport keeps results layouts ("" = nowhere).
+      jax_cache_dir: trainers' JAX compilation cache ("" = off).
+      workloads: workload names to check specs against (None: find them, see
+        `known_workloads`).
+      report_interval_s: how often trainers report progress.
+      auth_token: bearer token ("" = none).
+      trainer_metrics_port: trainers' Prometheus port (None = none).
+      grace_s: shutdown grace for in-flight calls.
+      poll_interval_s: the scheduler's tick interval.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    metrics_port: int | None = DEFAULT_METRICS_PORT
+    state_dir: str = DEFAULT_STATE_DIR
+    advertised_address: str = ""
+    ray_address: str = ""
+    ray_cpus: int | None = None
+    num_trainers: int = 2
+    checkpoints_address: str = ""
+    sharding_address: str = ""
+    checkpoint_dir: str = ""
+    data_dir: str = ""
+    results_dir: str = ""
+    jax_cache_dir: str = ""
+    workloads: tuple[str, ...] | None = None
+    report_interval_s: float = 2.0
+    auth_token: str = ""
+    trainer_metrics_port: int | None = None
+    grace_s: float = 10.0
+    poll_interval_s: float = 0.2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ControllerConfig:
+        """Read the configuration; a malformed variable raises ValueError naming it."""
+        env = os.environ if environ is None else environ
+        workloads = env.get("BATCHLAB_WORKLOADS", "").strip()
+        data_dir = env.get("BATCHLAB_DATA_DIR", "").strip()
+        trainer_metrics = env.get("BATCHLAB_TRAINER_METRICS_PORT", "").strip()
+        return cls(
+            host=env.get("BATCHLAB_BIND_HOST", "").strip() or "127.0.0.1",
+            port=_int(env, "BATCHLAB_CONTROLLER_PORT", DEFAULT_PORT),
+            metrics_port=_int(env, "BATCHLAB_METRICS_PORT", DEFAULT_METRICS_PORT),
+            state_dir=env.get("BATCHLAB_STATE_DIR", "").strip() or DEFAULT_STATE_DIR,
+            advertised_address=env.get("BATCHLAB_CONTROLLER_ADDR", "").strip(),
+            ray_address=env.get("BATCHLAB_RAY_ADDRESS", "").strip(),
+            ray_cpus=_int(env, "BATCHLAB_RAY_CPUS", 0) or None,
+            num_trainers=_int(env, "BATCHLAB_NUM_TRAINERS", 2, 1),
+            checkpoints_address=env.get("BATCHLAB_CHECKPOINTS_ADDR", "").strip(),
+            sharding_address=env.get("BATCHLAB_SHARDING_ADDR", "").strip(),
+            checkpoint_dir=env.get("BATCHLAB_CHECKPOINT_DIR", "").strip(),
+            data_dir=str(Path(data_dir) / "tfds") if data_dir else "",
+            results_dir=env.get("BATCHLAB_RESULTS_DIR", "").strip(),
+            jax_cache_dir=env.get("BATCHLAB_JAX_CACHE_DIR", "").strip(),
+            workloads=tuple(w.strip() for w in workloads.split(",") if w.strip())
+            if workloads else None,
+            report_interval_s=_float(env, "BATCHLAB_REPORT_INTERVAL_SECONDS", 2.0),
+            auth_token=env.get("BATCHLAB_AUTH_TOKEN", "") or "",
+            trainer_metrics_port=int(trainer_metrics) if trainer_metrics else None,
+            grace_s=_float(env, "BATCHLAB_SHUTDOWN_GRACE_SECONDS", 10.0),
+        )
+
+
+def known_workloads(config: ControllerConfig) -> Collection[str] | None:
+    """Workload names specs are checked against.
+
+    From the configuration if given; else from batchlab.train's registry when this process
+    can import it (it needs JAX); else None, and unknown names fail on the trainers instead.
+    """
+    if config.workloads is not None:
+        return config.workloads
+    try:
+        from batchlab.train.workloads import workload_names
+    except ImportError as error:
+        log.warning("cannot import batchlab.train (%s): specs are not checked against the "
+                    "workload registry; set BATCHLAB_WORKLOADS", error)
+        return None
+    return tuple(workload_names())
+
+
+def connect_ray(config: ControllerConfig) -> bool:
+    """Connect to (or start) Ray; returns whether this process started a local Ray."""
+    if not config.ray_address:
+        # Before the import: Ray reads these when it loads (loopback only, no reporting).
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, log_to_driver=False)
+        log.info("connected to Ray at %s", config.ray_address)
+        return False
+    ensure_local_ray(num_cpus=config.ray_cpus)
+    return True
+
+
+class Controller:
+    """The controller's parts, started and stopped together.
+
+    Args:
+      config: the configuration.
+      storage: the storage (default: SQLite in config.state_dir).
+      pool: the trainer pool (default: Ray actors; Ray is connected or started).
+      metrics: batchlab.rpc.metrics Metrics with the controller role (default: made here
+        when the module is available).
+    """
+
+    def __init__(self, config: ControllerConfig, *, storage: ExperimentStorage | None = None,
+                 pool: TrainerPool | None = None, metrics: Any = None):
+        self.config = config
+        self.storage = storage or SQLiteStorage(config.state_dir)
+        self.metrics = metrics if metrics is not None else _make_metrics()
+        controller_metrics = getattr(self.metrics, "controller", None)
+        self.studies = StudyCache()
+        self.servicer = ExperimentServicer(
+            self.storage, known_workloads=known_workloads(config), studies=self.studies,
+            metrics=controller_metrics, results_dir=config.results_dir or None)
+        self.server = build_server(
+            [Registration.for_service(controller_pb2, controller_pb2_grpc, "ExperimentService",
+                                      self.servicer)],
+            host=config.host, port=config.port, service_name="controller",
+            auth_token=config.auth_token or None, metrics=self.metrics)
+        self._started_ray = False
+        if pool is None:
+            self._started_ray = connect_ray(config)
+            pool = RayTrainerPool(config.num_trainers, self.trainer_settings())
+        self.pool = pool
+        self.scheduler = Scheduler(self.storage, pool, studies=self.studies,
+                                   interval_s=config.poll_interval_s,
+                                   metrics=controller_metrics)
+        self.servicer.scheduler = self.scheduler
+        self._metrics_server = None
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        """host:port clients on this machine dial."""
+        return self.server.address
+
+    def trainer_settings(self) -> dict[str, Any]:
+        """What every trainer actor is given (services.trainer.actor.TrainerSettings)."""
+        config = self.config
+        checkpoint_dir = config.checkpoint_dir
+        if not config.checkpoints_address and not checkpoint_dir and not config.ray_address:
+            # A local Ray: every trainer shares this machine's disk.
+            checkpoint_dir = str(Path(config.state_dir).absolute() / "checkpoints")
+        if not config.checkpoints_address and not checkpoint_dir:
+            log.warning("no BATCHLAB_CHECKPOINTS_ADDR or BATCHLAB_CHECKPOINT_DIR: a retried "
+                        "attempt starts from step 0")
+        return {
+            "controller_address": config.advertised_address or self.server.address,
+            "checkpoints_address": config.checkpoints_address,
+            "sharding_address": config.sharding_address,
+            "checkpoint_root": checkpoint_dir,
+            "auth_token": config.auth_token,
+            "data_dir": config.data_dir,
+            "jax_cache_dir": config.jax_cache_dir,
+            "report_interval_s": config.report_interval_s,
+            "metrics_port": config.trainer_metrics_port,
+        }
+
+    def start(self) -> None:
+        """Recover from a previous controller, start scheduling and serving."""
+        if self.metrics is not None and self.config.metrics_port is not None:
+            from batchlab.rpc.metrics import start_metrics_server
+
+            self._metrics_server = start_metrics_server(
+                self.config.metrics_port, self.metrics.registry, addr=self.config.host)
+            log.info("controller metrics on %s:%d", self.config.host, self._metrics_server.port)
+        self.scheduler.start()
+        self.server.start()
+        log.info("controller serving on %s (state %s)", self.address, self.config.state_dir)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (watch streams end, calls in flight get `grace` s), then scheduling."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_s if grace is None else grace
+        self.server.health.enter_graceful_shutdown()
+        self.servicer.close()
+        self.server.stop(grace)
+        self.scheduler.stop()
+        self.storage.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+        log.info("controller stopped")
+
+
+def _make_metrics() -> Any:
+    try:
+        from batchlab.rpc.metrics import make_metrics
+    except ImportError:
+        log.warning("batchlab.rpc.metrics is unavailable: no controller metrics")
+        return None
+    return make_metrics(roles=["controller"])
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; returns the exit status (2 for a bad configuration)."""
+    configure_logging(environ)
+    try:
+        config = ControllerConfig.from_env(environ)
+        controller = Controller(config)
+    except (RuntimeError, ValueError, OSError) as error:
+        log.error("controller cannot start: %s", error)
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        log.info("controller received %s", signal.Signals(signum).name)
+        stop.set()
+
+    # Not batchlab.rpc.server.serve: the controller must end its watch streams before the
+    # server's grace period starts, and stop the scheduler after the server.
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        controller.start()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        controller.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

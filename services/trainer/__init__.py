@@ -1,0 +1,1 @@
+"""The trainer: Ray actors that run trial attempts for the controller (services.trainer.actor)."""

@@ -1,0 +1,123 @@
+"""The real controller on a free loopback port: Ray trainer actors train a small experiment.
+
+One experiment, one study (mnist1d_resnet1d_small, batch 32, 20 steps): trial 0's learning
+rate (1e6) diverges, so tuning goes on to trial 1, whose best run is rerun with a new seed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+import pytest
+from controller_fakes import WORKLOAD, spec_dict
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
+from batchlab.rpc.client import channel
+from services.controller.server import Controller, ControllerConfig
+
+TOKEN = "test-token"
+
+pytestmark = pytest.mark.slow
+
+
+def real_spec() -> dict:
+    """Trial 0 diverges (lr 1e38), trial 1 trains (lr 0.1); its rerun has a fresh seed.
+
+    BatchNorm keeps this model's loss finite for most huge rates (1e30 still trains); at
+    1e38 the update overflows within three steps.
+    """
+    spec = spec_dict(name="real", trials_per_study=1, max_total_trials=2, seeds_per_best=1,
+                     resources={"cpus": 1})
+    spec["workloads"][0]["target"]["value"] = 0.05
+    spec["optimizers"][0]["config"] = {"optimizer": "nesterov", "learning_rate": 0.1}
+    spec["optimizers"][0]["search_space"] = {"parameters": [
+        {"path": "optimizer.learning_rate", "discrete": {"values": [1e38, 0.1]}}]}
+    return spec
+
+
+@pytest.fixture
+def controller(ray_cluster, tfds_dir, jax_cache_dir, tmp_path):
+    """A started controller with two trainers and a shared checkpoint folder."""
+    config = ControllerConfig(
+        port=0, metrics_port=None, state_dir=str(tmp_path / "state"), num_trainers=2,
+        checkpoint_dir=str(tmp_path / "checkpoints"), data_dir=tfds_dir,
+        jax_cache_dir=jax_cache_dir, report_interval_s=0.0, auth_token=TOKEN,
+        poll_interval_s=0.1, workloads=(WORKLOAD,))
+    started = Controller(config)
+    started.start()
+    yield started
+    started.stop(grace=1.0)
+
+
+def test_small_experiment_succeeds_over_grpc(controller):
+    with channel(controller.address, token=TOKEN) as chan:
+        stub = controller_pb2_grpc.ExperimentServiceStub(chan)
+        health = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        spec = json_format.ParseDict(real_spec(), experiment_pb2.ExperimentSpec())
+        experiment = stub.SubmitExperiment(controller_pb2.SubmitExperimentRequest(
+            spec=spec, request_id="real-1"), timeout=30)
+        messages = list(stub.WatchExperiment(controller_pb2.WatchExperimentRequest(
+            name=experiment.name, period_seconds=0.2), timeout=240))
+        final = messages[-1].experiment
+        assert final.state == controller_pb2.Experiment.SUCCEEDED, final.error
+        assert (final.trial_counts.succeeded, final.trial_counts.diverged) == (2, 1)
+        (study,) = final.studies
+        assert (study.phase, study.best_trial) == ("done", 1)
+        assert study.aggregate.seeds == 1 and study.aggregate.diverged_trials == 1
+        points = [p for m in messages for p in m.points]
+        assert {p.trial.rsplit("/", 1)[1] for p in points} >= {"1-r0", "1-r1"}
+        assert all(p.attempt == 1 for p in points)
+
+        trials = {t.name.rsplit("/", 1)[1]: t for t in stub.ListTrials(
+            controller_pb2.ListTrialsRequest(parent=experiment.name), timeout=30).trials}
+        assert trials["0-r0"].outcome == common_pb2.DIVERGED
+        assert math.isinf(trials["0-r0"].steps_to_target)
+        for name in ("1-r0", "1-r1"):
+            trial = trials[name]
+            assert (trial.outcome, trial.step, trial.attempt) == (common_pb2.SUCCEEDED, 20, 1)
+            assert trial.final_metrics["validation/accuracy"] > 0
+            assert trial.worker.startswith("trainer-")
+        assert trials["1-r0"].seed != trials["1-r1"].seed
+
+        report = stub.GetReport(controller_pb2.GetReportRequest(name=experiment.name),
+                                timeout=120)
+        assert "real" in report.markdown and report.files
+
+        with channel(controller.address) as anonymous:
+            with pytest.raises(grpc.RpcError) as info:
+                controller_pb2_grpc.ExperimentServiceStub(anonymous).GetExperiment(
+                    controller_pb2.GetExperimentRequest(name=experiment.name), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_cancel_stops_running_trainers(controller):
+    spec = spec_dict(name="cancelled", trials_per_study=2, max_total_trials=2, seeds_per_best=0,
+                     resources={"cpus": 1})
+    spec["workloads"][0]["points"] = [{"batch_size": 32, "step_budget": 2000}]
+    spec["optimizers"][0]["search_space"] = {"parameters": [
+        {"path": "optimizer.learning_rate.peak_value", "fixed": {"value": 0.1}}]}
+    with channel(controller.address, token=TOKEN) as chan:
+        stub = controller_pb2_grpc.ExperimentServiceStub(chan)
+        experiment = stub.SubmitExperiment(controller_pb2.SubmitExperimentRequest(
+            spec=json_format.ParseDict(spec, experiment_pb2.ExperimentSpec())), timeout=30)
+        for message in stub.WatchExperiment(controller_pb2.WatchExperimentRequest(
+                name=experiment.name, period_seconds=0.1), timeout=120):
+            if any(p.step >= 10 for p in message.points):
+                break  # training is under way
+        cancelled = stub.CancelExperiment(
+            controller_pb2.CancelExperimentRequest(name=experiment.name), timeout=30)
+        assert cancelled.state == controller_pb2.Experiment.CANCELLED
+        for _ in range(600):
+            trials = stub.ListTrials(controller_pb2.ListTrialsRequest(
+                parent=experiment.name), timeout=10).trials
+            if trials and all(t.state == controller_pb2.Trial.COMPLETED for t in trials):
+                break
+            time.sleep(0.1)
+        assert {t.outcome for t in trials} == {common_pb2.CANCELLED}
+        # Stopped early, after a checkpoint, not at the end of the 2,000-step budget.
+        assert all(0 < t.step < 2000 for t in trials)

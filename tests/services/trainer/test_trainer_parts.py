@@ -1,0 +1,124 @@
+"""The trainer's parts without Ray: progress batching, shared-folder checkpoints, resources,
+settings and metrics. (Training on Ray actors is tested in tests/integration.)"""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+
+from batchlab.proto.v1 import controller_pb2
+from services.trainer.actor import (
+    ProgressReporter,
+    TrainerSettings,
+    TrainerWorker,
+    actor_options,
+)
+from services.trainer.checkpoint_sync import DirectoryCheckpointSync
+
+TRIAL = "experiments/e/studies/s.b32/trials/0-r0"
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code):
+        super().__init__(code.name)
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._code.name
+
+
+class FakeStub:
+    """ReportProgress that records requests, fails as told, and answers cancel as told."""
+
+    def __init__(self):
+        self.requests = []
+        self.fail_with = None
+        self.cancel = False
+
+    def ReportProgress(self, request, timeout=None):
+        if self.fail_with is not None:
+            raise FakeRpcError(self.fail_with)
+        self.requests.append(request)
+        return controller_pb2.ReportProgressResponse(cancel=self.cancel)
+
+
+def test_progress_is_batched_by_interval_and_kept_when_the_controller_is_away():
+    now = [0.0]
+    stub = FakeStub()
+    reporter = ProgressReporter(stub, TRIAL, 2, interval_s=10.0, clock=lambda: now[0])
+    reporter.add({"step": 10.0, "validation/accuracy": 0.5})  # first call: sent at once
+    reporter.add({"step": 20.0, "validation/accuracy": 0.6})
+    reporter.add({"step": 30.0, "validation/accuracy": float("nan")})
+    assert [len(r.points) for r in stub.requests] == [1]
+    stub.fail_with = grpc.StatusCode.UNAVAILABLE
+    assert not reporter.flush()  # kept for the next call
+    stub.fail_with = None
+    stub.cancel = True
+    assert reporter.flush() and reporter.cancelled
+    sent = stub.requests[-1].points
+    assert [(p.trial, p.attempt, p.step) for p in sent] == [(TRIAL, 2, 20), (TRIAL, 2, 30)]
+    assert "step" not in sent[0].values
+    # A refusal for good drops the points instead of resending them forever.
+    reporter.add({"step": 40.0})
+    stub.fail_with = grpc.StatusCode.NOT_FOUND
+    reporter.flush()
+    stub.fail_with = None
+    count = len(stub.requests)
+    reporter.flush()
+    assert len(stub.requests) == count
+    assert ProgressReporter(None, TRIAL, 1).flush() is False  # no controller: nothing sent
+
+
+def test_directory_sync_uploads_atomically_keeps_the_newest_and_restores(tmp_path):
+    sync = DirectoryCheckpointSync(tmp_path / "shared", keep=2)
+    assert sync.restore(TRIAL, tmp_path / "empty") is None
+    for step in (10, 20, 30):
+        folder = tmp_path / "local" / str(step)
+        (folder / "state").mkdir(parents=True)
+        (folder / "state" / "data").write_text(f"step {step}")
+        sync.upload(TRIAL, step, folder, metric=0.1 * step)
+    sync.upload(TRIAL, 30, tmp_path / "local" / "30")  # the same step again: a no-op
+    stored = tmp_path / "shared" / TRIAL
+    assert sorted(p.name for p in stored.iterdir()) == ["20", "30"]
+    target = tmp_path / "attempt-2"
+    assert sync.restore(TRIAL, target) == 30
+    assert (target / "30" / "state" / "data").read_text() == "step 30"
+    with pytest.raises(ValueError, match="trial"):
+        sync.restore("experiments/../../etc", target)
+
+
+def test_actor_options_from_resources():
+    assert actor_options(None) == {"num_cpus": 1.0}
+    assert actor_options({"cpus": 4, "gpus": 1, "tpus": 8, "memory_gib": 2, "num_hosts": 2}) == {
+        "num_cpus": 4.0, "num_gpus": 1, "resources": {"TPU": 8}, "memory": 2 * 2**30}
+
+
+def test_settings_refuse_unknown_keys():
+    assert TrainerSettings.from_dict({"name": "t"}).name == "t"
+    with pytest.raises(ValueError, match="contoller_address"):
+        TrainerSettings.from_dict({"contoller_address": "x"})
+
+
+def test_trainer_exports_metrics_of_a_running_trial(tmp_path):
+    worker = TrainerWorker({"name": "t", "metrics_port": 0, "work_dir": str(tmp_path),
+                            "jax_cache_dir": str(tmp_path / "cache")})
+    try:
+        port = worker.info()["metrics_port"]
+        series = worker._metrics.trainer.trial("e", "s", "0-r0")
+        last = {"step": 0, "time": 0.0}
+        worker._observe(series, {"step": 10.0, "learning_rate": 0.1, "train/batch_loss": 2.0,
+                                 "validation/accuracy": 0.5}, last, 32)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        text = text.decode()
+        assert 'batchlab_trial_step{experiment="e",study="s",trial="0-r0"} 10.0' in text
+        assert "batchlab_trainer_steps_total 10.0" in text
+        series.remove()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b'trial="0-r0"' not in text
+    finally:
+        worker.shutdown()
