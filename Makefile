@@ -32,7 +32,7 @@ protos: $(STAMP) ## regenerate Python code from protos/ into libs/batchlab/proto
 	$(PY) -m batchlab.proto.generate
 
 run: setup ## run the main job on the embedded default
-	$(PY) -m batchlab.cli figure1 --out results/figure1
+	$(PY) -m batchlab.cli demo --out results/demo
 
 test: setup ## run the test suite
 	$(PY) -m pytest -q

@@ -100,7 +100,8 @@ class Stack:
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.host = host
         self.ports = {s.name: (ports or {}).get(s.name, s.port) for s in SERVICES}
-        self.metrics_ports = {s.name: (metrics_ports or {}).get(s.name, METRICS_PORTS[s.name]) for s in SERVICES}
+        roles = [s.name for s in SERVICES] + ["trainer"]
+        self.metrics_ports = {r: (metrics_ports or {}).get(r, METRICS_PORTS[r]) for r in roles}
         self.token = token
         self.num_trainers = num_trainers
         self.extra_env = dict(extra_env or {})
@@ -123,6 +124,8 @@ class Stack:
                 "BATCHLAB_STATE_DIR": str(self.state_dir / "controller"),
                 "BATCHLAB_CHECKPOINT_ROOT": str(self.state_dir / "checkpoints"),
                 "BATCHLAB_NUM_TRAINERS": str(self.num_trainers),
+                "BATCHLAB_TRAINER_METRICS_PORT": str(self.metrics_ports["trainer"]),
+                "BATCHLAB_JAX_CACHE_DIR": str(self.state_dir / "jax_cache"),
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": "disabled",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
