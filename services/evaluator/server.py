@@ -26,7 +26,6 @@ DEFAULT_PORT = 50054
 
 def make_registrations(metrics) -> list[Registration]:
     """Connects to the checkpoint service and builds the servicer."""
-    del metrics
     address = peer_address("checkpoints")
     client = CheckpointClient(channel(address, token=os.environ.get("BATCHLAB_AUTH_TOKEN") or None))
 
@@ -35,7 +34,7 @@ def make_registrations(metrics) -> list[Registration]:
 
     data_root = os.environ.get("BATCHLAB_DATA_DIR")
     data_dir = str(Path(data_root) / "tfds") if data_root else None
-    servicer = EvaluationServicer(load, data_dir=data_dir)
+    servicer = EvaluationServicer(load, data_dir=data_dir, metrics=metrics.evaluator)
     return [Registration.for_service(evaluation_pb2, evaluation_pb2_grpc, "EvaluationService", servicer)]
 
 

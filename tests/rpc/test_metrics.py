@@ -85,7 +85,7 @@ def test_the_issue_names_are_defined():
         "batchlab_trial_train_loss", "batchlab_trial_learning_rate", "batchlab_trial_eval_metric",
         "batchlab_checkpoint_store_bytes", "batchlab_trial_divergences_total",
         "batchlab_checkpoint_failures_total", "batchlab_trial_last_progress_timestamp_seconds",
-        "batchlab_sharding_bytes_total", "batchlab_evaluator_evaluations_total",
+        "batchlab_sharding_examples_total", "batchlab_evaluator_evaluations_total",
     ):
         assert name in names, name
 
@@ -108,7 +108,7 @@ def test_roles_get_only_their_metrics():
     metrics = make_metrics(CollectorRegistry(), roles=["sharding"])
     assert metrics.sharding is not None and metrics.controller is None and metrics.trainer is None
     names = set(series_names(metrics.registry))
-    assert "batchlab_sharding_bytes_total" in names and "batchlab_rpc_requests_total" in names
+    assert "batchlab_sharding_examples_total" in names and "batchlab_rpc_requests_total" in names
     # An unlabelled controller gauge would otherwise be exported as 0 by every service.
     assert "batchlab_queue_depth" not in names
     with pytest.raises(ValueError, match="unknown roles"):

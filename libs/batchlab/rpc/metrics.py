@@ -233,12 +233,14 @@ class TrainerMetrics:
 
 @dataclass(frozen=True)
 class ShardingMetrics:
-    """The data sharding service: what it serves, per dataset and split."""
+    """The data sharding service: shard assignments served, per dataset and split.
+
+    The service hands out example indices, not example bytes (trainers read the data
+    themselves), so it counts requests and examples assigned; its latency is the RPC latency.
+    """
 
     requests: Counter
     examples: Counter
-    bytes: Counter
-    read_latency: Histogram
     errors: Counter
 
 
@@ -380,14 +382,7 @@ def _sharding(r: CollectorRegistry) -> ShardingMetrics:
             "batchlab_sharding_requests_total", "Shard or batch requests served.", labels, registry=r,
         ),
         examples=Counter(
-            "batchlab_sharding_examples_total", "Examples served.", labels, registry=r,
-        ),
-        bytes=Counter(
-            "batchlab_sharding_bytes_total", "Bytes of example data served.", labels, registry=r,
-        ),
-        read_latency=Histogram(
-            "batchlab_sharding_read_seconds", "Time to read one requested batch from storage.",
-            ["dataset"], buckets=IO_BUCKETS, registry=r,
+            "batchlab_sharding_examples_total", "Example indices assigned to shards.", labels, registry=r,
         ),
         errors=Counter(
             "batchlab_sharding_errors_total", "Requests that failed, by dataset and reason.",
