@@ -233,6 +233,10 @@ class Controller:
         if pool is None:
             self._started_ray = connect_ray(config)
             pool = RayTrainerPool(config.num_trainers, self.trainer_settings())
+            try:
+                log.info("started %d warm trainers", pool.warm())
+            except Exception:  # noqa: BLE001 - trainers are started on demand instead
+                log.warning("could not start warm trainers; they start on first use", exc_info=True)
         self.pool = pool
         self.scheduler = Scheduler(self.storage, pool, studies=self.studies,
                                    interval_s=config.poll_interval_s,
