@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only:
         module = __import__(f"benchmarks.{name}", fromlist=["run", "to_markdown"])
         logging.info("running %s", name)
-        result = module.run(rounds=1 if args.quick else (2 if name == "system" else rounds))
+        result = module.run(rounds=1 if args.quick else (3 if name == "system" else rounds))
         raw[name] = result
         sections.append(module.to_markdown(result))
 

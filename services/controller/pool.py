@@ -205,7 +205,7 @@ class RayTrainerPool(TrainerPool):
         shape = resource_shape(resources)
         started = [self._create(shape, fresh=False) for _ in range(self._size - len(self._members))]
         if started:
-            ray.get([m.actor.workloads.remote() for m in started], timeout=timeout)
+            ray.get([m.actor.warm_up.remote() for m in started], timeout=timeout)
         return len(started)
 
     def _retire(self, member: _Member) -> None:

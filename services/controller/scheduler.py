@@ -215,6 +215,12 @@ class Scheduler:
             self.storage.set_experiment_state(experiment.id, ExperimentState.RUNNING,
                                               expected=[ExperimentState.PENDING])
             log.info("experiment %s RUNNING", experiment.id)
+        if self.metrics is not None:
+            # Counters that first appear already incremented lose those increments in
+            # Prometheus' increase(): create the experiment's series at zero up front.
+            self.metrics.divergences.labels(experiment=experiment.id)
+            for outcome in ("SUCCEEDED", "DIVERGED", "FAILED", "CANCELLED"):
+                self.metrics.runs_finished.labels(experiment=experiment.id, outcome=outcome)
         studies = self.studies.get(experiment)
         attempts = self.storage.attempts(experiment.id)
         by_study: dict[str, list[AttemptRecord]] = {s.id: [] for s in studies}

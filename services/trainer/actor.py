@@ -356,6 +356,21 @@ class TrainerWorker:
             "busy": self._busy.locked(),
         }
 
+    def warm_up(self) -> list[str]:
+        """Import the training stack and start JAX's backend and compiler now.
+
+        The controller calls this when it starts its trainers, so that the first run does not
+        pay for the imports, the backend start and the compiler's first use.
+
+        Returns:
+          The registered workload names.
+        """
+        import jax
+        import jax.numpy as jnp
+
+        jax.jit(lambda x: x + 1)(jnp.zeros(())).block_until_ready()
+        return self.workloads()
+
     def workloads(self) -> list[str]:
         """The registered workload names this trainer can run."""
         from batchlab.train import workload_names

@@ -50,7 +50,7 @@ SPEC = {
         "workload": "mnist1d_resnet1d_small",
         "target": {"metric": "validation/accuracy", "value": 0.2, "goal": "MAXIMIZE"},
         # Long enough for several scrapes of each running trial's series (1 s interval).
-        "points": [{"batch_size": 128, "step_budget": 400, "eval_every_steps": 20}],
+        "points": [{"batch_size": 128, "step_budget": 1000, "eval_every_steps": 50}],
     }],
     "optimizers": [
         # Overflows to inf at once: its trials end DIVERGED (the divergence series need one).
@@ -165,7 +165,7 @@ def _evaluate_a_trial(stack, trials) -> None:
     with channel(stack.address("evaluator")) as ch:
         response = evaluation_pb2_grpc.EvaluationServiceStub(ch).Evaluate(evaluation_pb2.EvaluateRequest(
             trial=trial.name, workload="mnist1d_resnet1d_small", hyperparameters=trial.hyperparameters,
-            batch_size=128, step_budget=400), timeout=300)
+            batch_size=128, step_budget=1000), timeout=300)
     assert 0.0 <= response.metrics["validation/accuracy"] <= 1.0
     assert trial.final_metrics["validation/accuracy"] == pytest.approx(response.metrics["validation/accuracy"], abs=1e-6)
 

@@ -9,8 +9,6 @@ optimizer, batch size and workload) compile once, and a repeated run takes about
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,21 +30,6 @@ OPTIMIZER = {
     "learning_rate": {"schedule": "cosine", "peak_value": 0.2, "warmup_steps": 5},
     "momentum": 0.9,
 }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_tmpdir(tmp_path_factory) -> Iterator[Any]:
-    """Points TMPDIR (and tempfile's cached default) at a test folder: tfds leaves tmp dirs."""
-    path = tmp_path_factory.mktemp("tmpdir")
-    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"] = str(path)
-    tempfile.tempdir = str(path)
-    yield path
-    tempfile.tempdir = saved_tempdir
-    if saved_env is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Point JAX's persistent compilation cache at ``path`` (default under BATCHLAB_DATA_DIR).
 
-    ``BATCHLAB_JAX_CACHE=0`` turns it off. Returns the folder used, or None when off.
+    Without ``path``, a cache folder the process already configured is kept. ``BATCHLAB_JAX_CACHE=0``
+    turns it off. Returns the folder used, or None when off.
     """
     if os.environ.get("BATCHLAB_JAX_CACHE", "1") == "0":
         return None
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
     if path is None:
         root = os.environ.get("BATCHLAB_DATA_DIR", "").strip()
         path = Path(root) / "jax_cache" if root else Path.home() / ".cache" / "batchlab" / "jax_cache"

@@ -199,8 +199,10 @@ class _Run:
         init_key, dropout_key = jax.random.split(key)
         dummy = self.workload.dummy_batch(2 * max(1, self.hparams.get("virtual_batch_size") or 1), self.input_shape, self.hparams)
 
+        # The keys are arguments, not constants: every seed then compiles the same program,
+        # which the persistent compilation cache serves to later runs.
         @jax.jit
-        def init(k):
+        def init(k, dropout_key):
             if self.workload.kind == "classification":
                 variables = self.model.init(k, dummy["input"], train=False)
             else:
@@ -217,7 +219,7 @@ class _Run:
                 rng=jax.random.key_data(dropout_key),
             )
 
-        return self.dp.put_replicated(init(init_key))
+        return self.dp.put_replicated(init(init_key, dropout_key))
 
     # -- data ----------------------------------------------------------------------------------
     def train_iterator(self, state: Mapping[str, Any] | None):

@@ -1,31 +1,48 @@
-"""Fixtures for the controller tests that need trainers: one local Ray cluster per session
-(shared with tests/integration through services.trainer.local_ray), mnist1d 'small' built
-once, and a JAX compilation cache the trainer actors share."""
+"""Fixtures every test folder shares: a private TMPDIR, and (for tests with trainers) one local
+Ray cluster, mnist1d 'small' built once and a shared JAX compilation cache per session."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
-# Ray reads these when it is first imported; set before any test module imports it.
+# JAX and Ray read these when first imported: set them before any test module imports either.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
     os.environ.setdefault(_key, _value)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory):
+    """Points TMPDIR (and tempfile's cached default) at a test folder.
+
+    tfds leaves empty ``tmp*tfds`` folders and uploads spool in the temp folder; they go here.
+    """
+    path = tmp_path_factory.mktemp("tmpdir")
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = str(path)
+    yield path
+    tempfile.tempdir = saved_tempdir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def ray_cluster():
     """The session's local Ray (4 logical CPUs); its GCS address."""
     import shutil
-    import tempfile
 
     import ray
 
     from services.trainer.local_ray import ensure_local_ray
 
-    # A short folder: Ray puts unix sockets in it.
+    # A short folder outside TMPDIR: Ray puts unix sockets in it (path length limit).
     folder = tempfile.mkdtemp(prefix="blray-", dir="/tmp")
     yield ensure_local_ray(folder, num_cpus=4)
     ray.shutdown()
@@ -34,7 +51,7 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
-    """mnist1d 'small' built once per session (the folder is shared with tests/integration)."""
+    """mnist1d 'small' built once per session."""
     from batchlab import data
 
     path = tmp_path_factory.getbasetemp() / "batchlab_tfds"
