@@ -1,9 +1,10 @@
 """The cost of the system itself: one small study through the services vs. `batchlab local run`.
 
 Both run the same spec (4 runs: 3 tuning trials and 1 seed rerun, one at a time: one trainer
-actor) from a cold JAX compilation cache, with the dataset already built. The services figure
-is from SubmitExperiment to SUCCEEDED (Ray actor start-up included); stack start-up is
-reported apart.
+actor), each in fresh processes with an empty JAX compilation cache and the dataset already
+built. The local figure is run_experiment's wall time inside a new `python` process (imports
+left out); the services figure is from SubmitExperiment to SUCCEEDED; the stack's start-up
+(servers, Ray, warm trainers) is reported apart.
 """
 
 from __future__ import annotations
@@ -49,20 +50,36 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _local(root: Path) -> float:
-    import jax
+_LOCAL_RUN = """
+import json, sys, time
+from batchlab.runner import run_experiment
+from batchlab.train.compilation_cache import enable_compilation_cache
+spec, out, data_dir, cache = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+enable_compilation_cache(cache)
+start = time.perf_counter()
+run_experiment(spec, out, data_dir=data_dir, progress=False, write_report=False)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
 
-    from batchlab.runner import run_experiment
-    from batchlab.train.compilation_cache import enable_compilation_cache
+
+def _local(root: Path) -> float:
+    """`batchlab local run` of SPEC in a fresh process (as a user runs it), timed inside it.
+
+    Like the services' trainers it starts cold (new process, empty compilation cache); the
+    interpreter start and imports are left out, as the stack's start-up is on the other side.
+    """
+    import json
+    import subprocess
+    import sys
 
     data_dir = root / "state" / "tfds"
     bdata.prepare("mnist1d", data_dir, config="small")
-    enable_compilation_cache(root / "jax_cache_local")
-    start = time.perf_counter()
-    run_experiment(SPEC, root / "local_out", data_dir=str(data_dir), progress=False, write_report=False)
-    elapsed = time.perf_counter() - start
-    jax.config.update("jax_compilation_cache_dir", None)
-    return elapsed
+    out = subprocess.run(
+        [sys.executable, "-c", _LOCAL_RUN, json.dumps(SPEC), str(root / "local_out"), str(data_dir),
+         str(root / "jax_cache_local")],
+        check=True, capture_output=True, text=True,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
 
 
 def _services(root: Path) -> tuple[float, float]:
@@ -119,7 +136,7 @@ def to_markdown(r: dict) -> str:
     return "\n".join([
         "## The system's own cost: one study through the services vs. local run",
         "",
-        "4 runs of mnist1d_resnet1d_small (batch 64, 150 steps), one at a time, cold compilation cache.",
+        "4 runs of mnist1d_resnet1d_small (batch 64, 150 steps), one at a time; each path in fresh processes with a cold compilation cache.",
         "",
         "| path | wall seconds (median) | per round |",
         "|---|---:|---|",
