@@ -25,12 +25,15 @@ LOCAL_RAY_ENV = {
 
 
 def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
-                     num_cpus: int | None = None) -> str:
+                     num_cpus: int | None = None, attempts: int = 3) -> str:
     """Start a local Ray (or reuse this process's); returns its GCS address host:port.
 
     Args:
       temp_dir: Ray's session folder (keep it short: it holds unix sockets).
       num_cpus: logical CPUs to advertise (None: the machine's).
+      attempts: tries to start it: on a busy or freshly installed machine Ray's node start
+        now and then times out ("The current node timed out during startup"), and a second
+        try succeeds.
     """
     # Ray reads some of these when it is imported: set them first.
     for key, value in LOCAL_RAY_ENV.items():
@@ -42,6 +45,15 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
         if temp_dir is not None:
             Path(temp_dir).mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(Path(temp_dir).absolute())
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+                break
+            except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception on timeout
+                if attempt == attempts or "timed out" not in str(error):
+                    raise
+                log.warning("Ray did not start (%s); trying again (%d of %d)", error, attempt + 1,
+                            attempts)
+                ray.shutdown()
         log.info("started a local Ray (%s CPUs)", num_cpus or "all")
     return ray.get_runtime_context().gcs_address
