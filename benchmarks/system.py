@@ -9,7 +9,6 @@ left out); the services figure is from SubmitExperiment to SUCCEEDED; the stack'
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from batchlab import data as bdata
+from batchlab.rpc.client import free_ports
 
 __all__ = ["run", "to_markdown"]
 
@@ -38,16 +38,6 @@ SPEC = {
         "search_space": {"parameters": [{"path": "optimizer.learning_rate.peak_value", "log": {"min": 0.01, "max": 1.0}}]},
     }],
 }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 _LOCAL_RUN = """
@@ -88,8 +78,8 @@ def _services(root: Path) -> tuple[float, float]:
 
     state = root / "stack"
     bdata.prepare("mnist1d", state / "tfds", config="small")
-    grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], _free_ports(4), strict=True))
-    metric_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator", "trainer"], _free_ports(5), strict=True))
+    grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4), strict=True))
+    metric_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator", "trainer"], free_ports(5), strict=True))
     stack = Stack(state, ports=grpc_ports, metrics_ports=metric_ports, num_trainers=1,
                   extra_env={"BATCHLAB_RAY_CPUS": "2"})
     t0 = time.perf_counter()

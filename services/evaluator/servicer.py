@@ -65,14 +65,8 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
         for field in ("batch_size", "step_budget"):
             if getattr(request, field) <= 0:
                 raise InvalidArgument(field, "must be > 0")
-        config = RunConfig(
-            workload=request.workload,
-            optimizer=hp["optimizer"],
-            hyperparameters=hp.get("workload", {}),
-            batch_size=request.batch_size,
-            total_steps=request.step_budget,
-            data_dir=self._data_dir,
-        )
+        config = RunConfig.for_trial(request.workload, hp, batch_size=request.batch_size,
+                                     step_budget=request.step_budget, data_dir=self._data_dir)
         config.validate()
         return config
 

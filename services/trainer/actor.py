@@ -43,6 +43,7 @@ from typing import Any
 
 import ray
 
+from batchlab.rpc.client import free_ports
 from services.trainer.checkpoint_sync import (
     CheckpointSync,
     DirectoryCheckpointSync,
@@ -143,15 +144,13 @@ def build_run_config(request: Mapping[str, Any], *, data_dir: str | None,
     """
     from batchlab.train import Goal, RunConfig, Target
 
-    hp = request["hyperparameters"]
     target = request["target"]
     goal = target["goal"]
-    return RunConfig(
-        workload=request["workload"],
-        optimizer=hp["optimizer"],
-        hyperparameters=hp.get("workload") or {},
-        batch_size=int(request["batch_size"]),
-        total_steps=int(request["step_budget"]),
+    return RunConfig.for_trial(
+        request["workload"],
+        request["hyperparameters"],
+        batch_size=request["batch_size"],
+        step_budget=request["step_budget"],
         eval_every_steps=int(request["eval_every_steps"]),
         seed=int(request["seed"]),
         target=Target(metric=target["metric"], value=float(target["value"]),
@@ -235,12 +234,6 @@ class ProgressReporter:
             log.info("controller cancelled %s", self.trial)
         self.cancelled = self.cancelled or response.cancel
         return self.cancelled
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _safe_name(trial: str) -> str:
@@ -389,7 +382,7 @@ class TrainerWorker:
             host = ray.util.get_node_ip_address()
         except Exception:  # noqa: BLE001 - outside Ray: loopback
             host = "127.0.0.1"
-        return f"{host}:{_free_port()}"
+        return f"{host}:{free_ports()[0]}"
 
     # -- runs -------------------------------------------------------------------------------
     def run(self, request: Mapping[str, Any]) -> dict[str, Any]:

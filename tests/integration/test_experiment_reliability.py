@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from integration_helpers import WORKLOAD, spec
 
 from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.checkpoint_client import CheckpointClient
-from batchlab.rpc.client import channel
+from batchlab.rpc.client import channel, free_ports
 from services.controller.scheduler import RESTART_ERROR, attempt_request
 from services.controller.server import Controller, ControllerConfig
 from services.controller.storage import AttemptState, SQLiteStorage
@@ -138,14 +137,8 @@ def test_killed_trainer_resumes_from_checkpoint_bit_identical(
     assert resumed.result["state_sha256"] == reference["state_sha256"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_controller(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_ports()[0]
     log = open(log_path, "ab")  # noqa: SIM115 - closed by the caller through the process
     process = subprocess.Popen(
         [sys.executable, "-m", "services.controller.server"], cwd=ROOT,

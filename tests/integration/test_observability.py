@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -24,6 +23,7 @@ import grpc
 import pytest
 import yaml
 
+from batchlab.rpc.client import free_ports
 from batchlab.rpc.observability import (
     observability_queries,
     promql_metric_names,
@@ -61,16 +61,6 @@ SPEC = {
 }
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _prom_get(port: int, path: str, **params) -> dict:
     url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=30) as resp:
@@ -85,9 +75,9 @@ def observed_stack(tmp_path_factory):
     from batchlab.search import load_spec
 
     root = tmp_path_factory.mktemp("observed")
-    grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], _free_ports(4), strict=True))
-    metric_ports = dict(zip(ROLES, _free_ports(5), strict=True))
-    prom_port = _free_ports(1)[0]
+    grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4), strict=True))
+    metric_ports = dict(zip(ROLES, free_ports(5), strict=True))
+    prom_port = free_ports(1)[0]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],

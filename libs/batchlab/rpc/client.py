@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -174,3 +175,23 @@ def wait_for_ready(channel: grpc.Channel, timeout: float, *, service: str = "") 
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on ``host`` right now (all held open together, so they differ).
+
+    For tests, benchmarks and coordinators that need a port before a server binds it; another
+    process may still take one in between, as with any such probe.
+
+    Args:
+      count: how many ports.
+      host: the interface to probe.
+    """
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()

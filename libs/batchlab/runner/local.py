@@ -51,13 +51,11 @@ def study_summary(study: Study) -> dict[str, Any]:
 def _train(request: RunRequest, study: Study, data_dir: str | None) -> dict[str, Any]:
     from batchlab.train import RunConfig, train_and_evaluate
 
-    hp = request.hyperparameters
-    config = RunConfig(
-        workload=study.workload,
-        optimizer=hp["optimizer"],
-        hyperparameters=hp.get("workload", {}),
+    config = RunConfig.for_trial(
+        study.workload,
+        request.hyperparameters,
         batch_size=request.batch_size,
-        total_steps=request.step_budget,
+        step_budget=request.step_budget,
         eval_every_steps=request.eval_every_steps,
         seed=request.seed,
         target=study.target,

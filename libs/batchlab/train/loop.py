@@ -69,6 +69,30 @@ class RunConfig:
     checkpoint_dir: str | None = None
     divergence_check_every: int = 10
 
+    @classmethod
+    def for_trial(
+        cls, workload: str, hyperparameters: Mapping[str, Any], *, batch_size: int, step_budget: int,
+        **fields: Any,
+    ) -> RunConfig:
+        """The run of one trial: its hyperparameter mapping {"optimizer": ..., "workload": ...}
+        (as the study protocol builds it) at a batch size and step budget.
+
+        Args:
+          workload: registered workload name.
+          hyperparameters: the trial's mapping; "workload" may be absent or empty.
+          batch_size: global batch size.
+          step_budget: the step budget.
+          **fields: other RunConfig fields (eval_every_steps, seed, target, data_dir, ...).
+        """
+        return cls(
+            workload=workload,
+            optimizer=hyperparameters["optimizer"],
+            hyperparameters=hyperparameters.get("workload") or {},
+            batch_size=int(batch_size),
+            total_steps=int(step_budget),
+            **fields,
+        )
+
     def validate(self) -> tuple[Workload, dict[str, Any]]:
         """Check every field; return the workload and its full hyperparameters."""
         workload = get_workload(self.workload)
