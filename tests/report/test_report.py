@@ -14,8 +14,10 @@ import pytest
 from synthetic_results import SEEDS, Synthetic, build_results
 
 from batchlab.report import write_report
-from batchlab.report.answers import answer_paragraph
-from batchlab.report.results import load_results, study_from_spec
+from batchlab.report.results import load_results, protocol_studies
+from batchlab.report.verdicts import decide_point, verdict_section
+from batchlab.search.compare import Arm, Verdict, compare_arms
+from batchlab.search.study import Goal
 from batchlab.report.tables import (
     best_hyperparameters_table,
     comparison_table,
@@ -38,8 +40,10 @@ def _row(table: str, label: str) -> list[str]:
 
 
 def _expected(key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(validation with a diverged seed at accuracy 0, train of the seeds that did not diverge)."""
     finished = [v for v in SEEDS[key] if v is not None]
-    return (np.array([v for v, _ in finished]), np.array([t for _, t in finished]))
+    return (np.array([0.0 if v is None else v[0] for v in SEEDS[key]]),
+            np.array([t for _, t in finished]))
 
 
 def _iqr_text(values: np.ndarray) -> str:
@@ -73,13 +77,13 @@ def test_load_results_reads_every_file(synthetic: Synthetic):
 
 def test_study_rebuilt_from_the_stored_spec_matches_expand_studies(synthetic: Synthetic):
     experiment = load_results(synthetic.root)
-    for index, (study, result) in enumerate(zip(synthetic.studies.values(),
-                                                experiment.studies, strict=True)):
-        rebuilt = study_from_spec(experiment.spec, result.info, index, experiment.name)
+    rebuilt = protocol_studies(experiment.spec)
+    assert experiment.protocol == rebuilt
+    for study in synthetic.studies.values():
         for trial in range(4):
-            assert rebuilt.hyperparameters(trial) == study.hyperparameters(trial)
-            assert rebuilt.tuning_seed(trial) == study.tuning_seed(trial)
-            assert rebuilt.rerun_seeds(trial) == study.rerun_seeds(trial)
+            assert rebuilt[study.id].hyperparameters(trial) == study.hyperparameters(trial)
+            assert rebuilt[study.id].tuning_seed(trial) == study.tuning_seed(trial)
+            assert rebuilt[study.id].rerun_seeds(trial) == study.rerun_seeds(trial)
 
 
 def test_scores_computed_from_run_files_equal_the_stored_ones(tmp_path: Path):
@@ -153,14 +157,40 @@ def test_best_hyperparameters_table_shows_the_searched_paths(synthetic: Syntheti
     assert row[5] == f"{get_path(best, 'optimizer.weights.weight_decay'):.4g}"
 
 
-def test_answer_paragraph_compares_iqrs_and_states_seed_counts(synthetic: Synthetic):
+def _arm(key: str, label: str, steps: list[float]) -> Arm:
+    values = tuple(0.0 if v is None else v[0] for v in SEEDS[key])
+    return Arm(label, (values,), (tuple(math.isfinite(x) for x in steps),))
+
+
+@pytest.mark.parametrize("batch_size", [128, 512])
+def test_verdicts_are_decided_on_every_seed_with_diverged_ones_at_zero(synthetic: Synthetic,
+                                                                      batch_size):
     experiment = load_results(synthetic.root)
-    matched = answer_paragraph(experiment, WORKLOAD, 128, 100)
-    assert "`nesterov` vs `lars_pipeline`" in matched
-    assert "over 5 and 5 seeds" in matched and "look matched" in matched
-    apart = answer_paragraph(experiment, WORKLOAD, 512, 50)
-    assert "do not overlap" in apart and "`lars_pipeline` looks ahead" in apart
-    assert "over 5 and 4 seeds" in apart and "Caution" in apart
+    (pair,) = decide_point(experiment, WORKLOAD, batch_size, POINTS[batch_size])
+    assert (pair.verdict.a, pair.verdict.b) == ("nesterov", "lars_pipeline")
+    steps = synthetic.steps_to_target
+    expected = compare_arms(
+        _arm(f"nesterov.b{batch_size}", "nesterov", steps[f"nesterov.b{batch_size}"]),
+        _arm(f"lars_pipeline.b{batch_size}", "lars_pipeline",
+             steps[f"lars_pipeline.b{batch_size}"]),
+        goal=Goal.MAXIMIZE, metric_margin=0.006, fraction_margin=0.25)
+    assert pair.verdict == expected
+    assert (pair.verdict.seeds_a, pair.verdict.seeds_b) == (5, 5)  # the diverged seed counts
+
+
+def test_verdict_section_states_the_decision_and_its_intervals(synthetic: Synthetic):
+    experiment = load_results(synthetic.root)
+    close = verdict_section(experiment, WORKLOAD, 128, 100)
+    # Medians 0.70 vs 0.705 over 5 seeds each: neither matched nor apart at margin 0.006.
+    assert "**not enough evidence**" in close
+    row = _row(close, "`nesterov` vs `lars_pipeline`")
+    assert row[2].startswith("-0.0050 [") and row[2].endswith("(±0.006)")
+    assert row[3].startswith("+0.00 [+0.00, +0.00]")  # every seed of both reached 0.6
+    apart = decide_point(experiment, WORKLOAD, 512, 50)[0].verdict
+    # 3 of 5 LARS seeds reach 0.6 and no Nesterov seed does: LARS is ahead on reaching it.
+    assert apart.fraction.verdict is Verdict.B_AHEAD
+    assert apart.verdict is Verdict.B_AHEAD
+    assert "**`lars_pipeline` ahead**" in verdict_section(experiment, WORKLOAD, 512, 50)
 
 
 def test_markdown_table_escapes_pipes_and_checks_widths():
@@ -183,7 +213,11 @@ def test_write_report_writes_markdown_and_valid_pngs(synthetic: Synthetic):
     assert "2025-01-02T03:04:05+00:00" in text  # the stored timestamps only
     links = [line[line.index("](") + 2:-1] for line in text.splitlines()
              if line.startswith("![")]
-    assert len(links) == 2 * 3 + 2
+    assert len(links) == 2 * 4 + 2
+    for heading in ("## Spec check", "## How verdicts are decided", "**Verdicts**"):
+        assert heading in text
+    assert "[few-trials-per-dimension]" in text  # the spec check is echoed
+    assert "percentile-bootstrap" in text and "margin ±0.006" in text
     for link in links:
         image = matplotlib.image.imread(path.parent / link)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -211,7 +245,7 @@ def test_running_experiment_is_reported_as_in_progress(tmp_path: Path):
     assert "in progress, scored from its run files so far" in table
     text = write_report(synthetic.root).read_text()
     assert "Status **RUNNING**" in text and "provisional" in text
-    assert "not every study has finished" in text
+    assert "(in progress)**" in text
 
 
 def test_study_without_runs_is_shown_with_dashes(tmp_path: Path):
@@ -223,7 +257,9 @@ def test_study_without_runs_is_shown_with_dashes(tmp_path: Path):
     experiment = load_results(synthetic.root)
     row = _row(comparison_table(experiment, WORKLOAD, 512, 50), "nesterov (in progress)")
     assert row[3] == "—" and row[8] == "—" and row[9] == "0 / 0 / 0"
-    assert "cannot compare yet" in answer_paragraph(experiment, WORKLOAD, 512, 50)
+    (pair,) = decide_point(experiment, WORKLOAD, 512, 50)
+    assert pair.verdict.verdict is Verdict.NOT_ENOUGH_EVIDENCE
+    assert "too few seeds: 0 and 5 finished" in verdict_section(experiment, WORKLOAD, 512, 50)
     write_report(synthetic.root)  # every figure copes with the missing data
 
 
@@ -287,3 +323,15 @@ def test_report_library_does_not_import_jax():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax',"
             " 'google')); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_effort_table_says_why_attempts_failed(synthetic: Synthetic):
+    # The controller records why an attempt failed and whether it counts toward max_attempts.
+    path = synthetic.root / "runs" / synthetic.studies["nesterov.b128"].id / "t0_r0_a1.json"
+    data = json.loads(path.read_text())
+    assert data["result"]["outcome"] == "FAILED"
+    data["result"].update(failure="CONTROLLER", counted=False)
+    path.write_text(json.dumps(data))
+    table = effort_table(load_results(synthetic.root))
+    row = next(line for line in table.splitlines() if "| nesterov |" in line and "| 128 |" in line)
+    assert "1 (1 controller, not counted)" in row

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 
-from batchlab.search.protocol import Outcome, RunRecord
+from batchlab.search.protocol import Outcome, RunRecord, held_steps
 from batchlab.search.scoring import (
+    quantile,
     score_study,
     steps_to_target,
     summarize_metric,
     summarize_seeds,
 )
-from batchlab.search.study import Goal
+from batchlab.search.study import Goal, Target, TargetReading
 
 NAN = math.nan
 INF = math.inf
@@ -53,40 +55,63 @@ def test_steps_to_target_rejects_bad_input():
 def test_metric_statistics_match_numpy(values):
     summary = summarize_metric(values)
     q25, median, q75 = np.percentile(values, [25, 50, 75])
-    assert summary.count == len(values) and summary.dropped == 0
-    assert summary.median == pytest.approx(np.median(values), abs=0)
-    assert (summary.q25, summary.median, summary.q75) == pytest.approx((q25, median, q75), abs=0)
+    assert summary.count == len(values) and summary.worst == 0
+    assert summary.median == pytest.approx(np.median(values), abs=1e-15)
+    assert (summary.q25, summary.median, summary.q75) == pytest.approx((q25, median, q75),
+                                                                       abs=1e-15)
     assert (summary.min, summary.max) == (min(values), max(values))
 
 
-def test_non_finite_values_are_dropped_and_counted():
-    values = [0.7, NAN, 0.9, INF, 0.8, None, -INF]
-    # The AlgoPerf bug: `x != np.nan` is always True, so nothing is dropped.
-    assert len([x for x in values if x != np.nan]) == len(values)
-    summary = summarize_metric(values)
-    assert (summary.count, summary.dropped) == (3, 4)
-    assert summary.median == pytest.approx(0.8)
-    assert (summary.min, summary.max) == (0.7, 0.9)
+@pytest.mark.parametrize("values, q, expected", [
+    ([-INF, 0.5, 0.7, 0.9], 0.5, 0.6),  # no infinity between the neighbours
+    ([-INF, 0.5, 0.7, 0.9], 0.25, -INF),
+    ([-INF, -INF, 0.7, 0.9], 0.25, -INF),  # numpy gives NaN here: -inf + (-inf - -inf) * t
+    ([-INF, 0.5, 0.7, 0.9], 0.0, -INF),
+    ([-INF, 0.5, 0.7, 0.9], 1 / 3, 0.5),  # weight 0 takes the neighbour itself
+    ([0.1, 0.2, INF], 0.75, INF),
+    ([INF, INF], 0.5, INF),
+])
+def test_quantile_is_safe_with_infinite_worst_values(values, q, expected):
+    assert quantile(sorted(values), q) == pytest.approx(expected)
 
 
-def test_no_finite_values_gives_empty_statistics():
-    summary = summarize_metric([NAN, NAN])
-    assert (summary.count, summary.dropped, summary.median, summary.q25) == (0, 2, None, None)
-    assert summary.to_dict()["median"] is None
+def test_summarize_metric_refuses_nan():
+    # A missing or NaN metric must be resolved by the caller (a diverged seed is the worst
+    # value), never silently dropped: the AlgoPerf bug `x != np.nan` dropped nothing, and
+    # dropping diverged seeds favours the optimizer that diverges.
+    with pytest.raises(ValueError, match="worst value"):
+        summarize_metric([0.7, NAN])
+    with pytest.raises(ValueError, match="worst value"):
+        summarize_metric([None])
+    assert summarize_metric([]).median is None
 
 
-def test_diverged_seed_counts_as_not_reaching_and_is_excluded_from_metrics():
+def test_diverged_seed_counts_at_the_worst_value_and_as_not_reaching():
     summary = summarize_seeds(
         metric_values=[0.77, 0.74, NAN, 0.76, 0.2],
         steps=[2000, INF, 1500, 2400, 100],
         diverged=[False, False, True, False, True],
+        worst_value=0.0,
     )
     assert (summary.finished, summary.succeeded, summary.diverged) == (5, 3, 2)
-    assert summary.metric.count == 3 and summary.metric.median == pytest.approx(0.76)
-    assert summary.metric.dropped == 0  # diverged seeds are not "dropped metrics": never included
+    # The median is over all five seeds, the two diverged ones at accuracy 0:
+    # sorted [0, 0, 0.74, 0.76, 0.77] -> 0.74 (dropping them would give 0.76).
+    assert summary.metric.count == 5 and summary.metric.worst == 2
+    assert summary.metric.median == pytest.approx(0.74)
+    assert summary.metric.min == 0.0
+    assert summary.values == (0.77, 0.74, 0.0, 0.76, 0.0)
+    assert summary.diverged_mask == (False, False, True, False, True)
     assert summary.reached_target == 2  # a diverged seed never reaches, whatever it reported
+    assert summary.reached == (True, False, False, True, False)
     assert summary.fraction_reaching_target == pytest.approx(2 / 5)
     assert summary.median_steps_to_target == INF  # 2 of 5 reached: fewer than half
+
+
+def test_diverged_seed_of_a_minimised_metric_is_infinite():
+    summary = summarize_seeds([1.2, 1.0, NAN], [INF, 100, INF], [False, False, True],
+                              worst_value=INF)
+    assert summary.metric.max == INF and summary.metric.median == pytest.approx(1.2)
+    assert summary.metric.q75 == INF  # interpolating towards +inf stays +inf, not NaN
 
 
 @pytest.mark.parametrize("steps, expected", [
@@ -97,19 +122,30 @@ def test_diverged_seed_counts_as_not_reaching_and_is_excluded_from_metrics():
     ([100, 200, 300, INF], 250.0),
 ])
 def test_median_steps_to_target(steps, expected):
-    summary = summarize_seeds([0.8] * len(steps), steps, [False] * len(steps))
+    summary = summarize_seeds([0.8] * len(steps), steps, [False] * len(steps), worst_value=0.0)
     assert summary.median_steps_to_target == expected
 
 
 def test_nan_metric_in_a_finished_seed_counts_as_diverged():
-    summary = summarize_seeds([0.8, NAN], [100, 100], [False, False])
+    summary = summarize_seeds([0.8, NAN], [100, 100], [False, False], worst_value=0.0)
     assert (summary.diverged, summary.reached_target) == (1, 1)
+    assert summary.metric.median == pytest.approx(0.4)
 
 
 def test_nothing_finished():
-    summary = summarize_seeds([], [], [], abandoned=2, planned=5)
+    summary = summarize_seeds([], [], [], worst_value=0.0, abandoned=2, planned=5)
     assert (summary.finished, summary.abandoned, summary.planned) == (0, 2, 5)
     assert summary.fraction_reaching_target is None and summary.median_steps_to_target is None
+
+
+@pytest.mark.parametrize("metric, goal, worst", [
+    ("validation/accuracy", Goal.MAXIMIZE, 0.0),
+    ("validation/mlm_accuracy", Goal.MAXIMIZE, 0.0),
+    ("validation/f1", Goal.MAXIMIZE, -INF),
+    ("validation/loss", Goal.MINIMIZE, INF),
+])
+def test_worst_value_by_metric(metric, goal, worst):
+    assert Target(metric, 0.5, goal).worst_value() == worst
 
 
 def test_study_score_end_to_end(make_study, simulator):
@@ -145,8 +181,46 @@ def test_study_score_with_a_diverged_rerun(make_study):
     ]
     score = score_study(study, records)
     assert (score.seeds.diverged, score.seeds.succeeded, score.seeds.reached_target) == (1, 2, 1)
-    assert score.seeds.metric.median == pytest.approx(0.775)
+    # Counted, not dropped: [0.0 (diverged), 0.7, 0.85] -> 0.7 (dropping it gave 0.775).
+    assert score.seeds.metric.median == pytest.approx(0.7)
     assert score.seeds.median_steps_to_target == INF
+
+
+def test_end_of_budget_reading_needs_the_target_held_to_the_end(make_study):
+    first = make_study(trials_per_study=1, seeds_per_best=2)
+    held = dataclasses.replace(first, target=dataclasses.replace(
+        first.target, reading=TargetReading.END_OF_BUDGET))
+    metric = "validation/accuracy"
+    dipped = [{"step": 10, metric: 0.85}, {"step": 20, metric: 0.7}]
+    stayed = [{"step": 10, metric: 0.7}, {"step": 20, metric: 0.82}, {"step": 30, metric: 0.9}]
+
+    def records(study):
+        a, b = study.rerun_seeds(0)
+        return [RunRecord(0, study.tuning_seed(0), Outcome.SUCCEEDED, {metric: 0.9}, 30, 30,
+                          curve=stayed),
+                RunRecord(0, a, Outcome.SUCCEEDED, {metric: 0.7}, 10, 20, curve=dipped),
+                RunRecord(0, b, Outcome.SUCCEEDED, {metric: 0.9}, 20, 30, curve=stayed)]
+
+    # First evaluation: both reruns met 0.8 at some evaluation (steps 10 and 20).
+    assert score_study(first, records(first)).seeds.steps == (10.0, 20.0)
+    # End of budget: the dip to 0.7 means the first rerun did not reach it; the second held
+    # it from step 20 to the end.
+    seeds = score_study(held, records(held)).seeds
+    assert seeds.reached == (False, True) and seeds.steps == (INF, 20.0)
+    assert held_steps(stayed, held.target) == 20.0
+    assert held_steps(dipped, held.target) == INF
+
+
+def test_tuning_trials_carry_worst_values_for_diverged_ones(make_study, simulator):
+    simulate, succeed = simulator
+    study = make_study(trials_per_study=3, max_total_trials=6, seeds_per_best=1)
+    records, _ = simulate(study, succeed(diverge=frozenset({1}),
+                                         metric_of=lambda t: 0.5 + 0.1 * t))
+    tuning = score_study(study, records).tuning
+    assert [t.trial_index for t in tuning] == [0, 1, 2, 3]
+    assert [t.diverged for t in tuning] == [False, True, False, False]
+    assert tuning[1].value == 0.0 and tuning[1].counted is False
+    assert [t.counted for t in tuning] == [True, False, True, True]
 
 
 def test_to_dict_is_json_with_inf_as_a_string(make_study):
@@ -159,7 +233,9 @@ def test_to_dict_is_json_with_inf_as_a_string(make_study):
     assert data["seeds"]["median_steps_to_target"] == "inf"
     assert float(data["seeds"]["median_steps_to_target"]) == INF
     assert json.loads(text)["target"] == {"metric": "validation/accuracy", "value": 0.8,
-                                          "goal": "MAXIMIZE"}
+                                          "goal": "MAXIMIZE", "reading": "FIRST_EVALUATION",
+                                          "equivalence_margin": pytest.approx(0.008),
+                                          "fraction_margin": 0.25}
 
 
 def test_score_before_tuning_is_complete(make_study):

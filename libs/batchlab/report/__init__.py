@@ -16,13 +16,10 @@ References:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from batchlab.report import figures
-from batchlab.report.answers import answer_paragraph
-from batchlab.report.results import Experiment, load_results
+from batchlab.report.results import Experiment, load_results, spec_get
 from batchlab.report.tables import (
     DASH,
     best_hyperparameters_table,
@@ -31,7 +28,9 @@ from batchlab.report.tables import (
     effort_table,
     markdown_table,
 )
-from batchlab.search.space import SearchParameter
+from batchlab.report.verdicts import decide_point, rule_paragraph, study_flags, verdict_section
+from batchlab.search.diagnostics import spec_diagnostics
+from batchlab.search.space import SearchParameter, SpecError
 
 __all__ = ["build_markdown", "load_results", "write_report"]
 
@@ -39,14 +38,6 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.md"
 FIGURES = "figures"
-
-
-def _get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
-    """A spec field by proto name or lowerCamelCase JSON name."""
-    if name in mapping:
-        return mapping[name]
-    head, *rest = name.split("_")
-    return mapping.get(head + "".join(p.title() for p in rest), default)
 
 
 def _parameter_text(parameter: SearchParameter) -> str:
@@ -70,40 +61,47 @@ def _spec_section(experiment: Experiment) -> list[str]:
     lines = ["## Spec", ""]
     if not spec:
         return lines + ["experiment.json stores no spec.", ""]
-    selection = _get(spec, "selection", DASH)
+    selection = spec_get(spec, "selection", DASH)
     lines += [
-        f"- Search seed {_get(spec, 'search_seed', 0)}; tuning stops at "
-        f"{_get(spec, 'trials_per_study', DASH)} feasible trials per study "
-        f"(at most {_get(spec, 'max_total_trials', DASH)} trials, diverged ones included); "
-        f"the best trial by {selection} is rerun with {_get(spec, 'seeds_per_best', 0)} "
+        f"- Search seed {spec_get(spec, 'search_seed', 0)}; each study draws "
+        + ("the same Halton points as the other studies of its search replicate"
+           if spec_get(spec, "share_search_points", False) else "its own Halton sequence")
+        + f"; {spec_get(spec, 'search_replicates', 0) or 1} independent search replicate(s) "
+        f"per study; tuning stops at "
+        f"{spec_get(spec, 'trials_per_study', DASH)} feasible trials per study "
+        f"(at most {spec_get(spec, 'max_total_trials', DASH)} trials, diverged ones included); "
+        f"the best trial by {selection} is rerun with {spec_get(spec, 'seeds_per_best', 0)} "
         f"fresh seeds; infrastructure failures are retried up to "
-        f"{_get(spec, 'max_attempts', 0) or 3} attempts.",
+        f"{spec_get(spec, 'max_attempts', 0) or 3} attempts.",
         "",
     ]
     rows = []
-    for workload in _get(spec, "workloads", ()):
-        target = _get(workload, "target", {})
-        goal = ">=" if str(_get(target, "goal", "MAXIMIZE")) in ("MAXIMIZE", "1") else "<="
+    for workload in spec_get(spec, "workloads", ()):
+        target = spec_get(workload, "target", {})
+        goal = ">=" if str(spec_get(target, "goal", "MAXIMIZE")) in ("MAXIMIZE", "1") else "<="
         points = ", ".join(
-            f"{_get(p, 'batch_size', 0):,} × {_get(p, 'step_budget', 0):,} steps"
-            for p in _get(workload, "points", ()))
-        hyper = _get(workload, "hyperparameters", {}) or {}
+            f"{spec_get(p, 'batch_size', 0):,} × {spec_get(p, 'step_budget', 0):,} steps"
+            for p in spec_get(workload, "points", ()))
+        hyper = spec_get(workload, "hyperparameters", {}) or {}
+        every = spec_get(workload, "eval_every_steps", 0)
+        every_examples = spec_get(workload, "eval_every_examples", 0)
         rows.append([
-            f"`{_get(workload, 'workload', '?')}`",
-            f"{_get(target, 'metric', '?')} {goal} {_get(target, 'value', '?')}",
-            str(_get(workload, "eval_every_steps", DASH)),
+            f"`{spec_get(workload, 'workload', '?')}`",
+            f"{spec_get(target, 'metric', '?')} {goal} {spec_get(target, 'value', '?')}",
+            (f"{every} steps" if every else f"{every_examples:,} examples" if every_examples
+             else "per point"),
             points,
             ", ".join(f"{k}={v}" for k, v in sorted(hyper.items())) or DASH,
         ])
     lines += [markdown_table(["workload", "target", "eval every", "batch size × step budget",
                               "workload hyperparameters"], rows, ["l"] * 5)]
     rows = []
-    for optimizer in _get(spec, "optimizers", ()):
-        config = _get(optimizer, "config", {}) or {}
-        space = experiment.search_space(str(_get(optimizer, "name", "")))
+    for optimizer in spec_get(spec, "optimizers", ()):
+        config = spec_get(optimizer, "config", {}) or {}
+        space = experiment.search_space(str(spec_get(optimizer, "name", "")))
         searched = ("unreadable" if space is None
                     else "; ".join(_parameter_text(p) for p in space.parameters) or DASH)
-        rows.append([f"`{_get(optimizer, 'name', '?')}`", display_optimizer(config, "weights"),
+        rows.append([f"`{spec_get(optimizer, 'name', '?')}`", display_optimizer(config, "weights"),
                      display_optimizer(config, "bias_bn"), searched])
     lines += [markdown_table(["optimizer", "weights optimizer", "bias/BN optimizer",
                               "search space"], rows, ["l"] * 4)]
@@ -121,14 +119,36 @@ def _provenance(experiment: Experiment) -> list[str]:
         "with `batchlab report RESULTS_DIR`; the same stored results give the same report.",
         f"- Results produced by: `{experiment.command or DASH}`.",
         "- Each study tunes by quasi-random search, picks its best trial and reruns it with "
-        "fresh seeds; a row is the median over those seeds (numpy's linear-interpolation "
-        "quartiles in brackets). Diverged seeds are left out of the metric statistics and "
-        "counted apart. A median steps-to-target of \"never\" means half the seeds or more "
-        "never reached the target.",
+        "fresh seeds; a row is the median over those seeds (linear-interpolation quartiles in "
+        "brackets). A diverged seed counts at the worst possible value of the metric (0 for an "
+        "accuracy, +inf for a loss) and as not reaching the target. A median steps-to-target "
+        "of \"never\" means half the seeds or more never reached the target; every "
+        "steps-to-target figure has the resolution of its evaluation period, given in examples "
+        "in the spec section.",
     ]
+    code = experiment.code
+    if code:
+        lines.append(f"- Results produced by the code at commit `{code.get('commit', '?')}`"
+                     + (" with uncommitted changes" if code.get("dirty") else "")
+                     + f" (batchlab {code.get('version', '?')}).")
     if provisional:
         lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
                      "provisional, scored from their run files so far.")
+    return lines + [""]
+
+
+def _spec_check(experiment: Experiment) -> list[str]:
+    lines = ["## Spec check", ""]
+    if not experiment.spec:
+        return lines + ["experiment.json stores no spec.", ""]
+    try:
+        found = spec_diagnostics(experiment.spec)
+    except SpecError as error:
+        return lines + [f"The stored spec could not be checked: {error}", ""]
+    if not found:
+        return lines + ["`batchlab spec check` finds nothing to warn about in this spec.", ""]
+    lines += ["`batchlab spec check` warned about this spec before it ran:", ""]
+    lines += [f"- {d}" for d in found]
     return lines + [""]
 
 
@@ -138,6 +158,16 @@ def _figure(out_dir: Path, name: str) -> Path:
 
 def _link(caption: str, name: str) -> str:
     return f"![{caption}]({FIGURES}/{name})"
+
+
+def _other_flags(experiment: Experiment, point: tuple[str, int, int]) -> list[str]:
+    """Flags on studies of a point that no comparison rests on (those are under the verdicts)."""
+    compared = {g.label for pair in decide_point(experiment, *point) for g in (pair.a, pair.b)}
+    flags = [flag for group in experiment.groups_at_point(*point)
+             if group.label not in compared for flag in study_flags(experiment, group)]
+    if not flags:
+        return []
+    return ["Flags on the other studies of this point:", ""] + [f"- {f}" for f in flags] + [""]
 
 
 def build_markdown(experiment: Experiment, out_dir: Path) -> str:
@@ -150,7 +180,7 @@ def build_markdown(experiment: Experiment, out_dir: Path) -> str:
     Returns:
       The markdown of report.md.
     """
-    spec_description = _get(experiment.spec, "description", "") if experiment.spec else ""
+    spec_description = spec_get(experiment.spec, "description", "") if experiment.spec else ""
     lines = [f"# Optimizer comparison: `{experiment.name}`", ""]
     if spec_description:
         lines += [spec_description, ""]
@@ -160,19 +190,24 @@ def build_markdown(experiment: Experiment, out_dir: Path) -> str:
     ]
     lines += _provenance(experiment)
     lines += _spec_section(experiment)
+    lines += _spec_check(experiment)
+    lines += ["## How verdicts are decided", "", rule_paragraph(experiment)]
     lines += ["## Results by workload, batch size and step budget", ""]
     for workload in experiment.workloads():
         for point in [p for p in experiment.points() if p[0] == workload]:
             _, batch_size, step_budget = point
             stem = f"{workload}_b{batch_size}_s{step_budget}"
             lines += [f"### {workload}: batch size {batch_size:,}, {step_budget:,} steps", ""]
-            lines += [answer_paragraph(experiment, *point)]
+            lines += ["**Verdicts**", "", verdict_section(experiment, *point)]
+            lines += _other_flags(experiment, point)
             lines += [comparison_table(experiment, *point)]
             names = {
                 "seeds": f"seeds_{stem}.png",
                 "curves": f"curves_{stem}.png",
                 "schedules": f"lr_{stem}.png",
+                "effort": f"expected_best_{stem}.png",
             }
+            figures.plot_expected_best(experiment, *point, _figure(out_dir, names["effort"]))
             figures.plot_seed_distributions(experiment, *point,
                                             _figure(out_dir, names["seeds"]))
             figures.plot_training_curves(experiment, *point, _figure(out_dir, names["curves"]))
@@ -183,6 +218,8 @@ def build_markdown(experiment: Experiment, out_dir: Path) -> str:
                 _link("validation and train curves of the best trial's seeds",
                       names["curves"]), "",
                 _link("learning rate of each best trial", names["schedules"]), "",
+                _link("expected best validation metric after k tuning trials",
+                      names["effort"]), "",
             ]
         name = f"steps_to_target_{workload}.png"
         figures.plot_steps_to_target(experiment, workload, _figure(out_dir, name))

@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from batchlab.report.results import Experiment, Run  # noqa: E402
+from batchlab.report.results import Experiment, Run, StudyGroup  # noqa: E402
+from batchlab.search.scoring import expected_best  # noqa: E402
+from batchlab.search.study import Goal  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "optimizer_colors",
+    "plot_expected_best",
     "plot_best_schedules",
     "plot_schedules",
     "plot_seed_distributions",
@@ -87,6 +90,7 @@ def plot_schedules(
 
 _NEVER_FACTOR = 1.6  # "never reached" markers sit this far above the largest step budget
 _FEASIBLE, _DIVERGED, _ABANDONED = "#4c9a2a", "#c0392b", "#9e9e9e"
+_MARKERS = ("o", "s", "^", "D", "v", "P")  # one per search replicate
 
 
 def optimizer_colors(experiment: Experiment) -> dict[str, str]:
@@ -124,8 +128,9 @@ def plot_seed_distributions(experiment: Experiment, workload: str, batch_size: i
     """Box plots of each optimizer's final target metric over seeds, against the target.
 
     As the paper's Figure 4: the box spans the quartiles, the whiskers the min and max, every
-    seed is a dot, and a dotted red line marks the target. The seeds are the best trial's
-    reruns that finished with a finite metric; diverged ones are counted under the label.
+    seed is a dot (one marker shape per search replicate), and a dotted red line marks the
+    target. The seeds are the best trials' reruns of every replicate; a diverged seed is drawn
+    at the target's worst value with an "x", as scoring counts it.
 
     Args:
       experiment: the loaded results.
@@ -140,36 +145,51 @@ def plot_seed_distributions(experiment: Experiment, workload: str, batch_size: i
     References:
       Nado et al. 2021, Figure 4.
     """
-    studies = experiment.at_point(workload, batch_size, step_budget)
+    groups = experiment.groups_at_point(workload, batch_size, step_budget)
     colors = optimizer_colors(experiment)
-    target = studies[0].info.target
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.5 * len(studies) + 2.0), 4.2), dpi=120)
+    target = groups[0].info.target
+    worst = target.worst_value()
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.5 * len(groups) + 2.0), 4.2), dpi=120)
     labels = []
-    for i, study in enumerate(studies):
-        values = np.asarray(study.final_values(target.metric), dtype=np.float64)
-        seeds = study.score.seeds if study.score is not None else None
+    finite_values: list[float] = []
+    for i, group in enumerate(groups):
+        summaries = group.seed_summaries()
+        values = np.asarray(group.pooled()[0], dtype=np.float64)
+        diverged = sum(x.diverged for x in summaries)
         note = f"n={values.size}"
-        if seeds is not None and seeds.diverged:
-            note += f", {seeds.diverged} diverged"
-        labels.append(f"{study.info.optimizer}\n({note})")
-        if values.size == 0:
+        if len(group.studies) > 1:
+            note += f", {len(group.studies)} searches"
+        if diverged:
+            note += f", {diverged} diverged"
+        labels.append(f"{group.label}\n({note})")
+        shown = values[np.isfinite(values)]
+        finite_values += list(shown)
+        if shown.size == 0:
             continue
-        color = colors[study.info.optimizer]
-        ax.boxplot([values], positions=[i], widths=0.5, whis=(0, 100), showfliers=False,
+        color = colors[group.label]
+        ax.boxplot([shown], positions=[i], widths=0.5, whis=(0, 100), showfliers=False,
                    patch_artist=True, boxprops={"facecolor": color, "alpha": 0.35},
                    medianprops={"color": "black"})
-        offsets = np.linspace(-0.12, 0.12, values.size) if values.size > 1 else np.zeros(1)
-        ax.scatter(i + offsets, values, s=14, color=color, zorder=3, edgecolors="black",
-                   linewidths=0.4)
+        for r, summary in enumerate(summaries):
+            seeds = np.asarray(summary.values, dtype=np.float64)
+            offsets = (np.linspace(-0.12, 0.12, seeds.size) if seeds.size > 1
+                       else np.zeros(seeds.size)) + 0.05 * (r - (len(summaries) - 1) / 2)
+            bad = np.asarray(summary.diverged_mask, dtype=bool)
+            ok = np.isfinite(seeds) & ~bad
+            ax.scatter(i + offsets[ok], seeds[ok], s=16, color=color, zorder=3,
+                       edgecolors="black", linewidths=0.4, marker=_MARKERS[r % len(_MARKERS)])
+            if bad.any() and math.isfinite(worst):
+                ax.scatter(i + offsets[bad], seeds[bad], s=30, color=color, zorder=3,
+                           marker="x")
     ax.axhline(target.value, color="red", linestyle=":", linewidth=1.5,
                label=f"target {target.value:g}")
-    ax.set_xticks(range(len(studies)), labels)
-    ax.set_xlim(-0.6, len(studies) - 0.4)
+    ax.set_xticks(range(len(groups)), labels)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylabel(f"final {target.metric}")
     ax.set_title(_point_title(workload, batch_size, step_budget), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    if not any(s.final_values(target.metric) for s in studies):
+    if not finite_values:
         _no_data(ax)
     return _save(fig, path)
 
@@ -208,19 +228,17 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     for k, label in enumerate(labels):
         xs, ys, never_xs = [], [], []
         for point in points:
-            study = next((s for s in experiment.at_point(*point) if s.info.optimizer == label),
+            group = next((g for g in experiment.groups_at_point(*point) if g.label == label),
                          None)
-            if study is None or study.score is None or study.score.seeds.finished == 0:
+            steps = group.pooled()[2] if group is not None else []
+            if not steps:
                 continue
             x = point[1] * 2.0 ** spread[k]
-            feasible = {r.path for r in study.feasible_scored_runs()}
-            # As scoring: a diverged seed never reaches the target.
-            steps = [r.steps_to_target if r.path in feasible else math.inf
-                     for r in study.scored_runs()]
+            # As scoring: a diverged seed never reaches the target (its steps are inf).
             seed_y = [s if math.isfinite(s) else never_y for s in steps]
             ax.scatter([x] * len(seed_y), seed_y, s=8, color=colors[label], alpha=0.35,
                        zorder=2)
-            median = study.score.seeds.median_steps_to_target
+            median = group.median_steps_to_target()
             if median is not None and math.isfinite(median):
                 xs.append(x)
                 ys.append(median)
@@ -245,9 +263,14 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     ax.set_ylim(top=never_y * 1.5)
     ax.set_xlabel("batch size")
     ax.set_ylabel("median steps to target")
-    target = experiment.at_point(*points[0])[0].info.target
+    first = experiment.at_point(*points[0])[0].info
+    target = first.target
+    resolutions = sorted({s.info.resolution_examples for p in points
+                          for s in experiment.at_point(*p)})
+    resolution = (f"resolution {resolutions[0]:,} examples" if len(resolutions) == 1 else
+                  f"resolution {resolutions[0]:,}-{resolutions[-1]:,} examples")
     ax.set_title(f"{workload}: steps to {target.metric} {target.value:g} "
-                 "(open markers: never)", fontsize=10)
+                 f"(open markers: never; {resolution})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     if not plotted:
@@ -292,7 +315,9 @@ def plot_tuning_effort(experiment: Experiment, workload: str, path: str | Path) 
     right.set_ylabel("training steps")
     right.set_title("steps per study", fontsize=10)
     left.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    names = [f"{s.info.optimizer}\nb{s.info.batch_size}" for s in studies]
+    names = [f"{s.info.optimizer}\nb{s.info.batch_size}"
+             + (f" r{s.info.replicate}" if experiment.replicates() > 1 else "")
+             for s in studies]
     for ax, top in ((left, feasible + diverged + abandoned), (right, tuning + reruns)):
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_ylim(0, max(float(top.max(initial=0.0)), 1.0) * 1.3)  # room for the legend
@@ -300,6 +325,79 @@ def plot_tuning_effort(experiment: Experiment, workload: str, path: str | Path) 
         ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.suptitle(f"{workload}: tuning effort", fontsize=11)
     return _save(fig, path)
+
+
+def plot_expected_best(experiment: Experiment, workload: str, batch_size: int,
+                       step_budget: int, path: str | Path) -> Path:
+    """Expected best validation metric after k tuning trials, one curve per optimizer.
+
+    For each study, E[best of k trials] and its standard deviation over the finished tuning
+    trials that selection considered (a diverged trial at the target's worst value; where that
+    is infinite, at the worst finite value seen at this point). A thin line per search
+    replicate, a thick line for their mean with the mean +-1 std band. Crossing curves mean the
+    verdict depends on the tuning budget.
+
+    Args:
+      experiment: the loaded results.
+      workload: the workload name.
+      batch_size: examples per step.
+      step_budget: training steps.
+      path: the PNG file to write.
+
+    Returns:
+      The path written.
+
+    References:
+      Dodge et al. 2019 (expected validation performance); Nado et al. 2021, Section 5.
+    """
+    groups = experiment.groups_at_point(workload, batch_size, step_budget)
+    colors = optimizer_colors(experiment)
+    target = groups[0].info.target
+    floor = _finite_worst(groups)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    plotted = False
+    for group in groups:
+        curves = []
+        for study in group.studies:
+            if study.score is None or not study.score.tuning:
+                continue
+            values = [t.value if math.isfinite(t.value) else floor for t in study.score.tuning]
+            mean, std = expected_best(values, target.goal)
+            curves.append((mean, std))
+            k = np.arange(1, mean.size + 1)
+            if len(group.studies) > 1:
+                ax.plot(k, mean, color=colors[group.label], linewidth=0.8, alpha=0.5)
+        if not curves:
+            continue
+        n = min(c[0].size for c in curves)
+        mean = np.mean([c[0][:n] for c in curves], axis=0)
+        std = np.mean([c[1][:n] for c in curves], axis=0)
+        k = np.arange(1, n + 1)
+        ax.plot(k, mean, color=colors[group.label], linewidth=2, label=group.label)
+        ax.fill_between(k, mean - std, mean + std, color=colors[group.label], alpha=0.12)
+        plotted = True
+    ax.axhline(target.value, color="red", linestyle=":", linewidth=1.2,
+               label=f"target {target.value:g}")
+    ax.set_xlabel("tuning trials k")
+    ax.set_ylabel(f"expected best {target.metric}")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.set_title(f"{_point_title(workload, batch_size, step_budget)}: tuning effort",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if not plotted:
+        _no_data(ax, "no finished tuning trials yet")
+    return _save(fig, path)
+
+
+def _finite_worst(groups: Sequence[StudyGroup]) -> float:
+    """The worst finite tuning value at a point (stand-in for an infinite worst value)."""
+    values = [t.value for g in groups for s in g.studies if s.score is not None
+              for t in s.score.tuning if math.isfinite(t.value)]
+    if not values:
+        return 0.0
+    goal = groups[0].info.target.goal
+    return min(values) if goal is Goal.MAXIMIZE else max(values)
 
 
 def _lr_keys(run: Run) -> list[str]:

@@ -26,37 +26,42 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
+from batchlab.search.compare import Arm
 from batchlab.search.protocol import Outcome, ProtocolError, RunRecord
 from batchlab.search.scoring import (
     Effort,
     MetricSummary,
     SeedSummary,
     StudyScore,
+    TuningTrial,
     score_study,
     summarize_metric,
 )
 from batchlab.search.space import SearchSpace, SpecError, parse_search_space
-from batchlab.search.study import Goal, Selection, Study, Target
+from batchlab.search.study import Goal, Study, Target, TargetReading
 
 __all__ = [
     "Experiment",
     "Run",
+    "StudyGroup",
     "StudyInfo",
     "StudyResult",
     "load_results",
+    "protocol_studies",
+    "spec_get",
     "score_from_dict",
-    "study_from_spec",
     "train_metric_name",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_ATTEMPTS = 3  # as batchlab.search.spec: max_attempts 0 means 3
 _RUN_FILE = re.compile(r"^t(\d+)_r(\d+)_a(\d+)\.json$")
 
 
@@ -86,7 +91,7 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _spec_get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
+def spec_get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
     """A spec field by its proto name, or its protobuf JSON (lowerCamelCase) name."""
     if name in mapping:
         return mapping[name]
@@ -209,7 +214,10 @@ class StudyInfo:
       batch_size: examples per step.
       step_budget: training steps per run.
       eval_every_steps: evaluation period (resolution of steps-to-target).
-      target: the target metric, value and goal.
+      target: the target metric, value, goal, reading and margins.
+      group_id: the id shared by the study's search replicates (the id without ".r<k>").
+      replicate: the study's search replicate.
+      eval_every_examples: the evaluation period in examples when the spec gave it so, else 0.
     """
 
     id: str
@@ -220,6 +228,14 @@ class StudyInfo:
     step_budget: int
     eval_every_steps: int
     target: Target
+    group_id: str = ""
+    replicate: int = 0
+    eval_every_examples: int = 0
+
+    @property
+    def resolution_examples(self) -> int:
+        """Examples between two evaluations: the resolution of steps-to-target in examples."""
+        return self.eval_every_steps * self.batch_size
 
     @property
     def point(self) -> tuple[str, int, int]:
@@ -273,6 +289,10 @@ class Run:
       final_metrics: metrics at the end of training (NaN for a stored null).
       wall_time_s: wall-clock seconds of the attempt (NaN if not stored).
       examples_per_second: training throughput (NaN if not stored).
+      failure: why a FAILED or CANCELLED attempt ended, as the controller records it ("RUN",
+        "INFRASTRUCTURE", "CONTROLLER", "UNSCHEDULABLE"); None when not recorded.
+      counted: whether the attempt counts toward max_attempts (attempts lost to a controller
+        restart or a lost cluster link do not).
     """
 
     path: Path
@@ -292,6 +312,8 @@ class Run:
     final_metrics: Mapping[str, float]
     wall_time_s: float
     examples_per_second: float
+    failure: str | None = None
+    counted: bool = True
 
     @property
     def has_result(self) -> bool:
@@ -322,7 +344,8 @@ class Run:
             raise ValueError(f"{self.path}: result: missing (the run has not finished)")
         return RunRecord(trial_index=self.trial_index, seed=self.seed, outcome=self.outcome,
                          final_metrics=dict(self.final_metrics),
-                         steps_to_target=self.steps_to_target, steps_run=self.steps_completed)
+                         steps_to_target=self.steps_to_target, steps_run=self.steps_completed,
+                         curve=self.curve)
 
 
 @dataclass(frozen=True)
@@ -402,7 +425,7 @@ class StudyResult:
         name = self.info.train_metric
         if name is None:
             return None
-        return summarize_metric(self.final_values(name))
+        return summarize_metric(v for v in self.final_values(name) if math.isfinite(v))
 
     def best_run(self) -> Run | None:
         """A run with the best trial's hyperparameters: its tuning run, else its first rerun."""
@@ -412,6 +435,79 @@ class StudyResult:
         candidates = [r for r in self.runs if r.trial_index == best and r.has_result]
         candidates.sort(key=lambda r: (r.replica, r.attempt))
         return candidates[0] if candidates else None
+
+
+@dataclass(frozen=True)
+class StudyGroup:
+    """One optimizer at one point: its studies, one per search replicate.
+
+    Args:
+      label: the optimizer label.
+      studies: the replicates, in replicate order.
+    """
+
+    label: str
+    studies: tuple[StudyResult, ...]
+
+    @property
+    def info(self) -> StudyInfo:
+        """The first replicate's description (the point, target and configs are shared)."""
+        return self.studies[0].info
+
+    @property
+    def done(self) -> bool:
+        """Whether every replicate's score is final."""
+        return all(s.done for s in self.studies)
+
+    def seed_summaries(self) -> list[SeedSummary]:
+        """Each scored replicate's seed summary."""
+        return [s.score.seeds for s in self.studies if s.score is not None]
+
+    def arm(self, *, steps: bool = False) -> Arm:
+        """The seeds of every replicate, as one side of a comparison.
+
+        Args:
+          steps: compare steps-to-target (inf when not reached) instead of the final metric
+            (for studies whose runs stop at the target).
+        """
+        summaries = self.seed_summaries()
+        values = tuple(tuple(x.steps if steps else x.values) for x in summaries)
+        return Arm(self.label, values, tuple(tuple(x.reached) for x in summaries))
+
+    def train_arm(self) -> Arm | None:
+        """The seeds' final train metric (the target's train counterpart), as a comparison arm.
+
+        A seed that diverged counts at the worst value, as for the target metric; None when the
+        target metric has no train counterpart.
+        """
+        name = self.info.train_metric
+        if name is None:
+            return None
+        worst = self.info.target.worst_value()
+        values, reached = [], []
+        for study in self.studies:
+            runs = study.scored_runs()
+            numbers = [r.final_metrics.get(name, math.nan) if r.outcome is Outcome.SUCCEEDED
+                       else math.nan for r in runs]
+            values.append(tuple(v if math.isfinite(v) else worst for v in numbers))
+            reached.append(tuple(False for _ in runs))
+        return Arm(self.label, tuple(values), tuple(reached))
+
+    def pooled(self) -> tuple[list[float], list[bool], list[float]]:
+        """(values, reached, steps) of every finished seed, replicates concatenated."""
+        values: list[float] = []
+        reached: list[bool] = []
+        steps: list[float] = []
+        for summary in self.seed_summaries():
+            values += summary.values
+            reached += summary.reached
+            steps += summary.steps
+        return values, reached, steps
+
+    def median_steps_to_target(self) -> float | None:
+        """The median steps-to-target over every finished seed (inf: half or more never)."""
+        steps = self.pooled()[2]
+        return float(np.median(steps)) if steps else None
 
 
 @dataclass(frozen=True)
@@ -427,6 +523,10 @@ class Experiment:
       finished_at: ISO timestamp as stored, or None while running.
       command: the command that produced the results, as stored.
       studies: the studies, in experiment.json order.
+      protocol: the protocol's Study of each study id, rebuilt from the stored spec (empty
+        when the stored spec is not valid).
+      code: the code that produced the results as the runner stored it ({"commit", "dirty",
+        "version"}); empty when not stored.
     """
 
     path: Path
@@ -437,6 +537,8 @@ class Experiment:
     finished_at: str | None
     command: str
     studies: tuple[StudyResult, ...]
+    protocol: Mapping[str, Study] = field(default_factory=lambda: MappingProxyType({}))
+    code: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     def study(self, study_id: str) -> StudyResult:
         """The study with this id.
@@ -463,7 +565,7 @@ class Experiment:
 
     def optimizers(self) -> list[str]:
         """The optimizer labels in spec order (then any others in order of appearance)."""
-        labels = [str(_spec_get(o, "name")) for o in _spec_get(self.spec, "optimizers", ())
+        labels = [str(spec_get(o, "name")) for o in spec_get(self.spec, "optimizers", ())
                   if isinstance(o, Mapping)]
         labels += [s.info.optimizer for s in self.studies]
         return list(dict.fromkeys(labels))
@@ -480,16 +582,35 @@ class Experiment:
         found = [s for s in self.studies if s.info.point == (workload, batch_size, step_budget)]
         return sorted(found, key=lambda s: order[s.info.optimizer])
 
+    def groups_at_point(self, workload: str, batch_size: int,
+                        step_budget: int) -> list[StudyGroup]:
+        """The optimizers of one point, each with its search replicates, in optimizer order.
+
+        Args:
+          workload: the workload name.
+          batch_size: examples per step.
+          step_budget: training steps.
+        """
+        groups: dict[str, list[StudyResult]] = {}
+        for study in self.at_point(workload, batch_size, step_budget):
+            groups.setdefault(study.info.optimizer, []).append(study)
+        return [StudyGroup(label, tuple(sorted(found, key=lambda s: s.info.replicate)))
+                for label, found in groups.items()]
+
+    def replicates(self) -> int:
+        """The most search replicates of any optimizer at any point (1 without replicates)."""
+        return max((s.info.replicate + 1 for s in self.studies), default=1)
+
     def search_space(self, optimizer: str) -> SearchSpace | None:
         """The search space of an optimizer label from the stored spec (None if unreadable).
 
         Args:
           optimizer: the optimizer label.
         """
-        for entry in _spec_get(self.spec, "optimizers", ()):
-            if isinstance(entry, Mapping) and _spec_get(entry, "name") == optimizer:
+        for entry in spec_get(self.spec, "optimizers", ()):
+            if isinstance(entry, Mapping) and spec_get(entry, "name") == optimizer:
                 try:
-                    return parse_search_space(_thaw(_spec_get(entry, "search_space")))
+                    return parse_search_space(_thaw(spec_get(entry, "search_space")))
                 except SpecError as error:
                     log.warning("search space of %s unreadable: %s", optimizer, error)
                     return None
@@ -531,6 +652,15 @@ def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
     summary = MetricSummary(**metric)
     for key in ("fraction_reaching_target", "median_steps_to_target"):
         seeds[key] = opt(seeds.get(key))
+    seeds["values"] = tuple(_number(v) for v in seeds.get("values", ()))
+    seeds["reached"] = tuple(bool(v) for v in seeds.get("reached", ()))
+    seeds["steps"] = tuple(_steps(v) for v in seeds.get("steps", ()))
+    seeds["diverged_mask"] = tuple(bool(v) for v in seeds.get("diverged_mask", ()))
+    tuning = tuple(
+        TuningTrial(trial_index=int(t["trial_index"]), value=_number(t["value"]),
+                    diverged=bool(t["diverged"]), steps_to_target=_steps(t["steps_to_target"]),
+                    counted=bool(t["counted"]))
+        for t in data.get("tuning", ()))
     return StudyScore(
         study_id=str(data["study_id"]),
         workload=str(data["workload"]),
@@ -546,6 +676,9 @@ def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
         seeds=SeedSummary(**seeds, metric=summary),
         effort=Effort(**dict(data["effort"])),
         reason=str(data.get("reason", "")),
+        group_id=str(data.get("group_id") or data["study_id"]),
+        replicate=int(data.get("replicate") or 0),
+        tuning=tuning,
     )
 
 
@@ -560,7 +693,18 @@ def _target(reader: _Reader, data: Any, field: str) -> Target:
     except (KeyError, ValueError):
         raise reader.error(f"{field}.goal", f"must be one of {[g.name for g in Goal]}, "
                                             f"got {goal_raw!r}") from None
-    return Target(metric=metric, value=value, goal=goal)
+    reading_raw = reader.get(data, f"{field}.reading", str, optional=True,
+                             default=TargetReading.FIRST_EVALUATION.name)
+    try:
+        reading = TargetReading[reading_raw]
+    except KeyError:
+        raise reader.error(f"{field}.reading", f"must be one of "
+                           f"{[r.name for r in TargetReading]}, got {reading_raw!r}") from None
+    margins = {}
+    for key in ("equivalence_margin", "fraction_margin"):
+        number = reader.number(data, f"{field}.{key}", optional=True)
+        margins[key] = None if math.isnan(number) else number
+    return Target(metric=metric, value=value, goal=goal, reading=reading, **margins)
 
 
 def _study_info(reader: _Reader, data: Any, field: str) -> StudyInfo:
@@ -577,6 +721,11 @@ def _study_info(reader: _Reader, data: Any, field: str) -> StudyInfo:
                                     default=0),
         target=_target(reader, reader.get(data, f"{field}.target", Mapping),
                        f"{field}.target"),
+        group_id=reader.get(data, f"{field}.group_id", str, optional=True, default="")
+        or reader.get(data, f"{field}.id", str),
+        replicate=reader.get(data, f"{field}.replicate", int, optional=True, default=0),
+        eval_every_examples=reader.get(data, f"{field}.eval_every_examples", int,
+                                       optional=True, default=0),
     )
 
 
@@ -639,6 +788,10 @@ def _read_run(reader: _Reader, study_id: str) -> Run:
         final_metrics=MappingProxyType(final),
         wall_time_s=wall,
         examples_per_second=throughput,
+        failure=(reader.get(result, "result.failure", str, optional=True)
+                 if result is not None else None),
+        counted=(reader.get(result, "result.counted", bool, optional=True, default=True)
+                 if result is not None else True),
     )
 
 
@@ -662,69 +815,34 @@ def _run_order(path: Path) -> tuple[int, int, int, str]:
     return (trial, replica, attempt, path.name)
 
 
-def study_from_spec(spec: Mapping[str, Any], info: StudyInfo, index: int = 0,
-                    experiment: str = "") -> Study:
-    """Rebuild a study's protocol settings from the stored spec mapping (no protobuf needed).
+def protocol_studies(spec: Mapping[str, Any]) -> dict[str, Study]:
+    """The protocol's studies of a stored spec, by id (batchlab.search.expand_studies).
 
-    Gives the same Study as batchlab.search.expand_studies for the same spec, so the seeds
-    and trial hyperparameters of stored runs are recognised.
+    The one place studies are rebuilt from a stored spec, so the seeds, Halton sequences and
+    trial hyperparameters of stored runs are recognised exactly as the runner made them.
 
     Args:
       spec: the ExperimentSpec JSON mapping stored in experiment.json.
-      info: the study as experiment.json describes it.
-      index: the study's position in the experiment.
-      experiment: the experiment name.
 
-    Raises:
-      ValueError: the spec lacks a setting the protocol needs.
+    Returns:
+      Study by id; empty when the stored spec is not a valid spec (its studies are then shown
+      as in progress, unscored).
     """
-    optimizer = next((o for o in _spec_get(spec, "optimizers", ())
-                      if isinstance(o, Mapping) and _spec_get(o, "name") == info.optimizer), None)
-    workload = next((w for w in _spec_get(spec, "workloads", ())
-                     if isinstance(w, Mapping) and _spec_get(w, "workload") == info.workload),
-                    None)
-    if optimizer is None or workload is None:
-        raise ValueError(f"spec has no optimizer {info.optimizer!r} or workload "
-                         f"{info.workload!r}")
-    trials = int(_spec_get(spec, "trials_per_study", 0) or 0)
-    max_total = int(_spec_get(spec, "max_total_trials", 0) or 0)
-    if trials < 1 or max_total < trials:
-        raise ValueError(f"spec lacks trials_per_study/max_total_trials ({trials}, {max_total})")
-    selection = _spec_get(spec, "selection")
+    from batchlab.search.spec import expand_studies  # protobuf, no JAX
+
     try:
-        selection = Selection[selection] if isinstance(selection, str) else Selection(selection)
-    except (KeyError, ValueError):
-        raise ValueError(f"spec selection {selection!r} unknown") from None
-    try:
-        space = parse_search_space(_thaw(_spec_get(optimizer, "search_space")))
+        return {study.id: study for study in expand_studies(_thaw(spec))}
     except SpecError as error:
-        raise ValueError(f"search space of {info.optimizer!r}: {error}") from error
-    return Study(
-        id=info.id,
-        index=index,
-        experiment=experiment,
-        workload=info.workload,
-        optimizer=info.optimizer,
-        batch_size=info.batch_size,
-        step_budget=info.step_budget,
-        eval_every_steps=info.eval_every_steps,
-        target=info.target,
-        search_space=space,
-        optimizer_config=_thaw(info.optimizer_config),
-        workload_hyperparameters=_thaw(_spec_get(workload, "hyperparameters", {}) or {}),
-        search_seed=int(_spec_get(spec, "search_seed", 0) or 0),
-        trials_per_study=trials,
-        max_total_trials=max_total,
-        seeds_per_best=int(_spec_get(spec, "seeds_per_best", 0) or 0),
-        selection=selection,
-        max_attempts=int(_spec_get(spec, "max_attempts", 0) or 0) or DEFAULT_MAX_ATTEMPTS,
-    )
+        log.warning("the stored spec is not a valid spec (%s); studies are not rescored",
+                    str(error).splitlines()[0])
+        return {}
 
 
-def _provisional_score(spec: Mapping[str, Any], info: StudyInfo, index: int, name: str,
+def _provisional_score(study: Study | None, info: StudyInfo,
                        runs: Sequence[Run]) -> tuple[StudyScore | None, str]:
+    if study is None:
+        return None, "in progress (not scored: the stored spec does not describe this study)"
     try:
-        study = study_from_spec(spec, info, index, name)
         records = [r.to_record() for r in runs if r.outcome is not None]
         score = score_study(study, records)
     except (ProtocolError, ValueError) as error:
@@ -771,7 +889,8 @@ def load_results(results_dir: str | Path) -> Experiment:
                 log.warning("%s: not a study of experiment.json; ignored", folder)
 
     studies: list[StudyResult] = []
-    for index, info in enumerate(infos):
+    rebuilt = protocol_studies(spec) if spec else {}
+    for info in infos:
         folder = runs_root / info.id
         files = sorted(folder.glob("t*_r*_a*.json"), key=_run_order) if folder.is_dir() else []
         runs = tuple(_read_run(_Reader(path, root), info.id) for path in files)
@@ -780,7 +899,7 @@ def load_results(results_dir: str | Path) -> Experiment:
             score = _stored_score(_Reader(study_path, root), info)
             studies.append(StudyResult(info, runs, score, stored=True))
         else:
-            score, note = _provisional_score(spec, info, index, name, runs)
+            score, note = _provisional_score(rebuilt.get(info.id), info, runs)
             studies.append(StudyResult(info, runs, score, stored=False, note=note))
     log.info("loaded %s: %d studies, %d run files", root, len(studies),
              sum(len(s.runs) for s in studies))
@@ -793,6 +912,8 @@ def load_results(results_dir: str | Path) -> Experiment:
         finished_at=reader.get(data, "finished_at", str, optional=True),
         command=reader.get(data, "command", str, optional=True, default=""),
         studies=tuple(studies),
+        protocol=MappingProxyType(rebuilt),
+        code=_freeze(reader.get(data, "code", Mapping, optional=True, default={})),
     )
 
 

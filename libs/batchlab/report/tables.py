@@ -139,9 +139,12 @@ def display_optimizer(config: Mapping[str, Any], group: str) -> str:
 
 
 def _label(study: StudyResult) -> str:
+    label = study.info.optimizer
+    if study.info.id != study.info.group_id:
+        label += f" (search {study.info.replicate})"
     if study.done:
-        return study.info.optimizer
-    return f"{study.info.optimizer} (in progress)"
+        return label
+    return f"{label} (in progress)"
 
 
 def _seeds(study: StudyResult) -> str:
@@ -179,11 +182,13 @@ def comparison_table(experiment: Experiment, workload: str, batch_size: int,
                      step_budget: int) -> str:
     """Table 4 (with Table 2's train column) for one (workload, batch size, step budget).
 
-    One row per optimizer label: weights and bias/BN optimizers, the target metric's median
-    over the best trial's seeds with [q25, q75] and min–max, the train metric's median beside
-    it, the seeds finished (and diverged), the seeds reaching the target, the median steps to
-    the target, the tuning trials (feasible / diverged / total) and every step spent. A study
-    still running is marked "(in progress)" and explained under the table.
+    One row per study (an optimizer label, and its search replicate when there are several):
+    weights and bias/BN optimizers, the target metric's median over the best trial's seeds with
+    [q25, q75] and min–max (a diverged seed at the worst value), the train metric's median
+    beside it (non-diverged seeds), the seeds finished (and diverged), the seeds reaching the
+    target, the median steps to the target, the tuning trials (feasible / diverged / total) and
+    every step spent. A study still running is marked "(in progress)" and explained under the
+    table.
 
     Args:
       experiment: the loaded results.
@@ -231,6 +236,10 @@ def comparison_table(experiment: Experiment, workload: str, batch_size: int,
         if not study.stored:
             notes.append(f"- `{study.id}`: {study.note}")
     table = markdown_table(header, rows, ["l", "l", "l"] + ["r"] * (len(header) - 3))
+    periods = sorted({(s.info.eval_every_steps, s.info.resolution_examples) for s in studies})
+    table += "\nSteps to target are measured at evaluations every " + " or ".join(
+        f"{steps:,} steps ({examples:,} examples)" for steps, examples in periods) + \
+        ": that is their resolution.\n"
     if notes:
         table += "\n" + "\n".join(notes) + "\n"
     return table
@@ -253,7 +262,7 @@ def effort_table(experiment: Experiment) -> str:
       Nado et al. 2021, Appendix D.3 (feasible trials as the tuning budget).
     """
     header = ["workload", "batch size", "step budget", "optimizer", "trials", "feasible",
-              "diverged", "abandoned", "runs", "failed attempts", "tuning steps",
+              "diverged", "abandoned", "runs", "failed attempts (why)", "tuning steps",
               "rerun steps", "total steps", "examples"]
     rows = []
     for point in experiment.points():
@@ -264,9 +273,23 @@ def effort_table(experiment: Experiment) -> str:
             e = study.score.effort
             rows.append([*_point_cells(point), _label(study), str(e.total_trials),
                          str(e.feasible_trials), str(e.diverged_trials), str(e.abandoned_trials),
-                         str(e.runs), str(e.failed_attempts), f"{e.tuning_steps:,}",
+                         str(e.runs), _failures(study, e.failed_attempts), f"{e.tuning_steps:,}",
                          f"{e.rerun_steps:,}", f"{e.total_steps:,}", f"{e.total_examples:,}"])
     return markdown_table(header, rows, ["l", "r", "r", "l"] + ["r"] * 10)
+
+
+def _failures(study: StudyResult, count: int) -> str:
+    """Failed attempts, with their causes when the runner recorded them (the controller does:
+    a run that failed by itself vs attempts lost to the infrastructure, which may not count
+    toward max_attempts)."""
+    causes: dict[str, int] = {}
+    for run in study.runs:
+        if run.outcome is not None and not run.has_result and run.failure:
+            key = run.failure.lower() + ("" if run.counted else ", not counted")
+            causes[key] = causes.get(key, 0) + 1
+    if not causes:
+        return str(count)
+    return f"{count} (" + "; ".join(f"{n} {why}" for why, n in sorted(causes.items())) + ")"
 
 
 def _point_cells(point: tuple[str, int, int]) -> list[str]:

@@ -27,12 +27,24 @@ from typing import Any, TypeVar
 
 import grpc
 
+from batchlab.limits import QUOTE_CHARS, shorten  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 #: Trailing metadata key carrying the offending request field of an error.
 FIELD_PATH_METADATA_KEY = "batchlab-field-path"
+#: Longest status message (and its log line) a client gets: gRPC sends the message as
+#: metadata, whose size is limited (8 KiB by default), and a longer one would turn the answer
+#: into RESOURCE_EXHAUSTED. Bad values are quoted with :func:`shorten` well below this.
+MAX_MESSAGE_CHARS = 1000
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... (message cut at {MAX_MESSAGE_CHARS} characters)"
 
 
 class ServiceError(Exception):
@@ -223,6 +235,7 @@ def abort_with(context: Any, exc: BaseException, method: str = "") -> None:
       method: the method name, for the log.
     """
     code, message = status_for(exc)
+    message = _capped(message)
     if code == grpc.StatusCode.INTERNAL:
         reference = uuid.uuid4().hex[:12]
         logger.error("%s failed (reference %s)", method, reference, exc_info=exc)
@@ -231,7 +244,9 @@ def abort_with(context: Any, exc: BaseException, method: str = "") -> None:
         logger.info("%s -> %s: %s", method, code.name, message)
     path = field_path_of(exc)
     if path is not None:
-        context.set_trailing_metadata(((FIELD_PATH_METADATA_KEY, path),))
+        # Metadata values must be printable ASCII: escape whatever a client put in a key.
+        ascii_path = ascii(_capped(path))[1:-1]
+        context.set_trailing_metadata(((FIELD_PATH_METADATA_KEY, ascii_path),))
     context.abort(code, message)
     # A real context raised above; a fake one may not. Make sure the call still ends.
     raise exc

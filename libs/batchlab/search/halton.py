@@ -1,26 +1,36 @@
 """Scrambled Halton points: the quasi-random sequence used for hyperparameter search.
 
 Dimension d is a Van der Corput sequence in the d-th prime base (2, 3, 5, 7, ...): point n has
-coordinate sum_k sigma_d(a_k) * b^-(k+1), where a_k are the base-b digits of n + HALTON_SKIP and
-sigma_d is a random permutation of {0, ..., b-1} for that dimension (digit scrambling). Every
-point is a pure function of (index, dimension, seed): it needs no earlier points, so a search
-can resume at any trial, and the same trial gets the same point in any process.
+coordinate sum_k sigma_{d,k}(a_k) * b^-(k+1), where a_k are the base-b digits of n + HALTON_SKIP
+and sigma_{d,k} is a random permutation of {0, ..., b-1} for that dimension and digit position
+(random digit scrambling). Every point is a pure function of (index, dimension, seed): it needs
+no earlier points, so a search can resume at any trial, and the same trial gets the same point
+in any process.
 
 Properties kept by the scrambling: in dimension d, any b^m consecutive points put exactly one
-point in each interval [j b^-m, (j+1) b^-m) (a bijection on digits keeps the strata), and any
-2 * 3 consecutive points meet each cell of the 2 x 3 grid of the first two dimensions once.
+point in each interval [j b^-m, (j+1) b^-m) (a bijection on each digit keeps the strata), and
+any 2 * 3 consecutive points meet each cell of the 2 x 3 grid of the first two dimensions once.
+
+Why one permutation per digit position, not one per dimension: studies seeded differently must
+be tuned on independent points. With a single permutation per dimension, base 2 has only two
+permutations, so dimension 0 of every seed is one of two sequences (trial 0 always sits at
+u = 0.5 or just below it), and base 3 has six: most seeds share most coordinates. With a
+permutation per position, every digit of every coordinate is scrambled independently and
+trial i's coordinate is uniform on [0, 1) across seeds (Owen 1995; Matousek 1998).
 
 Choices stated here because they decide every trial's hyperparameters:
-  - HALTON_SKIP = 1: index 0 (all digits zero) is skipped; with scrambling it sits at
-    sigma(0) / (b - 1) in each dimension, a corner of the cube whenever sigma(0) is 0 or b - 1
-    (always, in base 2), i.e. the edge of every search range.
+  - HALTON_SKIP = 1: index 0 (all digits zero) is skipped. Under a single permutation per
+    dimension it sat at sigma(0) / (b - 1), a corner of the cube (the edge of every search
+    range); per-position scrambling moves it inside, but skipping it keeps the unscrambled
+    sequence's usual start and costs nothing.
   - sigma permutes all digits, 0 included, over a fixed number of digits (enough for double
     precision), so base 2 is scrambled too (unlike permutations that fix 0).
-  - The permutation of dimension d comes from numpy's PCG64 seeded by
-    SeedSequence([_DOMAIN, seed, d]), shuffled by our own Fisher-Yates on raw 64-bit outputs:
-    PCG64 and SeedSequence streams are stable across numpy versions, Generator methods such
-    as `permutation` are not (NEP 19), and a study resumed after an upgrade must get the same
-    points. Adding a dimension never changes the earlier ones.
+  - The permutations of dimension d come from numpy's PCG64 seeded by
+    SeedSequence([_DOMAIN, seed, d]), shuffled by our own Fisher-Yates on raw 64-bit outputs,
+    one permutation per digit position in order: PCG64 and SeedSequence streams are stable
+    across numpy versions, Generator methods such as `permutation` are not (NEP 19), and a
+    study resumed after an upgrade must get the same points. Adding a dimension never changes
+    the earlier ones.
 
 References:
   Bousquet et al. 2017, "Critical Hyper-Parameters: No Random, No Cry" (scrambled Halton
@@ -65,8 +75,8 @@ def _digits_needed(base: int) -> int:
 
 
 @functools.cache
-def digit_permutation(seed: int, dimension: int) -> tuple[int, ...]:
-    """The digit scrambling permutation of one dimension.
+def digit_permutations(seed: int, dimension: int) -> tuple[tuple[int, ...], ...]:
+    """The digit scrambling permutations of one dimension, one per digit position.
 
     Args:
       seed: the search seed (non-negative int).
@@ -75,28 +85,36 @@ def digit_permutation(seed: int, dimension: int) -> tuple[int, ...]:
     base = primes(dimension + 1)[-1]
     sequence = np.random.SeedSequence([_DOMAIN, seed, dimension])
     generator = np.random.Generator(np.random.PCG64(sequence))
-    raw = generator.bit_generator.random_raw(base)
-    permutation = list(range(base))
-    for j in range(base - 1, 0, -1):
-        # Modulo bias is below 2**-53 for bases this small; it cannot change a shuffle's fairness
-        # in any measurable way.
-        k = int(raw[j]) % (j + 1)
-        permutation[j], permutation[k] = permutation[k], permutation[j]
-    return tuple(permutation)
+    positions = _digits_needed(base)
+    raw = generator.bit_generator.random_raw(base * positions).reshape(positions, base)
+    permutations = []
+    for row in raw:
+        permutation = list(range(base))
+        for j in range(base - 1, 0, -1):
+            # Modulo bias is below 2**-53 for bases this small; it cannot change a shuffle's
+            # fairness in any measurable way.
+            k = int(row[j]) % (j + 1)
+            permutation[j], permutation[k] = permutation[k], permutation[j]
+        permutations.append(tuple(permutation))
+    return tuple(permutations)
 
 
-def radical_inverse(n: int, base: int, permutation: tuple[int, ...]) -> float:
+def radical_inverse(n: int, base: int, permutations: tuple[tuple[int, ...], ...]) -> float:
     """The scrambled Van der Corput value of integer n in the given base, in [0, 1).
 
     Args:
       n: a non-negative integer.
       base: a prime.
-      permutation: applied to every digit, including the leading zeros up to full precision.
+      permutations: permutations[k] is applied to digit k (the coefficient of base**-(k+1)),
+        the leading zeros up to full precision included.
     """
-    numerator = 0
-    for _ in range(_digits_needed(base)):
+    digits = []
+    for position in range(_digits_needed(base)):
         n, digit = divmod(n, base)
-        numerator = numerator * base + permutation[digit]
+        digits.append(permutations[position][digit])
+    numerator = 0
+    for digit in digits:
+        numerator = numerator * base + digit
     # Digit a_k lands at b**-(k+1); integer / integer is correctly rounded to a double.
     value = numerator / base ** _digits_needed(base)
     return min(value, _U_MAX)
@@ -131,7 +149,7 @@ def halton_point(index: int, dimension: int, seed: int, *,
     _check(index, dimension, seed, skip)
     n = int(index) + int(skip)
     return tuple(
-        radical_inverse(n, base, digit_permutation(int(seed), d))
+        radical_inverse(n, base, digit_permutations(int(seed), d))
         for d, base in enumerate(primes(dimension))
     )
 

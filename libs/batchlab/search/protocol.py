@@ -35,9 +35,10 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
-from batchlab.search.study import Selection, Study, run_seeds
+from batchlab.search.study import Selection, Study, Target, TargetReading, run_seeds
 
 
 class Outcome(enum.IntEnum):
@@ -109,6 +110,8 @@ class RunRecord:
         study's target metric.
       steps_to_target: first evaluation step meeting the target, math.inf (or None) if never.
       steps_run: training steps the attempt used (for the tuning effort).
+      curve: the evaluations in step order, each a mapping of metric -> value with "step";
+        needed for the END_OF_BUDGET reading (empty when the runner did not keep it).
     """
 
     trial_index: int
@@ -117,6 +120,7 @@ class RunRecord:
     final_metrics: Mapping[str, float] = field(default_factory=dict)
     steps_to_target: float = math.inf
     steps_run: int = 0
+    curve: tuple[Mapping[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -131,6 +135,38 @@ class RunRecord:
         object.__setattr__(self, "steps_to_target", steps)
         if self.steps_run < 0:
             raise ValueError(f"steps_run must be >= 0, got {self.steps_run}")
+        curve = tuple(MappingProxyType({str(k): math.nan if v is None else float(v)
+                                        for k, v in point.items()}) for point in self.curve)
+        steps = [point.get("step", math.nan) for point in curve]
+        if any(math.isnan(x) for x in steps) or any(b < a for a, b in zip(steps, steps[1:],
+                                                                            strict=False)):
+            raise ValueError("curve points must each have a step, in step order")
+        object.__setattr__(self, "curve", curve)
+
+    @classmethod
+    def from_result(cls, trial_index: int, seed: int, result: Mapping[str, Any]) -> RunRecord:
+        """A record from a RunResult dict (batchlab.train.RunResult.to_dict, as runners store it).
+
+        Args:
+          trial_index: the trial the run belongs to.
+          seed: the run seed.
+          result: {"outcome": name, "final_metrics": ..., "steps_to_target": int or None,
+            "steps_completed": int, "curve": [...]}; nulls in metrics read as NaN.
+
+        Raises:
+          KeyError, ValueError, TypeError: a malformed result.
+        """
+        steps = result.get("steps_to_target")
+        return cls(
+            trial_index=int(trial_index),
+            seed=int(seed),
+            outcome=Outcome[result["outcome"]],
+            final_metrics={k: (math.nan if v is None else float(v))
+                           for k, v in (result.get("final_metrics") or {}).items()},
+            steps_to_target=math.inf if steps is None else float(steps),
+            steps_run=int(result.get("steps_completed") or 0),
+            curve=tuple(result.get("curve") or ()),
+        )
 
     @property
     def key(self) -> RunKey:
@@ -312,6 +348,44 @@ def _run_state(study: Study, key: RunKey, kind: RunKind, replica: int,
     return RunState(key, kind, replica, status, failed)
 
 
+def held_steps(curve: Sequence[Mapping[str, float]], target: Target) -> float:
+    """The first evaluation step from which every later evaluation meets the target; inf if the
+    final evaluation does not meet it (the END_OF_BUDGET reading).
+
+    Args:
+      curve: the evaluations in step order (metric -> value, with "step").
+      target: the target.
+    """
+    held = math.inf
+    for point in reversed(list(curve)):
+        if not target.is_met(float(point.get(target.metric, math.nan))):
+            break
+        held = float(point["step"])
+    return held
+
+
+def reading_steps(target: Target, record: RunRecord) -> float:
+    """A finished run's steps-to-target under the target's reading (inf: not reached).
+
+    FIRST_EVALUATION: the run's recorded steps-to-target. END_OF_BUDGET: `held_steps` of the
+    run's curve; a record without a curve (stored before curves were kept) counts as reaching
+    the target at its recorded steps-to-target when its final metric meets the target.
+
+    Args:
+      target: the study's target.
+      record: a SUCCEEDED or DIVERGED record.
+    """
+    if record.outcome is not Outcome.SUCCEEDED:
+        return math.inf
+    if target.reading is not TargetReading.END_OF_BUDGET:
+        return record.steps_to_target
+    if record.curve:
+        return held_steps(record.curve, target)
+    final = record.final_metrics.get(target.metric)
+    met = final is not None and target.is_met(float(final))
+    return record.steps_to_target if met else math.inf
+
+
 def select_best(study: Study, candidates: Iterable[RunRecord]) -> int | None:
     """The best trial among feasible tuning records, by the study's selection rule.
 
@@ -327,7 +401,7 @@ def select_best(study: Study, candidates: Iterable[RunRecord]) -> int | None:
     def key(record: RunRecord) -> tuple[float, ...]:
         metric_key = target.rank_key(record.final_metrics.get(target.metric))
         if study.selection is Selection.FEWEST_STEPS_TO_TARGET:
-            return (record.steps_to_target, metric_key, record.trial_index)
+            return (reading_steps(target, record), metric_key, record.trial_index)
         return (metric_key, record.trial_index)
 
     ranked = sorted(candidates, key=key)

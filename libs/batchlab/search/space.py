@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchlab.limits import shorten
+
 PATH_ROOTS = ("optimizer", "workload")
 _PATH_RE = re.compile(r"^(optimizer|workload)(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
@@ -282,10 +284,10 @@ def parse_path(path: Any) -> list[str]:
     Raises:
       ValueError: the path is not of that form.
     """
-    if not isinstance(path, str) or not _PATH_RE.match(path):
+    if not isinstance(path, str) or not _PATH_RE.fullmatch(path):
         raise ValueError(
             "must be a dotted path of identifiers starting with 'optimizer.' or 'workload.', "
-            f"e.g. 'optimizer.weights.momentum'; got {path!r}")
+            f"e.g. 'optimizer.weights.momentum'; got {shorten(path)}")
     return path.split(".")
 
 

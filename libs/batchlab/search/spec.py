@@ -44,9 +44,11 @@ from batchlab.search.study import (
     Selection,
     Study,
     Target,
+    TargetReading,
     fill_total_steps,
     trial_hyperparameters,
 )
+from batchlab.search.warm_start import warm_start_problems
 
 try:
     from batchlab.proto.v1 import common_pb2, experiment_pb2
@@ -72,7 +74,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ATTEMPTS = 3
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _WORKLOAD_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # The largest u below 1: the high corner of the search space.
 _U_MAX = math.nextafter(1.0, 0.0)
@@ -330,9 +331,30 @@ def _search_space(spec: experiment_pb2.ExperimentSpec, j: int,
         return None
 
 
+def eval_period(workload: experiment_pb2.WorkloadSpec,
+                point: experiment_pb2.BatchPoint) -> tuple[int, int]:
+    """A point's evaluation period as (steps, examples given); examples is 0 when given in steps.
+
+    The point's own setting wins over the workload's; a period in examples becomes
+    ceil(examples / batch_size) steps, so every batch size is evaluated at (about) the same
+    number of examples and steps-to-target has the same resolution in examples.
+
+    Args:
+      workload: the workload entry.
+      point: one of its points.
+    """
+    for owner in (point, workload):
+        if owner.eval_every_steps:
+            return owner.eval_every_steps, 0
+        if owner.eval_every_examples:
+            batch = max(point.batch_size, 1)
+            return -(-owner.eval_every_examples // batch), owner.eval_every_examples
+    return 0, 0
+
+
 def _effective_eval(workload: experiment_pb2.WorkloadSpec,
                     point: experiment_pb2.BatchPoint) -> int:
-    return point.eval_every_steps or workload.eval_every_steps
+    return eval_period(workload, point)[0]
 
 
 def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
@@ -348,11 +370,10 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
     Raises:
       SpecError: naming the field path of every problem.
     """
-    problems: list[tuple[str, str]] = []
+    from batchlab.search.admission import check_spec  # names, limits, meaning
+
+    problems: list[tuple[str, str]] = list(check_spec(spec))
     add = problems.append
-    if not _NAME_RE.match(spec.name):
-        add(("name", "must be 1-63 lower-case letters, digits, '_' or '-', starting with a "
-                     f"letter, got {spec.name!r}"))
     if spec.trials_per_study < 1:
         add(("trials_per_study", f"must be >= 1 (feasible trials per study), "
                                  f"got {spec.trials_per_study}"))
@@ -362,6 +383,17 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
              f"got {spec.max_total_trials}"))
     if spec.selection == experiment_pb2.SELECTION_UNSPECIFIED:
         add(("selection", f"required: one of {[s.name for s in Selection]}"))
+    elif spec.selection not in set(Selection):
+        add(("selection", f"must be one of {[s.name for s in Selection]}, "
+                          f"got {spec.selection!r}"))
+    if spec.stop_at_target and spec.selection not in (
+            experiment_pb2.SELECTION_UNSPECIFIED, experiment_pb2.FEWEST_STEPS_TO_TARGET):
+        add(("stop_at_target", "needs selection FEWEST_STEPS_TO_TARGET: a run stopped at the "
+                               "target has no final metric to select on"))
+    if spec.stop_at_target and any(w.target.reading == experiment_pb2.END_OF_BUDGET
+                                   for w in spec.workloads):
+        add(("stop_at_target", "cannot be combined with the END_OF_BUDGET reading, which "
+                               "needs every run to reach the end of its budget"))
     if spec.HasField("resources"):
         for name in ("cpus", "memory_gib"):
             value = getattr(spec.resources, name)
@@ -374,9 +406,8 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
     for i, workload in enumerate(spec.workloads):
         where = f"workloads[{i}]"
         name = workload.workload
-        if not _WORKLOAD_RE.match(name):
-            add((f"{where}.workload", "must be a registered workload name (lower-case letters, "
-                                      f"digits and '_'), got {name!r}"))
+        if not _WORKLOAD_RE.fullmatch(name):
+            pass  # admission.check_spec reports it, quoting a short prefix
         elif known_workloads is not None and name not in known_workloads:
             close = difflib.get_close_matches(name, sorted(known_workloads), n=1)
             hint = f"did you mean {close[0]!r}?" if close else \
@@ -397,6 +428,23 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
                 add((f"{where}.target.value", f"must be finite, got {target.value!r}"))
             if target.goal == common_pb2.GOAL_UNSPECIFIED:
                 add((f"{where}.target.goal", f"required: one of {[g.name for g in Goal]}"))
+            elif target.goal not in set(Goal):
+                add((f"{where}.target.goal", f"must be one of {[g.name for g in Goal]}, "
+                                             f"got {target.goal!r}"))
+            if target.reading and target.reading not in set(TargetReading):
+                add((f"{where}.target.reading", f"must be one of "
+                     f"{[r.name for r in TargetReading]}, got {target.reading!r}"))
+            if target.HasField("equivalence_margin") and not (
+                    math.isfinite(target.equivalence_margin) and target.equivalence_margin > 0):
+                add((f"{where}.target.equivalence_margin",
+                     f"must be a finite number > 0, got {target.equivalence_margin!r}"))
+            if target.HasField("fraction_margin") and not (
+                    math.isfinite(target.fraction_margin) and 0 < target.fraction_margin < 1):
+                add((f"{where}.target.fraction_margin",
+                     f"must be in (0, 1), got {target.fraction_margin!r}"))
+        if workload.eval_every_steps and workload.eval_every_examples:
+            add((f"{where}.eval_every_examples", "give the evaluation period in steps or in "
+                 "examples, not both"))
         if not workload.points:
             add((f"{where}.points", "must list at least one {batch_size, step_budget}"))
         seen_points: dict[tuple[int, int], int] = {}
@@ -406,10 +454,13 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
                 add((f"{point_where}.batch_size", f"must be > 0, got {point.batch_size}"))
             if point.step_budget < 1:
                 add((f"{point_where}.step_budget", f"must be > 0, got {point.step_budget}"))
+            if point.eval_every_steps and point.eval_every_examples:
+                add((f"{point_where}.eval_every_examples", "give the evaluation period in "
+                     "steps or in examples, not both"))
             every = _effective_eval(workload, point)
             if every < 1:
                 add((f"{point_where}.eval_every_steps", "required here or in "
-                     f"{where}.eval_every_steps: evaluation period in steps, > 0"))
+                     f"{where}: eval_every_steps or eval_every_examples, > 0"))
             elif point.step_budget >= 1 and every > point.step_budget:
                 field = ("eval_every_steps" if point.eval_every_steps else "step_budget")
                 add((f"{point_where}.{field}", f"eval_every_steps ({every}) exceeds step_budget "
@@ -426,9 +477,6 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
     spaces: dict[int, SearchSpace] = {}
     for j, optimizer in enumerate(spec.optimizers):
         where = f"optimizers[{j}]"
-        if not _NAME_RE.match(optimizer.name):
-            add((f"{where}.name", "must be 1-63 lower-case letters, digits, '_' or '-', "
-                                  f"starting with a letter, got {optimizer.name!r}"))
         if optimizer.name in seen_optimizers:
             add((f"{where}.name", f"{optimizer.name!r} is already "
                                   f"optimizers[{seen_optimizers[optimizer.name]}]"))
@@ -439,7 +487,16 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
         space = _search_space(spec, j, problems)
         if space is not None:
             spaces[j] = space
+    for c, comparison in enumerate(spec.comparisons):
+        for side in ("a", "b"):
+            label = getattr(comparison, side)
+            if label not in seen_optimizers:
+                add((f"comparisons[{c}].{side}", f"must name an optimizer label of this spec "
+                     f"({', '.join(sorted(seen_optimizers)) or 'none'}), got {label!r}"))
+        if comparison.a and comparison.a == comparison.b:
+            add((f"comparisons[{c}].b", f"compares {comparison.a!r} with itself"))
 
+    problems.extend(warm_start_problems(spec))
     if validate_optimizers and not problems:
         for j, space in spaces.items():
             _validate_optimizer_samples(spec, j, space, problems)
@@ -504,19 +561,24 @@ def _validate_optimizer_samples(spec: experiment_pb2.ExperimentSpec, j: int,
 # ------------------------------------------------------------------ studies
 
 
-def study_id(workload: str, optimizer: str, batch_size: int, step_budget: int) -> str:
-    """A study's stable id: f"{workload}.{optimizer}.b{batch_size}.s{step_budget}".
+def study_id(workload: str, optimizer: str, batch_size: int, step_budget: int, *,
+             replicate: int | None = None) -> str:
+    """A study's stable id: f"{workload}.{optimizer}.b{batch_size}.s{step_budget}[.r{k}]".
 
     Names cannot contain '.', so the id splits back unambiguously; it holds no '/', so it is
-    one segment of a resource name (experiments/{e}/studies/{study_id}).
+    one segment of a resource name (experiments/{e}/studies/{study_id}). The replicate suffix
+    is present only when the spec asks for more than one search replicate, so the ids of
+    single-replicate experiments are unchanged.
 
     Args:
       workload: the workload name.
       optimizer: the optimizer label.
       batch_size: examples per step.
       step_budget: training steps.
+      replicate: the search replicate, or None for a single-replicate spec.
     """
-    return f"{workload}.{optimizer}.b{batch_size}.s{step_budget}"
+    base = f"{workload}.{optimizer}.b{batch_size}.s{step_budget}"
+    return base if replicate is None else f"{base}.r{replicate}"
 
 
 def expand_studies(spec: experiment_pb2.ExperimentSpec | Mapping[str, Any]) -> list[Study]:
@@ -538,25 +600,28 @@ def expand_studies(spec: experiment_pb2.ExperimentSpec | Mapping[str, Any]) -> l
         spec = load_spec(spec)
     resources = json_format.MessageToDict(spec.resources, preserving_proto_field_name=True)
     studies: list[Study] = []
+    replicates = max(spec.search_replicates, 1)
     for workload in spec.workloads:
-        target = Target(metric=workload.target.metric, value=workload.target.value,
-                        goal=Goal(workload.target.goal))
+        target = target_of(workload)
         hyperparameters = _struct(workload.hyperparameters)
         for j, optimizer in enumerate(spec.optimizers):
             space = parse_search_space(optimizer.search_space,
                                        field_path=f"optimizers[{j}].search_space")
             config = _struct(optimizer.config)
-            for point in workload.points:
+            for point, replicate in ((p, r) for p in workload.points
+                                     for r in range(replicates)):
+                steps, examples = eval_period(workload, point)
                 studies.append(Study(
                     id=study_id(workload.workload, optimizer.name, point.batch_size,
-                                point.step_budget),
+                                point.step_budget,
+                                replicate=replicate if replicates > 1 else None),
                     index=len(studies),
                     experiment=spec.name,
                     workload=workload.workload,
                     optimizer=optimizer.name,
                     batch_size=point.batch_size,
                     step_budget=point.step_budget,
-                    eval_every_steps=_effective_eval(workload, point),
+                    eval_every_steps=steps,
                     target=target,
                     search_space=space,
                     optimizer_config=config,
@@ -568,5 +633,26 @@ def expand_studies(spec: experiment_pb2.ExperimentSpec | Mapping[str, Any]) -> l
                     selection=Selection(spec.selection),
                     max_attempts=spec.max_attempts or DEFAULT_MAX_ATTEMPTS,
                     resources=resources,
+                    replicate=replicate,
+                    search_replicates=replicates,
+                    share_search_points=spec.share_search_points,
+                    eval_every_examples=examples,
+                    stop_at_target=spec.stop_at_target,
                 ))
     return studies
+
+
+def target_of(workload: experiment_pb2.WorkloadSpec) -> Target:
+    """The Target of a workload entry, with its reading and margins (defaults applied).
+
+    Args:
+      workload: a validated workload entry.
+    """
+    target = workload.target
+    return Target(
+        metric=target.metric, value=target.value, goal=Goal(target.goal),
+        reading=TargetReading(target.reading or TargetReading.FIRST_EVALUATION),
+        equivalence_margin=(target.equivalence_margin if target.HasField("equivalence_margin")
+                            else None),
+        fraction_margin=(target.fraction_margin if target.HasField("fraction_margin")
+                         else None))

@@ -3,8 +3,15 @@
 A Study is plain data (no protobuf), built by `batchlab.search.spec.expand_studies`. It fixes
 everything the protocol needs: the search space, the target, the trial budgets and the seeds.
 Trial i's hyperparameters are the study's base mapping {"optimizer": config, "workload":
-hyperparameters} with Halton point i of the search space written in, and the step budget
-filled into any schedule that omits total_steps.
+hyperparameters} with Halton point i of the study's own search sequence written in, and the
+step budget filled into any schedule that omits total_steps.
+
+Independent tuning luck: each study draws its own scrambled Halton sequence, seeded by a hash of
+(search_seed, the study's point and optimizer, its search replicate), so two optimizers or two
+batch sizes are not tuned on the same unit-cube points, and a search replicate repeats the whole
+protocol with independent luck (AlgoPerf scores the median over independent studies). With
+`share_search_points`, every study of a replicate uses one sequence (the old behaviour, for
+paired designs).
 
 References:
   Nado et al. 2021, "A Large Batch Optimizer Reality Check", Sections 2 and 4, Appendix D.
@@ -28,6 +35,10 @@ from batchlab.search.space import SearchSpace, set_path
 SCHEDULES_WITH_TOTAL_STEPS = frozenset({"piecewise_polynomial", "bert_legacy", "cosine",
                                         "linear_decay"})
 SEED_LIMIT = 2**31  # run seeds are in [0, 2**31): valid for numpy, JAX PRNG keys and int32.
+# Default practical-equivalence margins (protocol.md: a stated margin, fixed before the data).
+DEFAULT_MARGIN_FRACTION = 0.01  # of |target value|: 0.009 for an accuracy target of 0.9
+DEFAULT_ABSOLUTE_MARGIN = 0.01  # when the target value is 0
+DEFAULT_FRACTION_MARGIN = 0.25  # difference in the fraction of seeds reaching the target
 
 
 class Goal(enum.IntEnum):
@@ -35,6 +46,19 @@ class Goal(enum.IntEnum):
 
     MAXIMIZE = 1
     MINIMIZE = 2
+
+
+class TargetReading(enum.IntEnum):
+    """When a run counts as having reached its target (numbers as batchlab.v1.TargetReading).
+
+    FIRST_EVALUATION: at the first evaluation whose metric meets the target (MLPerf, AlgoPerf).
+    END_OF_BUDGET: only if the metric still meets it at the end of the budget (the paper's
+    Tables 2 and 3 read the final value); steps-to-target is then the first evaluation from
+    which every later evaluation meets the target.
+    """
+
+    FIRST_EVALUATION = 1
+    END_OF_BUDGET = 2
 
 
 class Selection(enum.IntEnum):
@@ -57,6 +81,35 @@ class Target:
     metric: str
     value: float
     goal: Goal
+    reading: TargetReading = TargetReading.FIRST_EVALUATION
+    equivalence_margin: float | None = None
+    fraction_margin: float | None = None
+
+    @property
+    def metric_margin(self) -> float:
+        """The practical-equivalence margin for differences in the metric (default 1% of |value|)."""
+        if self.equivalence_margin is not None:
+            return float(self.equivalence_margin)
+        return DEFAULT_MARGIN_FRACTION * abs(self.value) if self.value else DEFAULT_ABSOLUTE_MARGIN
+
+    @property
+    def reaching_margin(self) -> float:
+        """The practical-equivalence margin for differences in the fraction reaching the target."""
+        if self.fraction_margin is not None:
+            return float(self.fraction_margin)
+        return DEFAULT_FRACTION_MARGIN
+
+    def worst_value(self) -> float:
+        """The value a diverged run counts as in metric statistics: the worst possible one.
+
+        0 for a maximised metric that cannot be negative (accuracies: the name ends in
+        "accuracy"), -inf for any other maximised metric, +inf for a minimised one (a loss).
+        Counting divergence as the worst value keeps an optimizer that sometimes diverges from
+        being favoured by dropping its failures.
+        """
+        if self.goal is Goal.MINIMIZE:
+            return math.inf
+        return 0.0 if self.metric.endswith("accuracy") else -math.inf
 
     def is_met(self, metric_value: float) -> bool:
         """Whether a metric value meets the target; NaN never does.
@@ -81,8 +134,10 @@ class Target:
         return -metric_value if self.goal is Goal.MAXIMIZE else metric_value
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, with the goal by name."""
-        return {"metric": self.metric, "value": self.value, "goal": self.goal.name}
+        """JSON-serialisable form, with the goal and reading by name and the margins in use."""
+        return {"metric": self.metric, "value": self.value, "goal": self.goal.name,
+                "reading": self.reading.name, "equivalence_margin": self.metric_margin,
+                "fraction_margin": self.reaching_margin}
 
 
 @dataclass(frozen=True)
@@ -90,7 +145,8 @@ class Study:
     """One workload x optimizer x (batch size, step budget) study of an experiment.
 
     Args:
-      id: stable id, f"{workload}.{optimizer}.b{batch_size}.s{step_budget}".
+      id: stable id, f"{workload}.{optimizer}.b{batch_size}.s{step_budget}", with
+        f".r{replicate}" appended when the spec has more than one search replicate.
       index: position in expand_studies' order.
       experiment: the experiment name.
       workload: registered workload name.
@@ -102,13 +158,19 @@ class Study:
       search_space: the tuned (and fixed) hyperparameters.
       optimizer_config: the base optimizer config (before a trial's values are written in).
       workload_hyperparameters: the base workload overrides.
-      search_seed: seeds the Halton sequence and the run seeds.
+      search_seed: the spec's search seed (run seeds hash it with the study id).
       trials_per_study: feasible tuning trials wanted.
       max_total_trials: cap on tuning trials, diverged ones included.
       seeds_per_best: reruns of the best trial.
       selection: how the best trial is picked.
       max_attempts: attempts per run before an infrastructure failure abandons it.
       resources: what one run needs (cpus, gpus, tpus, num_hosts, memory_gib).
+      replicate: the search replicate (0-based) this study belongs to.
+      search_replicates: how many replicates the spec asks for.
+      share_search_points: every study of a replicate draws the same Halton points.
+      eval_every_examples: the evaluation period in examples when the spec gives it that way
+        (eval_every_steps is then ceil(examples / batch_size)); 0 when given in steps.
+      stop_at_target: runs end at the first evaluation meeting the target.
     """
 
     id: str
@@ -130,6 +192,22 @@ class Study:
     selection: Selection
     max_attempts: int = 3
     resources: Mapping[str, Any] = field(default_factory=dict)
+    replicate: int = 0
+    search_replicates: int = 1
+    share_search_points: bool = False
+    eval_every_examples: int = 0
+    stop_at_target: bool = False
+
+    @property
+    def group_id(self) -> str:
+        """The id shared by the replicates of this study (the id without ".r<k>")."""
+        return f"{self.workload}.{self.optimizer}.b{self.batch_size}.s{self.step_budget}"
+
+    @property
+    def halton_seed(self) -> int:
+        """The seed of this study's own scrambled Halton sequence (see the module docstring)."""
+        return search_sequence_seed(self.search_seed, self.group_id, self.replicate,
+                                    shared=self.share_search_points)
 
     def __hash__(self) -> int:
         # The mappings inside are not hashable; a study is identified by its experiment and id.
@@ -169,7 +247,9 @@ def fill_total_steps(config: Any, step_budget: int) -> None:
       step_budget: the study's step budget.
     """
     if isinstance(config, dict):
-        if config.get("schedule") in SCHEDULES_WITH_TOTAL_STEPS and "total_steps" not in config:
+        schedule = config.get("schedule")
+        if isinstance(schedule, str) and schedule in SCHEDULES_WITH_TOTAL_STEPS \
+                and "total_steps" not in config:
             config["total_steps"] = step_budget
         for value in config.values():
             fill_total_steps(value, step_budget)
@@ -201,8 +281,9 @@ def hyperparameters_at(study: Study, point: tuple[float, ...] | list[float]) -> 
 def trial_hyperparameters(study: Study, trial_index: int) -> dict[str, Any]:
     """Trial `trial_index`'s hyperparameters: {"optimizer": config, "workload": overrides}.
 
-    The values come from Halton point `trial_index` of (search space, search_seed), so a trial
-    has the same hyperparameters in any process and can be computed without earlier trials.
+    The values come from point `trial_index` of the study's own Halton sequence
+    (`Study.halton_seed`), so a trial has the same hyperparameters in any process and can be
+    computed without earlier trials.
 
     Args:
       study: the study.
@@ -211,8 +292,33 @@ def trial_hyperparameters(study: Study, trial_index: int) -> dict[str, Any]:
     References:
       Bousquet et al. 2017 (quasi-random search); Nado et al. 2021, Appendix D.
     """
-    point = halton_point(trial_index, study.search_space.dimension, study.search_seed)
-    return hyperparameters_at(study, point)
+    return hyperparameters_at(study, trial_point(study, trial_index))
+
+
+def trial_point(study: Study, trial_index: int) -> tuple[float, ...]:
+    """Trial `trial_index`'s point of the unit cube (one coordinate per tuned parameter).
+
+    Args:
+      study: the study.
+      trial_index: the 0-based tuning trial.
+    """
+    return halton_point(trial_index, study.search_space.dimension, study.halton_seed)
+
+
+def search_sequence_seed(search_seed: int, group_id: str, replicate: int, *,
+                         shared: bool) -> int:
+    """The Halton seed of a study: a BLAKE2b hash, stable across processes and versions.
+
+    Args:
+      search_seed: the spec's search seed.
+      group_id: the study's id without its replicate suffix (ignored when shared).
+      replicate: the search replicate.
+      shared: every study of the replicate uses the same sequence.
+    """
+    identity = "*" if shared else group_id
+    text = f"batchlab-search-sequence|{search_seed}|{identity}|{replicate}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**32
 
 
 def _hash_seed(search_seed: int, study_id: str, trial_index: int, replica: int,

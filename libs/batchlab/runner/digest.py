@@ -1,0 +1,93 @@
+"""A results folder's numbers in a stable, comparable form: the determinism contract, checkable.
+
+The contract: the same code, spec, data and machine kind give the same numbers. `digest`
+collects every number a run or a study stored that the contract covers (curves, final metrics,
+outcomes, steps, seeds, hyperparameters, scores) and leaves out what legitimately varies
+between two executions (wall-clock timings, timestamps, the command line, the commit).
+`compare_digests` lists every difference, so `batchlab digest DIR --compare EXPECTED` tells
+whether a rerun reproduced a result, and a test pins a small shipped study's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TIMING_KEYS", "compare_digests", "digest"]
+
+# Run-result fields that measure the machine, not the training: excluded from the contract.
+TIMING_KEYS = frozenset({"wall_time_s", "train_time_s", "input_wait_s", "examples_per_second",
+                         "startup_time_s", "resumed_from_step"})
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in sorted(value.items()) if k not in TIMING_KEYS}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def digest(results_dir: str | Path) -> dict[str, Any]:
+    """Every number of a results folder that the determinism contract covers.
+
+    Args:
+      results_dir: a folder written by `batchlab local run` (or the controller's report).
+
+    Returns:
+      {"spec": ..., "runs": {"<study>/<file>": {"request", "result"}},
+       "studies": {"<study>": {...}}}, with timings removed and keys sorted.
+
+    Raises:
+      FileNotFoundError: no experiment.json in the folder.
+    """
+    root = Path(results_dir)
+    experiment = json.loads((root / "experiment.json").read_text())
+    runs = {}
+    for path in sorted((root / "runs").glob("*/t*_r*_a*.json")):
+        runs[f"{path.parent.name}/{path.name}"] = _clean(json.loads(path.read_text()))
+    studies = {path.stem: _clean(json.loads(path.read_text()))
+               for path in sorted((root / "studies").glob("*.json"))}
+    return {"spec": _clean(experiment.get("spec", {})), "runs": runs, "studies": studies}
+
+
+def compare_digests(actual: Mapping[str, Any], expected: Mapping[str, Any],
+                    *, limit: int = 20) -> list[str]:
+    """The differences between two digests, as "path: expected X, got Y" lines.
+
+    Args:
+      actual: a digest.
+      expected: the reference digest.
+      limit: report at most this many differences (the count of the rest is appended).
+    """
+    found: list[str] = []
+
+    def walk(a: Any, e: Any, where: str) -> None:
+        if isinstance(e, Mapping) and isinstance(a, Mapping):
+            for key in sorted(set(a) | set(e)):
+                if key not in a:
+                    found.append(f"{where}/{key}: missing (expected {_short(e[key])})")
+                elif key not in e:
+                    found.append(f"{where}/{key}: unexpected ({_short(a[key])})")
+                else:
+                    walk(a[key], e[key], f"{where}/{key}")
+        elif isinstance(e, list) and isinstance(a, list) and len(a) == len(e):
+            for i, (x, y) in enumerate(zip(a, e, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != e:
+            found.append(f"{where}: expected {_short(e)}, got {_short(a)}")
+
+    walk(actual, expected, "")
+    if len(found) > limit:
+        return found[:limit] + [f"... and {len(found) - limit} more differences"]
+    return found
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
