@@ -18,6 +18,7 @@ from batchlab.search.diagnostics import (
     spec_diagnostics,
     study_diagnostics,
 )
+from batchlab.search.protocol import Outcome
 from batchlab.search.scoring import score_study
 from batchlab.search.study import Goal, trial_point
 
@@ -174,6 +175,29 @@ def test_mostly_diverged_and_target_never_reached(make_study, simulator):
     clean = _scored(study, simulator, 1)
     codes = [f.code for f in study_diagnostics(study, clean)]
     assert "mostly-diverged" not in codes and "target-never-reached" not in codes
+
+
+def test_best_not_reproduced_by_its_reruns(make_study, simulator):
+    simulate, succeed = simulator
+    study = make_study(trials_per_study=3, max_total_trials=3, seeds_per_best=3)
+
+    def collapsing(best_rerun_value):
+        def outcome_of(trial, replica, attempt, seed):
+            value = 0.9 if trial == 1 else 0.6 + 0.01 * trial
+            if replica > 0:
+                value = best_rerun_value
+            return Outcome.SUCCEEDED, value, math.inf
+        return outcome_of
+
+    collapsed, _ = simulate(study, collapsing(0.5))  # 0.9 in tuning, 0.5 in every rerun
+    flags = study_diagnostics(study, score_study(study, collapsed))
+    assert [f.code for f in flags if f.code == "best-not-reproduced"] == ["best-not-reproduced"]
+    assert "0.9 in tuning but 0.5" in next(f.message for f in flags
+                                            if f.code == "best-not-reproduced")
+    # A shortfall within 5 margins (0.008 each for a 0.8 target) is the usual winner's curse.
+    usual, _ = simulate(study, collapsing(0.87))
+    assert "best-not-reproduced" not in [
+        f.code for f in study_diagnostics(study, score_study(study, usual))]
 
 
 def _verdict(a_medians, b_medians, estimate):

@@ -26,6 +26,11 @@ After a study (`study_diagnostics`, next to the verdicts they weaken):
   - mostly-diverged: more than half of the study's tuning trials diverged.
   - target-never-reached: no tuning trial reached the target (steps-to-target and the fraction
     reaching the target cannot separate optimizers at this budget).
+  - best-not-reproduced: the median of the best trial's reruns falls short of its tuning run by
+    more than NOT_REPRODUCED_MARGINS equivalence margins. Selection on one seed picked a
+    configuration whose result does not survive new seeds (often one at the edge of stability,
+    where some seeds collapse): the study's score is real, but its best point is fragile and
+    another trial may have been the better choice.
   - margin-within-replicate-spread (from `replicate_spread_diagnostic`): the winner's margin is
     no larger than the spread of the arms' medians across search replicates.
 
@@ -45,11 +50,12 @@ from typing import Any
 from batchlab.search.compare import MIN_SEEDS, PairVerdict, Verdict
 from batchlab.search.scoring import StudyScore
 from batchlab.search.space import Scale, SearchSpace, get_path, parse_search_space, plain_data
-from batchlab.search.study import Study, trial_point
+from batchlab.search.study import Goal, Study, trial_point
 
 __all__ = [
     "EDGE_FRACTION",
     "MIN_TRIALS_PER_DIMENSION",
+    "NOT_REPRODUCED_MARGINS",
     "Diagnostic",
     "optimizer_kind",
     "replicate_spread_diagnostic",
@@ -59,6 +65,7 @@ __all__ = [
 
 MIN_TRIALS_PER_DIMENSION = 4
 EDGE_FRACTION = 0.10
+NOT_REPRODUCED_MARGINS = 5
 
 # Update rules whose hyperparameters share a scale. LARS and LAMB rescale each layer's step
 # by a trust ratio, so their learning rates live on a different scale from plain momentum
@@ -274,6 +281,19 @@ def study_diagnostics(study: Study, score: StudyScore) -> list[Diagnostic]:
             "mostly-diverged", study.id,
             f"{diverged} of {len(tuning)} tuning trials diverged: the search space sits "
             f"largely where this optimizer is unstable; move it."))
+    best = next((t for t in tuning if t.trial_index == score.best_trial), None)
+    median = score.seeds.metric.median
+    if best is not None and median is not None and study.seeds_per_best > 0 \
+            and score.seeds.finished > 0:
+        sign = 1.0 if study.target.goal is Goal.MAXIMIZE else -1.0
+        shortfall = sign * (best.value - median)
+        if shortfall > NOT_REPRODUCED_MARGINS * study.target.metric_margin:
+            found.append(Diagnostic(
+                "best-not-reproduced", study.id,
+                f"the best trial ({best.trial_index}) scored {best.value:.4g} in tuning but "
+                f"{median:.4g} in the median of its {score.seeds.finished} reruns, "
+                f"{shortfall:.4g} worse (more than {NOT_REPRODUCED_MARGINS} equivalence "
+                f"margins): its tuning result was a lucky seed of a fragile configuration."))
     if tuning and not any(math.isfinite(t.steps_to_target) for t in tuning):
         found.append(Diagnostic(
             "target-never-reached", study.id,
