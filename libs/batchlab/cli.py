@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["main"]
@@ -50,16 +51,83 @@ def _figure1(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_diagnostics(spec_path: str, console: Console) -> int:
+    """Validate a spec and print its diagnostics; the count found (raises SpecError if invalid)."""
+    from batchlab.search import load_spec
+    from batchlab.search.diagnostics import spec_diagnostics
+    from batchlab.train.workloads import workload_names
+
+    spec = load_spec(spec_path, known_workloads=set(workload_names()))
+    found = spec_diagnostics(spec)
+    for diagnostic in found:
+        console.print("[yellow]warning[/yellow] " + escape(str(diagnostic)), highlight=False,
+                      soft_wrap=True)
+    return len(found)
+
+
+def _spec_check(args: argparse.Namespace) -> int:
+    """Validate spec files and print their diagnostics without running anything."""
+    from batchlab.search import SpecError
+
+    console = Console()
+    status = 0
+    for path in args.specs:
+        console.print(f"[bold]{path}[/bold]", highlight=False)
+        try:
+            found = _print_diagnostics(path, console)
+        except SpecError as err:
+            Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+            status = 2
+            continue
+        console.print(f"valid; {found} warning(s)" if found else "valid; no warnings")
+        if found and args.strict:
+            status = max(status, 1)
+    return status
+
+
+def _digest(args: argparse.Namespace) -> int:
+    """Print a results folder's numbers, or compare them with an expected digest."""
+    import json
+
+    from batchlab.runner.digest import compare_digests, digest
+
+    try:
+        found = digest(args.results)
+    except (FileNotFoundError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    if args.compare is None:
+        print(json.dumps(found, indent=1, sort_keys=True))
+        return 0
+    try:
+        expected = json.loads(Path(args.compare).read_text())
+    except (OSError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] --compare: {escape(str(err))}")
+        return 2
+    differences = compare_digests(found, expected)
+    for line in differences:
+        Console().print(escape(line), highlight=False)
+    Console().print("identical" if not differences else
+                    f"{len(differences)} difference(s) from {args.compare}")
+    return 0 if not differences else 1
+
+
 def _local_run(args: argparse.Namespace) -> int:
-    """Run an experiment spec in this process and write its results and report."""
+    """Run an experiment spec on this machine (runs in worker processes) and write its results and report."""
     from batchlab.runner import run_experiment
     from batchlab.search import SpecError
 
     try:
-        out = run_experiment(args.spec, args.out, data_dir=args.data_dir, progress=not args.no_progress)
+        _print_diagnostics(args.spec, Console(stderr=True))
+        out = run_experiment(args.spec, args.out, data_dir=args.data_dir, progress=not args.no_progress,
+                             parallel=args.parallel, threads_per_run=args.threads_per_run)
     except (SpecError, ValueError, FileNotFoundError) as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted: finished runs are stored in {args.out}; "
+                                   "the same command resumes (unfinished runs start again)")
+        return 130
     Console().print(f"results in {out}; report: {Path(out) / 'report' / 'report.md'}")
     return 0
 
@@ -98,28 +166,61 @@ def _rpc_errors(fn):
         try:
             return fn(args)
         except grpc.RpcError as err:
-            from batchlab.client.experiments import describe_error
+            from batchlab.client.experiments import default_controller_address, describe_error
 
-            Console(stderr=True).print(f"[red]error:[/red] {describe_error(err)}")
+            address = getattr(args, "controller", None) or default_controller_address()
+            Console(stderr=True).print(f"[red]error:[/red] {escape(describe_error(err, address))}",
+                                       soft_wrap=True, highlight=False)
             return 1
 
     return wrapper
 
 
-def _up(args: argparse.Namespace) -> int:
-    """Start the embedded stack (all services on 127.0.0.1, a local Ray cluster)."""
-    from batchlab.client.stack import Stack, StackError
+def _stack(args: argparse.Namespace, **kwargs):
+    """The Stack the `up` flags describe (flags first, then BATCHLAB_*_ADDR, then defaults)."""
+    from batchlab.client.stack import SERVICES, Stack
 
-    stack = Stack(args.state_dir, token=args.token, num_trainers=args.trainers)
+    ports = {s.name: getattr(args, f"{s.name}_port", None) for s in SERVICES}
+    return Stack(args.state_dir, host=getattr(args, "host", None),
+                 ports={k: v for k, v in ports.items() if v}, **kwargs)
+
+
+def _start_stack(stack, args: argparse.Namespace) -> bool:
+    """Start the stack, printing what it waits for; False (reported) when it did not start."""
+    from batchlab.client.stack import StackError
+
+    err_console = Console(stderr=True)
     try:
-        record = stack.up(timeout=args.timeout)
+        stack.up(timeout=args.timeout, retries=args.retries,
+                 progress=lambda line: err_console.print(escape(line), soft_wrap=True,
+                                                         highlight=False, style="dim"))
     except StackError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True,
+                          highlight=False)
+        return False
+    return True
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Start the embedded stack (every service and a local Ray cluster; loopback by default)."""
+    from batchlab.client.experiments import DEFAULT_CONTROLLER_ADDR, default_controller_address
+    from batchlab.client.stack import StackError
+
+    try:
+        stack = _stack(args, token=args.token, num_trainers=args.trainers)
+    except StackError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        return 2
+    if not _start_stack(stack, args):
         return 1
     console = Console()
-    for name, info in record["services"].items():
-        console.print(f"{name:12s} {info['address']:18s} pid {info['pid']}  log {info['log']}")
-    console.print(f"state in {stack.state_dir}; stop with `batchlab down`")
+    for name, info in stack.read_record()["services"].items():
+        console.print(f"{name:12s} {info['address']:18s} pid {info['pid']}  log {info['log']}",
+                      highlight=False, soft_wrap=True)
+    controller = stack.address("controller")
+    if controller not in (DEFAULT_CONTROLLER_ADDR, default_controller_address()):
+        console.print(f"clients: export BATCHLAB_CONTROLLER_ADDR={controller}", highlight=False)
+    console.print(f"state in {stack.state_dir}; stop with `batchlab down`", highlight=False)
     return 0
 
 
@@ -127,7 +228,8 @@ def _down(args: argparse.Namespace) -> int:
     """Stop the embedded stack."""
     from batchlab.client.stack import Stack
 
-    stopped = Stack(args.state_dir).down()
+    # Only the record in the state folder matters here, not where a new stack would listen.
+    stopped = Stack(args.state_dir, environ={}).down()
     Console().print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -150,6 +252,12 @@ def _submit(args: argparse.Namespace) -> int:
         return 2
     with _client(args) as client:
         exp = client.submit(spec, request_id=args.request_id, validate_only=args.validate_only)
+        for diagnostic in exp.diagnostics:
+            Console(stderr=True).print(
+                "[yellow]warning[/yellow] " + escape(f"[{diagnostic.code}] "
+                                                     f"{diagnostic.field_path}: "
+                                                     f"{diagnostic.message}"),
+                highlight=False, soft_wrap=True)
         if args.validate_only:
             Console().print(f"valid: {len(exp.studies)} studies")
             return 0
@@ -215,15 +323,16 @@ def _remote_report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """Start the embedded stack, run experiments/demo.yaml through it, write its report, stop."""
     from batchlab.client import ExperimentClient
-    from batchlab.client.stack import Stack, StackError
+    from batchlab.client.stack import StackError
 
     console = Console()
-    stack = Stack(args.state_dir, num_trainers=args.trainers)
     try:
-        console.print(f"starting the embedded stack in {stack.state_dir} ...")
-        stack.up(timeout=args.timeout)
+        stack = _stack(args, num_trainers=args.trainers)
     except StackError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        return 2
+    console.print(f"starting the embedded stack in {stack.state_dir} ...")
+    if not _start_stack(stack, args):
         return 1
     try:
         spec = _load_spec_message(args.spec)
@@ -237,6 +346,16 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         console.print("stopping the stack ...")
         stack.down()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -256,6 +375,28 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="auth token (default $BATCHLAB_AUTH_TOKEN)")
 
 
+def _add_start_args(p: argparse.ArgumentParser) -> None:
+    """Where the embedded stack listens and how long its start may take."""
+    import os
+
+    from batchlab.client.stack import SERVICES
+
+    p.add_argument("--host", default=None,
+                   help="interface every service binds (default: the host of its "
+                        "BATCHLAB_<SERVICE>_ADDR, else 127.0.0.1)")
+    for service in SERVICES:
+        p.add_argument(f"--{service.name}-port", type=int, default=None, metavar="PORT",
+                       help=f"{service.name} port (default: from BATCHLAB_{service.name.upper()}"
+                            f"_ADDR, else {service.port})")
+    p.add_argument("--timeout", type=float,
+                   default=float(os.environ.get("BATCHLAB_UP_TIMEOUT", "") or 180.0),
+                   help="seconds each service may take to report SERVING (default "
+                        "$BATCHLAB_UP_TIMEOUT or 180)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="restarts of a service whose start failed for a passing reason "
+                        "(e.g. Ray timing out on a loaded machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``batchlab`` command."""
     parser = argparse.ArgumentParser(prog="batchlab", description=__doc__)
@@ -265,6 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--out", default="results/figure1", help="output folder")
     fig.set_defaults(func=_figure1)
 
+    spec = sub.add_parser("spec", help="work with experiment specs")
+    spec_sub = spec.add_subparsers(dest="spec_command", required=True)
+    check = spec_sub.add_parser("check", help="validate specs and print their diagnostics "
+                                              "(runs nothing)")
+    check.add_argument("specs", nargs="+", metavar="SPEC", help="experiment spec files (YAML)")
+    check.add_argument("--strict", action="store_true",
+                       help="exit with status 1 when there is a warning")
+    check.set_defaults(func=_spec_check)
+
+    dig = sub.add_parser("digest", help="print the numbers of a results folder that the "
+                                        "determinism contract covers, or compare them")
+    dig.add_argument("results", help="a results folder (experiment.json, runs/, studies/)")
+    dig.add_argument("--compare", default=None, metavar="EXPECTED",
+                     help="a digest file to compare with; exit 1 on any difference")
+    dig.set_defaults(func=_digest)
+
     local = sub.add_parser("local", help="run experiments in this process (no services)")
     local_sub = local.add_subparsers(dest="local_command", required=True)
     run = local_sub.add_parser("run", help="run an experiment spec; rerunning resumes it")
@@ -272,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="results folder")
     run.add_argument("--data-dir", default=None, help="tfds data folder (default: BATCHLAB_DATA_DIR)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--parallel", type=_positive_int, default=None, metavar="P",
+                     help="runs at once, each in a worker process (default: sized to the cores and "
+                          "the model; 1: one at a time); never changes results")
+    run.add_argument("--threads-per-run", type=_positive_int, default=None, metavar="T",
+                     help="XLA:CPU threads of each run (default: 1 for small models, all CPUs for "
+                          "large ones); results depend on it, so a resumed folder keeps its own")
     run.set_defaults(func=_local_run)
 
     rep = sub.add_parser("report", help="write an experiment's report (from the controller, or a local results folder)")
@@ -280,11 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_args(rep)
     rep.set_defaults(func=_report)
 
-    up = sub.add_parser("up", help="start the embedded stack on 127.0.0.1")
+    up = sub.add_parser("up", help="start the embedded stack (127.0.0.1:50051-50054 by default)")
     up.add_argument("--state-dir", default=None, help="state folder (default $BATCHLAB_DATA_DIR or ./.batchlab)")
     up.add_argument("--token", default=None, help="auth token every server requires")
     up.add_argument("--trainers", type=int, default=2, help="Ray trainer actors")
-    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each service")
+    _add_start_args(up)
     up.set_defaults(func=_up)
 
     down = sub.add_parser("down", help="stop the embedded stack")
@@ -320,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results/demo", help="report folder")
     demo.add_argument("--state-dir", default=None, help="state folder (default $BATCHLAB_DATA_DIR or ./.batchlab)")
     demo.add_argument("--trainers", type=int, default=2)
-    demo.add_argument("--timeout", type=float, default=180.0)
+    _add_start_args(demo)
     demo.set_defaults(func=_demo)
     return parser
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import threading
 import time
 from collections.abc import Callable, Iterable
 
+from batchlab.rpc.errors import NotFound
 from services.checkpoints.storage import (
     CheckpointRecord,
     CheckpointStore,
@@ -43,7 +45,7 @@ class InMemoryCheckpointStore(CheckpointStore):
 
     def save(self, trial: str, step: int, chunks: Iterable[bytes], *, sha256: str,
              size_bytes: int, metric: float | None = None,
-             maximize: bool = True) -> CheckpointRecord:
+             maximize: bool = True, hold: bool = False) -> CheckpointRecord:
         """Stores a checkpoint; see :meth:`CheckpointStore.save`."""
         validate_trial(trial)
         validate_header(step, sha256, size_bytes, metric)
@@ -54,16 +56,35 @@ class InMemoryCheckpointStore(CheckpointStore):
         writer.check(sha256)
         record = CheckpointRecord(trial, step, sha256, size_bytes,
                                   None if metric is None else float(metric), bool(maximize),
-                                  time.time())
+                                  time.time(), held=bool(hold))
         with self._lock:
             records = self._records.setdefault(trial, {})
             records[step] = record
             self.content[(trial, step)] = bytearray(buffer.getvalue())
-            keep = retained_steps(records.values(), self.keep_latest)
-            for old in [s for s in records if s not in keep]:
-                del records[old]
-                del self.content[(trial, old)]
-            marked = mark(records.values())
+            marked = self._retain(trial, records)
+        return next((r for r in marked if r.step == step), record)
+
+    def _retain(self, trial: str, records: dict[int, CheckpointRecord]) -> list[CheckpointRecord]:
+        keep = retained_steps(records.values(), self.keep_latest)
+        for old in [s for s in records if s not in keep]:
+            del records[old]
+            del self.content[(trial, old)]
+        return mark(records.values())
+
+    def record_evaluation(self, trial: str, step: int, *, metric: float | None = None,
+                          maximize: bool = True) -> CheckpointRecord:
+        """Records a metric and releases a hold; see :meth:`CheckpointStore.record_evaluation`."""
+        validate_trial(trial)
+        validate_header(step, "0" * 64, 0, metric)
+        with self._lock:
+            records = self._records.get(trial, {})
+            if step not in records:
+                raise NotFound(f"{trial} step {step}", f"stored steps: {sorted(records)}")
+            record = dataclasses.replace(
+                records[step], held=False, maximize=bool(maximize),
+                metric=records[step].metric if metric is None else float(metric))
+            records[step] = record
+            marked = self._retain(trial, records)
         return next((r for r in marked if r.step == step), record)
 
     def open(self, trial: str, step: int | None = None) -> OpenCheckpoint:

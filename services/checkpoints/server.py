@@ -5,6 +5,8 @@ Environment:
   BATCHLAB_CHECKPOINTS_PORT: gRPC port (default 50053).
   BATCHLAB_CHECKPOINT_KEEP_LATEST: recent checkpoints kept per trial besides the best
     (default 1).
+  BATCHLAB_CHECKPOINT_MAX_BYTES: the largest checkpoint accepted (default 64 GiB,
+    batchlab.limits.MAX_CHECKPOINT_BYTES).
   BATCHLAB_AUTH_TOKEN: when set, calls need ``authorization: Bearer <token>``.
   BATCHLAB_METRICS_PORT: Prometheus port (default 9103).
   BATCHLAB_BIND_HOST: interface to bind (default 0.0.0.0).
@@ -17,6 +19,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from batchlab import limits
 from batchlab.proto.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from batchlab.rpc.client import StartupError
 from batchlab.rpc.server import Registration, run_service
@@ -26,6 +29,7 @@ from services.checkpoints.storage import FilesystemCheckpointStore
 DEFAULT_PORT = 50053
 ROOT_ENV = "BATCHLAB_CHECKPOINT_ROOT"
 KEEP_LATEST_ENV = "BATCHLAB_CHECKPOINT_KEEP_LATEST"
+MAX_BYTES_ENV = "BATCHLAB_CHECKPOINT_MAX_BYTES"
 
 
 def make_registrations(metrics, environ: Mapping[str, str] | None = None) -> list[Registration]:
@@ -48,13 +52,16 @@ def make_registrations(metrics, environ: Mapping[str, str] | None = None) -> lis
     raw_keep = environ.get(KEEP_LATEST_ENV, "").strip() or "1"
     if not raw_keep.isdigit() or int(raw_keep) < 1:
         raise StartupError(f"{KEEP_LATEST_ENV} must be an integer >= 1; got {raw_keep!r}")
+    raw_max = environ.get(MAX_BYTES_ENV, "").strip() or str(limits.MAX_CHECKPOINT_BYTES)
+    if not raw_max.isdigit() or int(raw_max) < 1:
+        raise StartupError(f"{MAX_BYTES_ENV} must be a number of bytes >= 1; got {raw_max!r}")
     failures = metrics.checkpoints.failures
 
     def count_corruption(trial: str, step: int) -> None:
         failures.labels(operation="restore", reason="corrupt").inc()
 
     store = FilesystemCheckpointStore(root, keep_latest=int(raw_keep),
-                                      on_corrupt=count_corruption)
+                                      on_corrupt=count_corruption, max_bytes=int(raw_max))
     servicer = CheckpointServicer(store, metrics=metrics.checkpoints)
     servicer.update_store_gauges()
     return [Registration.for_service(checkpoints_pb2, checkpoints_pb2_grpc, "CheckpointService",

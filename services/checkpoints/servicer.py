@@ -42,6 +42,7 @@ def to_info(record: CheckpointRecord, fallback_from: int | None = None
         is_best=record.is_best,
         is_latest=record.is_latest,
         create_time=create_time,
+        held_for_evaluation=record.held,
     )
     if record.metric is not None:
         info.metric = record.metric
@@ -129,7 +130,7 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
                     header.trial, header.step, data(),
                     sha256=header.sha256, size_bytes=header.size_bytes,
                     metric=header.metric if header.HasField("metric") else None,
-                    maximize=header.maximize,
+                    maximize=header.maximize, hold=header.hold_for_evaluation,
                 )
             except ServiceError as exc:
                 raise _in_header(exc) from None
@@ -188,3 +189,23 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
             deleted = self._store.delete(request.trial)
         self.update_store_gauges()
         return checkpoints_pb2.DeleteCheckpointsResponse(deleted=deleted)
+
+    @handle_errors
+    def RecordEvaluation(self, request, context):
+        """Records an evaluated metric of a stored checkpoint and releases its hold.
+
+        Args:
+          request: ``RecordEvaluationRequest`` (``metric`` absent: only release).
+          context: the call context.
+
+        Returns:
+          The checkpoint's ``CheckpointInfo`` after the change.
+        """
+        with self._measure("record"):
+            validate_trial(request.trial, "trial")
+            record = self._store.record_evaluation(
+                request.trial, request.step,
+                metric=request.metric if request.HasField("metric") else None,
+                maximize=request.maximize)
+        self.update_store_gauges()
+        return to_info(record)

@@ -7,8 +7,10 @@ Rules every store follows (the contract suite in tests/services/checkpoints chec
 * A save streams the content, checks its size and sha256 against the declared ones and stores
   nothing on a mismatch (size: InvalidArgument ``size_bytes``; hash: DataLoss ``sha256``).
 * Retention, after each successful save: per trial keep the ``keep_latest`` highest steps and
-  the best one by metric (larger is better when the newest save says ``maximize``); delete the
-  rest. Saving an existing step replaces it.
+  the best one by metric (larger is better when the newest save says ``maximize``), and every
+  checkpoint held for evaluation; delete the rest. Saving an existing step replaces it.
+* A checkpoint saved with ``hold`` (an evaluation point the evaluation service has not read)
+  stays until ``record_evaluation`` gives its metric and releases it; retention then applies.
 * Every load hashes the content; a corrupt checkpoint is skipped for the next older intact
   one (``fallback_from`` names the step asked for); NotFound when none is intact.
 
@@ -41,7 +43,8 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-from batchlab.rpc.errors import DataLoss, InvalidArgument, NotFound
+from batchlab import limits
+from batchlab.rpc.errors import DataLoss, InvalidArgument, NotFound, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -72,36 +75,47 @@ def validate_trial(trial: str, field: str = "trial") -> tuple[str, ...]:
     if len(trial) > MAX_TRIAL_LENGTH:
         raise InvalidArgument(field, f"must be at most {MAX_TRIAL_LENGTH} characters")
     if trial.startswith("/"):
-        raise InvalidArgument(field, f"must be a relative name, not an absolute path: {trial!r}")
+        raise InvalidArgument(field, "must be a relative name, not an absolute path: "
+                                     f"{shorten(trial)}")
     segments = tuple(trial.split("/"))
     for segment in segments:
         if segment in ("", ".", ".."):
             raise InvalidArgument(
-                field, f"segments must not be empty, '.' or '..'; got {trial!r}")
+                field, f"segments must not be empty, '.' or '..'; got {shorten(trial)}")
         if not _SEGMENT.fullmatch(segment):
             raise InvalidArgument(
-                field, f"segments may only use [A-Za-z0-9._-]; got {segment!r} in {trial!r}")
+                field, f"segments may only use [A-Za-z0-9._-]; got {shorten(segment)} in "
+                       f"{shorten(trial)}")
     return segments
 
 
-def validate_header(step: Any, sha256: Any, size_bytes: Any, metric: Any) -> None:
+def validate_header(step: Any, sha256: Any, size_bytes: Any, metric: Any, *,
+                    max_bytes: int = limits.MAX_CHECKPOINT_BYTES) -> None:
     """Checks the declared properties of a checkpoint to save.
 
     Args:
-      step: the training step (>= 0).
+      step: the training step, 0 to ``batchlab.limits.MAX_STEPS`` (a step no run can reach,
+        such as 2**64 - 1, would become the trial's "latest" and retention would delete the
+        real latest).
       sha256: 64 lowercase hex digits.
-      size_bytes: content length (>= 0).
+      size_bytes: content length, 0 to ``max_bytes``.
       metric: a finite number or None.
+      max_bytes: the largest checkpoint accepted.
 
     Raises:
       InvalidArgument: naming the field (``step``, ``sha256``, ``size_bytes``, ``metric``).
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise InvalidArgument("step", f"must be an integer >= 0; got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= limits.MAX_STEPS:
+        raise InvalidArgument("step", f"must be an integer from 0 to {limits.MAX_STEPS} "
+                                      f"(batchlab.limits.MAX_STEPS); got {step!r}")
     if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
         raise InvalidArgument("sha256", "must be 64 lowercase hex digits (the content's sha256)")
     if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
         raise InvalidArgument("size_bytes", f"must be an integer >= 0; got {size_bytes!r}")
+    if size_bytes > max_bytes:
+        raise InvalidArgument("size_bytes", f"must be at most {max_bytes} bytes (the store's "
+                                            f"limit, BATCHLAB_CHECKPOINT_MAX_BYTES); got "
+                                            f"{size_bytes}")
     if metric is not None and (
         isinstance(metric, bool) or not isinstance(metric, int | float)
         or not math.isfinite(metric)
@@ -123,6 +137,7 @@ class CheckpointRecord:
       create_time: when it was stored (seconds since the epoch).
       is_best: it has the best metric of its trial.
       is_latest: it has the highest step of its trial.
+      held: saved for evaluation and not evaluated yet (retention keeps it).
     """
 
     trial: str
@@ -134,6 +149,7 @@ class CheckpointRecord:
     create_time: float
     is_best: bool = False
     is_latest: bool = False
+    held: bool = False
 
 
 def best_step(records: Iterable[CheckpointRecord], maximize: bool) -> int | None:
@@ -175,7 +191,7 @@ def retained_steps(records: Iterable[CheckpointRecord], keep_latest: int) -> set
       keep_latest: how many of the most recent steps to keep (>= 1).
     """
     ordered = sorted(records, key=lambda r: r.step)
-    keep = {r.step for r in ordered[-keep_latest:]}
+    keep = {r.step for r in ordered[-keep_latest:]} | {r.step for r in ordered if r.held}
     if ordered:
         best = best_step(ordered, ordered[-1].maximize)
         if best is not None:
@@ -276,7 +292,7 @@ class CheckpointStore(abc.ABC):
     @abc.abstractmethod
     def save(self, trial: str, step: int, chunks: Iterable[bytes], *, sha256: str,
              size_bytes: int, metric: float | None = None,
-             maximize: bool = True) -> CheckpointRecord:
+             maximize: bool = True, hold: bool = False) -> CheckpointRecord:
         """Stores a checkpoint from a stream of chunks, then applies retention.
 
         Args:
@@ -287,6 +303,7 @@ class CheckpointStore(abc.ABC):
           size_bytes: the content's declared length.
           metric: the metric for "best" retention, if any.
           maximize: whether a larger metric is better.
+          hold: keep it until ``record_evaluation`` releases it.
 
         Returns:
           The stored checkpoint's record (flags as after retention).
@@ -294,6 +311,29 @@ class CheckpointStore(abc.ABC):
         Raises:
           InvalidArgument: a bad name or header field, or the wrong length.
           DataLoss: the content does not match ``sha256``. Nothing is stored on any error.
+        """
+
+    @abc.abstractmethod
+    def record_evaluation(self, trial: str, step: int, *, metric: float | None = None,
+                          maximize: bool = True) -> CheckpointRecord:
+        """Records an evaluated metric of a stored checkpoint and releases its hold.
+
+        Retention then applies to the trial (a released older checkpoint that is neither
+        among the latest nor the best goes).
+
+        Args:
+          trial: the trial's name.
+          step: the checkpoint's step.
+          metric: the evaluated metric (None: keep the stored one, only release).
+          maximize: whether a larger metric is better.
+
+        Returns:
+          The checkpoint's record after the change (its flags as after retention; a record
+          that retention deleted has is_best and is_latest False).
+
+        Raises:
+          InvalidArgument: a bad name or metric.
+          NotFound: the trial has no checkpoint at ``step``.
         """
 
     @abc.abstractmethod
@@ -380,16 +420,19 @@ class FilesystemCheckpointStore(CheckpointStore):
       root: the folder (created if missing).
       keep_latest: recent steps kept per trial besides the best (>= 1).
       on_corrupt: called with ``(trial, step)`` whenever a load finds a corrupt checkpoint.
+      max_bytes: the largest checkpoint accepted.
     """
 
     def __init__(self, root: str | os.PathLike, *, keep_latest: int = 1,
-                 on_corrupt: Callable[[str, int], None] | None = None):
+                 on_corrupt: Callable[[str, int], None] | None = None,
+                 max_bytes: int = limits.MAX_CHECKPOINT_BYTES):
         if keep_latest < 1:
             raise ValueError(f"keep_latest must be >= 1; got {keep_latest}")
         self.root = pathlib.Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_latest = keep_latest
         self._on_corrupt = on_corrupt
+        self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._remove_stale_temp_files()
 
@@ -436,6 +479,7 @@ class FilesystemCheckpointStore(CheckpointStore):
                     metric=None if data["metric"] is None else float(data["metric"]),
                     maximize=bool(data["maximize"]),
                     create_time=float(data["create_time"]),
+                    held=bool(data.get("held", False)),
                 )
                 if data["content"] != self._content_name(record.step, record.sha256):
                     raise ValueError(f"content name {data['content']!r} does not match")
@@ -470,13 +514,13 @@ class FilesystemCheckpointStore(CheckpointStore):
 
     def save(self, trial: str, step: int, chunks: Iterable[bytes], *, sha256: str,
              size_bytes: int, metric: float | None = None,
-             maximize: bool = True) -> CheckpointRecord:
+             maximize: bool = True, hold: bool = False) -> CheckpointRecord:
         """Stores a checkpoint from a stream of chunks, then applies retention.
 
         See :meth:`CheckpointStore.save`.
         """
         folder = self._trial_dir(trial)
-        validate_header(step, sha256, size_bytes, metric)
+        validate_header(step, sha256, size_bytes, metric, max_bytes=self.max_bytes)
         with self._lock:
             # Created under the lock so that a concurrent delete cannot prune the folder
             # between its creation and the temp file's.
@@ -493,13 +537,8 @@ class FilesystemCheckpointStore(CheckpointStore):
                 os.fsync(out.fileno())
             record = CheckpointRecord(trial, step, sha256, size_bytes,
                                       None if metric is None else float(metric),
-                                      bool(maximize), time.time())
-            meta = json.dumps({
-                "version": _META_VERSION, "trial": trial, "step": step, "sha256": sha256,
-                "size_bytes": size_bytes, "metric": record.metric, "maximize": record.maximize,
-                "create_time": record.create_time,
-                "content": self._content_name(step, sha256),
-            }, indent=1).encode()
+                                      bool(maximize), time.time(), held=bool(hold))
+            meta = self._meta_bytes(record)
             with self._lock:
                 previous = {r.step: r for r in self._read_records(folder, trial)}.get(step)
                 os.replace(temp, folder / self._content_name(step, sha256))
@@ -515,6 +554,31 @@ class FilesystemCheckpointStore(CheckpointStore):
                 self._prune(folder)  # Only if the failed upload left it empty.
             raise
         logger.info("saved %s step %d (%d bytes)", trial, step, size_bytes)
+        return next((r for r in marked if r.step == step), record)
+
+    def _meta_bytes(self, record: CheckpointRecord) -> bytes:
+        return json.dumps({
+            "version": _META_VERSION, "trial": record.trial, "step": record.step,
+            "sha256": record.sha256, "size_bytes": record.size_bytes, "metric": record.metric,
+            "maximize": record.maximize, "create_time": record.create_time,
+            "held": record.held, "content": self._content_name(record.step, record.sha256),
+        }, indent=1).encode()
+
+    def record_evaluation(self, trial: str, step: int, *, metric: float | None = None,
+                          maximize: bool = True) -> CheckpointRecord:
+        """Records a metric and releases a hold; see :meth:`CheckpointStore.record_evaluation`."""
+        folder = self._trial_dir(trial)
+        validate_header(step, "0" * 64, 0, metric)
+        with self._lock:
+            records = {r.step: r for r in self._read_records(folder, trial)}
+            if step not in records:
+                raise NotFound(f"{trial} step {step}", f"stored steps: {sorted(records)}")
+            record = dataclasses.replace(
+                records[step], held=False, maximize=bool(maximize),
+                metric=records[step].metric if metric is None else float(metric))
+            self._write_atomic(folder, self._meta_name(step), self._meta_bytes(record))
+            self._fsync_dir(folder)
+            marked = self._apply_retention(folder, trial)
         return next((r for r in marked if r.step == step), record)
 
     def _unlink(self, path: pathlib.Path) -> None:

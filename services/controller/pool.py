@@ -1,16 +1,27 @@
 """The pool of trainer actors the scheduler hands attempts to.
 
-`TrainerPool` is what the scheduler needs: reserve trainers for an attempt (`acquire`), start
-it (`start`), collect what finished (`poll`), ask one to stop (`stop`). `RayTrainerPool` keeps
-up to `size` Ray actors (services.trainer.actor.TrainerActor): actors are made with the
-resources of the runs they serve and reused by later runs with the same resources; an idle
-actor of other resources is retired when its slot is needed. A multi-host attempt takes
-`num_hosts` fresh actors (a JAX process joins one distributed system in its life) that are
-retired when it ends.
+`TrainerPool` is what the scheduler needs: say whether a run can be placed at all
+(`placement`), reserve trainers for an attempt (`acquire`), start it (`start`), collect what
+finished (`poll`), ask one to stop (`stop`). `RayTrainerPool` keeps up to `size` Ray actors
+(services.trainer.actor.TrainerActor): actors are made with the resources of the runs they
+serve and reused by later runs with the same resources; an idle actor of other resources is
+retired when its slot is needed. A multi-host attempt takes `num_hosts` fresh actors (a JAX
+process joins one distributed system in its life) that are retired when it ends.
+
+Placement is honoured: a run is placed only where the Ray cluster's nodes can hold it. A run
+that no node (or not enough nodes) can hold is not started anywhere: `placement` says why,
+the scheduler shows that reason while the run waits, and asks the Ray autoscaler (when the
+cluster has one) for the missing nodes.
 
 Failures are told apart: an attempt whose actor died (`ray.exceptions.RayActorError`: killed,
-its node lost, out of memory) comes back `lost`; an exception raised by the run itself comes
-back with its text. Both are infrastructure failures for the protocol (outcome FAILED).
+its node lost, out of memory) comes back `lost` (Failure INFRASTRUCTURE); an exception the
+trainer raised comes back with its text, as the infrastructure's when it says so (a
+sharding service failure) and as the run's own otherwise; attempts running when the
+controller lost its Ray cluster (`connection_lost`) come back as the controller's (Failure
+CONTROLLER, not counted toward max_attempts).
+
+The pool is used by the scheduler thread; `services.controller.ray_link.RayLink` connects
+and reconnects Ray from its own thread, so every method holds the pool's lock.
 """
 
 from __future__ import annotations
@@ -19,21 +30,74 @@ import abc
 import dataclasses
 import itertools
 import logging
+import math
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Dispatch", "Finished", "Lease", "RayTrainerPool", "TrainerPool", "resource_shape"]
+from services.controller.storage import Failure
+
+__all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "TrainerPool",
+           "resource_shape"]
 
 log = logging.getLogger(__name__)
+
+# Ray resource names of the spec's Resources (per host).
+_RAY_RESOURCES = (("cpus", "CPU"), ("gpus", "GPU"), ("tpus", "TPU"), ("memory_gib", "memory"))
 
 
 def resource_shape(resources: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     """A hashable key of the resources a run's actor needs (num_hosts left out)."""
     resources = dict(resources or {})
     resources.pop("num_hosts", None)
+    if resources.get("cpus") == 1:
+        del resources["cpus"]  # what an actor gets by default: warm trainers fit such runs
     return tuple(sorted((k, v) for k, v in resources.items() if v))
+
+
+def host_demand(resources: Mapping[str, Any] | None) -> dict[str, float]:
+    """What one host of a run asks Ray for, by Ray resource name (CPU, GPU, TPU, memory)."""
+    resources = dict(resources or {})
+    demand = {"CPU": float(resources.get("cpus") or 1.0)}
+    for name, ray_name in _RAY_RESOURCES[1:]:
+        value = float(resources.get(name) or 0)
+        if value:
+            demand[ray_name] = value * 2**30 if name == "memory_gib" else value
+    return demand
+
+
+def hosts_that_fit(demand: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many hosts of `demand` the nodes (their total resources) can hold at once."""
+    fit = 0
+    for node in nodes:
+        fit += min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in demand.items())
+    return fit
+
+
+def _describe(resources: Mapping[str, float]) -> str:
+    parts = []
+    for key, value in sorted(resources.items()):
+        if key == "memory":
+            parts.append(f"memory {value / 2**30:g} GiB")
+        elif key in ("CPU", "GPU", "TPU"):
+            parts.append(f"{key} {value:g}")
+    return ", ".join(parts) or "nothing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Why a run cannot be placed now.
+
+    Attributes:
+      reason: for people (shown as the trial's and the experiment's pending reason).
+      permanent: the cluster is reachable and cannot hold the run as it is (the run fails
+        as unschedulable if this lasts); False: something transient (no Ray connection).
+    """
+
+    reason: str
+    permanent: bool
 
 
 @dataclasses.dataclass
@@ -92,12 +156,19 @@ class Finished:
       result: the RunResult dict, when the run returned one.
       error: why there is no result (the run raised, or its trainer was lost).
       lost: the trainer died (killed, node lost, out of memory).
+      failure: why there is no result, a storage Failure value (RUN, INFRASTRUCTURE,
+        CONTROLLER); "" with a result.
     """
 
     dispatch: Dispatch
     result: dict[str, Any] | None
     error: str = ""
     lost: bool = False
+    failure: str = ""
+
+    def __post_init__(self) -> None:
+        if self.result is None and not self.failure:
+            self.failure = Failure.INFRASTRUCTURE if self.lost else Failure.RUN
 
 
 class TrainerPool(abc.ABC):
@@ -107,6 +178,22 @@ class TrainerPool(abc.ABC):
     @abc.abstractmethod
     def size(self) -> int:
         """How many trainers may exist at once."""
+
+    def placement(self, resources: Mapping[str, Any] | None, hosts: int = 1) -> Placement | None:
+        """Why a run of these resources cannot be placed now, or None when it can be."""
+        if max(int(hosts or 1), 1) > self.size:
+            return Placement(f"needs {hosts} trainer processes (resources.num_hosts) but the "
+                             f"controller keeps at most {self.size} (BATCHLAB_NUM_TRAINERS)",
+                             permanent=True)
+        return None
+
+    def request_capacity(self, demands: Sequence[tuple[Mapping[str, Any], int]]) -> None:  # noqa: B027 - optional hook
+        """Ask the cluster's autoscaler for what the runs waiting to be placed need.
+
+        Args:
+          demands: (resources, hosts) of every run that `placement` refused; empty: nothing
+            is needed (a previous request is withdrawn).
+        """
 
     @abc.abstractmethod
     def acquire(self, resources: Mapping[str, Any] | None, hosts: int = 1) -> Lease | None:
@@ -118,8 +205,8 @@ class TrainerPool(abc.ABC):
 
     @abc.abstractmethod
     def start(self, lease: Lease, attempt_id: int, experiment_id: str,
-              request: Mapping[str, Any]) -> Dispatch:
-        """Start an attempt on leased trainers."""
+              assignment: Any) -> Dispatch:
+        """Start an attempt (a batchlab.v1.TrialAssignment) on leased trainers."""
 
     @abc.abstractmethod
     def poll(self, timeout: float = 0.0) -> list[Finished]:
@@ -158,10 +245,14 @@ class RayTrainerPool(TrainerPool):
       settings: services.trainer.actor.TrainerSettings as a mapping (without the name; each
         trainer gets "trainer-<n>").
       name_prefix: prefix of the trainers' names.
+      connected: whether Ray is connected already (else `connected()` is awaited: nothing is
+        placed until then).
+      nodes_ttl_s: how long the cluster's node list is reused for placement decisions.
     """
 
     def __init__(self, size: int, settings: Mapping[str, Any] | None = None, *,
-                 name_prefix: str = "trainer"):
+                 name_prefix: str = "trainer", connected: bool = True,
+                 nodes_ttl_s: float = 5.0):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self._size = size
@@ -171,11 +262,103 @@ class RayTrainerPool(TrainerPool):
         self._members: list[_Member] = []
         self._counter = itertools.count()
         self._dispatches: dict[Any, Dispatch] = {}  # first ref -> dispatch
+        self._lock = threading.RLock()
+        self._connected = connected
+        self._lost_reason = "" if connected else "not connected yet"
+        self._lost: list[Finished] = []
+        self._nodes: tuple[float, list[dict[str, float]]] = (-math.inf, [])
+        self._nodes_ttl_s = nodes_ttl_s
+        self._requested: tuple = ()
 
     @property
     def size(self) -> int:
         return self._size
 
+    # -- the Ray connection (called by RayLink's thread) ------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        """Whether trainers can be placed (Ray is connected)."""
+        return self._connected
+
+    def connected(self) -> None:
+        """Ray is (again) connected: placing resumes."""
+        with self._lock:
+            self._connected = True
+            self._lost_reason = ""
+            self._nodes = (-math.inf, [])
+            self._requested = ()
+
+    def connection_lost(self, reason: str) -> None:
+        """Ray is gone: every running attempt ends lost to the controller's infrastructure
+        (returned by the next `poll`), every trainer is forgotten (its actor went with the
+        Ray session), and nothing is placed until `connected()`."""
+        with self._lock:
+            self._connected = False
+            self._lost_reason = reason
+            for dispatch in self._dispatches.values():
+                self._lost.append(Finished(
+                    dispatch, None, f"the controller lost its Ray cluster: {reason}",
+                    lost=True, failure=Failure.CONTROLLER))
+            self._dispatches.clear()
+            self._members.clear()
+        log.warning("Ray connection lost (%s): running attempts end and are retried", reason)
+
+    def cluster_nodes(self, *, refresh: bool = False) -> list[dict[str, float]]:
+        """Total resources of each alive node of the Ray cluster (cached for nodes_ttl_s)."""
+        import ray
+
+        fetched, nodes = self._nodes
+        if refresh or time.monotonic() - fetched > self._nodes_ttl_s:
+            # Outside the lock: against a vanished cluster this call can block for long.
+            nodes = [{k: float(v) for k, v in node.get("Resources", {}).items()}
+                     for node in ray.nodes() if node.get("Alive")]
+            self._nodes = (time.monotonic(), nodes)
+        return nodes
+
+    # -- placement --------------------------------------------------------------------------
+    def placement(self, resources: Mapping[str, Any] | None, hosts: int = 1) -> Placement | None:
+        refused = super().placement(resources, hosts)
+        if refused is not None:
+            return refused
+        if not self._connected:
+            return Placement(f"waiting for the Ray cluster ({self._lost_reason})",
+                             permanent=False)
+        try:
+            nodes = self.cluster_nodes()
+        except Exception as error:  # noqa: BLE001 - the link notices a lost cluster
+            return Placement(f"cannot read the Ray cluster's nodes: {error}", permanent=False)
+        demand = host_demand(resources)
+        hosts = max(int(hosts or 1), 1)
+        if hosts_that_fit(demand, nodes) >= hosts:
+            return None
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("TPU", 0),
+                                            n.get("CPU", 0)), default={})
+        return Placement(
+            f"needs {hosts} host{'s' if hosts > 1 else ''} with {_describe(demand)} each; the "
+            f"Ray cluster's {len(nodes)} node{'s' if len(nodes) != 1 else ''} cannot hold that "
+            f"(largest: {_describe(largest)})", permanent=True)
+
+    def request_capacity(self, demands: Sequence[tuple[Mapping[str, Any], int]]) -> None:
+        bundles = [host_demand(resources) for resources, hosts in demands
+                   for _ in range(max(int(hosts or 1), 1))]
+        key = tuple(tuple(sorted(b.items())) for b in bundles)
+        with self._lock:
+            if key == self._requested or not self._connected:
+                return
+            self._requested = key
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            # Without an autoscaler this only records the request; with one (KubeRay), it
+            # starts the nodes a waiting run needs (GPU groups that scaled to zero).
+            request_resources(bundles=[{k: v for k, v in b.items() if k != "memory"}
+                                       for b in bundles])
+            if bundles:
+                log.info("asked the Ray autoscaler for %d host(s): %s", len(bundles), bundles)
+        except Exception as error:  # noqa: BLE001 - best effort: the run waits either way
+            log.debug("request_resources failed: %s", error)
+
+    # -- trainers ---------------------------------------------------------------------------
     def _create(self, shape: tuple[tuple[str, Any], ...], *, fresh: bool) -> _Member:
         from services.trainer.actor import TrainerActor, actor_options
 
@@ -191,7 +374,8 @@ class RayTrainerPool(TrainerPool):
         """Start the pool's trainers now, with their libraries imported, instead of on first use.
 
         A long-running controller keeps warm trainers; starting them at launch keeps a Python
-        process start and the JAX/flax imports (seconds each) out of the first runs.
+        process start and the JAX/flax imports (seconds each) out of the first runs. The
+        trainers are usable at once (calls queue until they are up); this waits for them.
 
         Args:
           resources: the shape to start them with (default: no special resources).
@@ -203,7 +387,11 @@ class RayTrainerPool(TrainerPool):
         import ray
 
         shape = resource_shape(resources)
-        started = [self._create(shape, fresh=False) for _ in range(self._size - len(self._members))]
+        with self._lock:
+            if not self._connected:
+                return 0
+            started = [self._create(shape, fresh=False)
+                       for _ in range(self._size - len(self._members))]
         if started:
             ray.get([m.actor.warm_up.remote() for m in started], timeout=timeout)
         return len(started)
@@ -223,74 +411,88 @@ class RayTrainerPool(TrainerPool):
         hosts = max(int(hosts or 1), 1)
         if hosts > self._size:
             raise ValueError(f"a run needs {hosts} hosts but the pool holds {self._size}")
-        if hosts == 1:
-            for member in self._members:
-                if not member.busy and not member.fresh and member.shape == shape:
-                    member.busy = True
-                    return Lease([member.name], shape, [member])
-        idle_other = [m for m in self._members if not m.busy and
-                      (m.shape != shape or hosts > 1)]
-        free = self._size - len(self._members)
-        if free + len(idle_other) < hosts:
-            return None
-        for member in idle_other[: max(hosts - free, 0)]:
-            self._retire(member)
-        members = [self._create(shape, fresh=hosts > 1) for _ in range(hosts)]
-        for member in members:
-            member.busy = True
-        return Lease([m.name for m in members], shape, members, fresh=hosts > 1)
+        with self._lock:
+            if not self._connected:
+                return None
+            if hosts == 1:
+                for member in self._members:
+                    if not member.busy and not member.fresh and member.shape == shape:
+                        member.busy = True
+                        return Lease([member.name], shape, [member])
+            idle_other = [m for m in self._members if not m.busy and
+                          (m.shape != shape or hosts > 1)]
+            free = self._size - len(self._members)
+            if free + len(idle_other) < hosts:
+                return None
+            for member in idle_other[: max(hosts - free, 0)]:
+                self._retire(member)
+            members = [self._create(shape, fresh=hosts > 1) for _ in range(hosts)]
+            for member in members:
+                member.busy = True
+            return Lease([m.name for m in members], shape, members, fresh=hosts > 1)
 
     def release(self, lease: Lease) -> None:
-        for member in lease.actors:
-            member.busy = False
-            if lease.fresh and member in self._members:
-                self._retire(member)
+        with self._lock:
+            for member in lease.actors:
+                member.busy = False
+                if lease.fresh and member in self._members:
+                    self._retire(member)
 
     def start(self, lease: Lease, attempt_id: int, experiment_id: str,
-              request: Mapping[str, Any]) -> Dispatch:
+              assignment: Any) -> Dispatch:
         import ray
 
-        request = dict(request)
-        if len(lease.actors) == 1:
-            refs = [lease.actors[0].actor.run.remote(request)]
-        else:
-            coordinator = ray.get(lease.actors[0].actor.coordinator_address.remote(),
-                                  timeout=120)
-            n = len(lease.actors)
-            refs = [m.actor.run_distributed.remote(request, i, n, coordinator)
-                    for i, m in enumerate(lease.actors)]
-        dispatch = Dispatch(attempt_id, experiment_id, request["trial"], int(request["attempt"]),
-                            lease, refs, time.monotonic())
-        self._dispatches[refs[0]] = dispatch
+        data = assignment.SerializeToString()
+        with self._lock:
+            if len(lease.actors) == 1:
+                refs = [lease.actors[0].actor.run.remote(data)]
+            else:
+                coordinator = ray.get(lease.actors[0].actor.coordinator_address.remote(),
+                                      timeout=120)
+                n = len(lease.actors)
+                refs = [m.actor.run_distributed.remote(data, i, n, coordinator)
+                        for i, m in enumerate(lease.actors)]
+            dispatch = Dispatch(attempt_id, experiment_id, assignment.trial,
+                                int(assignment.attempt), lease, refs, time.monotonic())
+            self._dispatches[refs[0]] = dispatch
         log.info("%s attempt %d started on %s", dispatch.trial, dispatch.attempt, lease.worker)
         return dispatch
 
     def poll(self, timeout: float = 0.0) -> list[Finished]:
         import ray
 
-        if not self._dispatches:
+        with self._lock:
+            lost, self._lost = self._lost, []
+            pending = [ref for d in self._dispatches.values() for ref in d.refs]
+        if lost:
+            return lost
+        if not pending:
             if timeout > 0:
                 time.sleep(timeout)
             return []
-        pending = [ref for d in self._dispatches.values() for ref in d.refs]
-        ray.wait(pending, num_returns=1, timeout=timeout)
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+        try:
+            ray.wait(pending, num_returns=1, timeout=timeout)
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+        except Exception as error:  # noqa: BLE001 - the link decides whether Ray is lost
+            log.warning("polling the trainers failed: %s", error)
+            return []
         ready = set(ready)
         finished: list[Finished] = []
-        for key, dispatch in list(self._dispatches.items()):
-            done = [ref for ref in dispatch.refs if ref in ready]
-            if not done:
-                continue
-            outcome = self._collect(dispatch, done)
-            if outcome is None:
-                continue  # a multi-host attempt with processes still running
-            del self._dispatches[key]
-            finished.append(outcome)
+        with self._lock:
+            for key, dispatch in list(self._dispatches.items()):
+                done = [ref for ref in dispatch.refs if ref in ready]
+                if not done:
+                    continue
+                outcome = self._collect(dispatch, done)
+                if outcome is None:
+                    continue  # a multi-host attempt with processes still running
+                del self._dispatches[key]
+                finished.append(outcome)
         return finished
 
     def _collect(self, dispatch: Dispatch, done: list[Any]) -> Finished | None:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         results: dict[int, dict[str, Any]] = {}
         failure: Finished | None = None
@@ -305,8 +507,12 @@ class RayTrainerPool(TrainerPool):
                 failure = failure or Finished(dispatch, None, f"trainer {member.name} lost: "
                                               f"{type(error).__name__}: {error}", lost=True)
             except Exception as error:  # noqa: BLE001 - the run raised: a FAILED attempt
-                failure = failure or Finished(dispatch, None, f"trainer {member.name} raised "
-                                              f"{type(error).__name__}: {error}")
+                cause = error.cause if isinstance(error, RayTaskError) else error
+                infrastructure = bool(getattr(cause, "infrastructure", False))
+                failure = failure or Finished(
+                    dispatch, None, f"trainer {member.name} raised "
+                    f"{type(cause).__name__}: {cause}",
+                    failure=Failure.INFRASTRUCTURE if infrastructure else Failure.RUN)
         if failure is None and len(done) < len(dispatch.refs):
             return None
         for member in lost_members:
@@ -329,33 +535,44 @@ class RayTrainerPool(TrainerPool):
         if dispatch.stop_requested:
             return
         dispatch.stop_requested = True
-        if len(dispatch.lease.actors) > 1:
-            # The processes of a multi-host run cannot agree on a step to stop at: end them
-            # all (the attempt comes back lost; its experiment has ended, so no retry).
-            import ray
+        with self._lock:
+            if len(dispatch.lease.actors) > 1:
+                # The processes of a multi-host run cannot agree on a step to stop at: end
+                # them all (the attempt comes back lost; its experiment has ended, so no retry).
+                import ray
 
-            for member in dispatch.lease.actors:
-                ray.kill(member.actor)
-        else:
-            dispatch.lease.actors[0].actor.stop.remote(dispatch.trial, dispatch.attempt)
+                for member in dispatch.lease.actors:
+                    ray.kill(member.actor)
+            else:
+                dispatch.lease.actors[0].actor.stop.remote(dispatch.trial, dispatch.attempt)
         log.info("asked %s to stop %s attempt %d", dispatch.lease.worker, dispatch.trial,
                  dispatch.attempt)
 
     def running(self) -> list[Dispatch]:
-        return list(self._dispatches.values())
+        with self._lock:
+            return list(self._dispatches.values())
 
     def actor_of(self, trial: str) -> Any | None:
         """The actor running a trial's attempt now (for operators and tests), or None."""
-        for dispatch in self._dispatches.values():
-            if dispatch.trial == trial:
-                return dispatch.lease.actors[0].actor
-        return None
+        return next(iter(self.actors_of(trial)), None)
+
+    def actors_of(self, trial: str) -> list[Any]:
+        """The actors (one per host) running a trial's attempt now."""
+        with self._lock:
+            for dispatch in self._dispatches.values():
+                if dispatch.trial == trial:
+                    return [m.actor for m in dispatch.lease.actors]
+        return []
 
     def counts(self) -> dict[str, int]:
-        busy = sum(1 for m in self._members if m.busy)
-        return {"idle": len(self._members) - busy, "busy": busy}
+        with self._lock:
+            busy = sum(1 for m in self._members if m.busy)
+            return {"idle": len(self._members) - busy, "busy": busy}
 
     def close(self) -> None:
-        for member in list(self._members):
-            self._retire(member)
-        self._dispatches.clear()
+        with self._lock:
+            if self._connected:
+                for member in list(self._members):
+                    self._retire(member)
+            self._members.clear()
+            self._dispatches.clear()

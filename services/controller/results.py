@@ -14,14 +14,13 @@ builds the local runner's. Also the translation of stored data to protocol recor
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from batchlab.runner.local import study_summary
 from batchlab.runner.store import ResultStore
-from batchlab.search import Outcome, RunKind, RunRecord, RunRequest, Study
+from batchlab.search import RunKind, RunRecord, RunRequest, Study
 from services.controller.storage import (
     AttemptRecord,
     AttemptState,
@@ -54,35 +53,31 @@ def run_request(attempt: AttemptRecord, study: Study) -> RunRequest:
 
 
 def attempt_result(attempt: AttemptRecord) -> dict[str, Any]:
-    """The RunResult dict of a completed attempt (a minimal one when none came back)."""
+    """The RunResult dict of a completed attempt (a minimal one when none came back).
+
+    A failed attempt says why ("failure": RUN, INFRASTRUCTURE, CONTROLLER or UNSCHEDULABLE)
+    and whether it counts toward max_attempts ("counted"), so reports tell runs that failed
+    by themselves from attempts lost to the infrastructure.
+    """
+    why = {"failure": attempt.failure or None, "counted": attempt.counted}
     if attempt.result is not None:
         result = dict(attempt.result)
         # The attempt's outcome is the truth (e.g. a result that arrived after a cancel).
         result["outcome"] = attempt.outcome or result.get("outcome")
         if attempt.error and not result.get("error"):
             result["error"] = attempt.error
-        return result
+        return result | why
     return {"outcome": attempt.outcome or "FAILED", "steps_completed": attempt.step,
             "curve": [], "final_metrics": {}, "steps_to_target": None,
-            "error": attempt.error or None}
+            "error": attempt.error or None} | why
 
 
 def run_record(attempt: AttemptRecord) -> RunRecord | None:
     """The protocol record of a completed attempt (None while it is queued or active)."""
     if attempt.state is not AttemptState.COMPLETED or attempt.outcome is None:
         return None
-    result = attempt_result(attempt)
-    stt = result.get("steps_to_target")
-    final = {k: (math.nan if v is None else float(v))
-             for k, v in (result.get("final_metrics") or {}).items()}
-    return RunRecord(
-        trial_index=attempt.trial.trial_index,
-        seed=attempt.seed,
-        outcome=Outcome[attempt.outcome],
-        final_metrics=final,
-        steps_to_target=math.inf if stt is None else float(stt),
-        steps_run=int(result.get("steps_completed") or 0),
-    )
+    return RunRecord.from_result(attempt.trial.trial_index, attempt.seed,
+                                 attempt_result(attempt) | {"outcome": attempt.outcome})
 
 
 def write_results(out_dir: str | Path, experiment: ExperimentRecord, studies: Sequence[Study],

@@ -1,26 +1,39 @@
 """The scheduler: drives every running experiment's studies with the study protocol.
 
 One background thread repeats a tick:
-  1. collect attempts that ended on the trainer pool and store their results (a lost
-     trainer or a run that raised is outcome FAILED: the protocol retries it as attempt + 1,
-     on whichever trainer is free, resuming from the trial's last uploaded checkpoint);
+  1. collect attempts that ended on the trainer pool and store their results, with why a
+     failed one failed (`Failure`): a run that raised or failed in training is the run's own
+     failure; a lost trainer or a failing service is the infrastructure's; an attempt lost
+     with the controller (a restart, a lost Ray cluster) is the controller's and does not
+     count toward the spec's max_attempts. The protocol retries failed runs as a new attempt
+     on whichever trainer is free, resuming from the trial's last uploaded checkpoint. With
+     evaluation by the evaluation service, a run that trained to its end waits (EVALUATING)
+     until every evaluation point is evaluated (services.controller.evaluations), and its
+     result is built from the evaluator's numbers;
   2. for each PENDING or RUNNING experiment and each study: the stored attempts become
      protocol records, `batchlab.search.next_runs(study, records, in_flight=...,
      parallelism=...)` says what to launch, and those runs are stored as QUEUED attempts;
      the study's score (`score_study`) is stored whenever its records change; when every
      study is done the experiment SUCCEEDED;
-  3. hand QUEUED attempts, oldest first, to free trainers (QUEUED -> ACTIVE);
+  3. place QUEUED attempts, oldest first, on free trainers (QUEUED -> ACTIVE; the
+     experiment is RUNNING from its first placed attempt). A run whose resources no node of
+     the cluster can provide is not placed anywhere: it stays QUEUED with the reason (the
+     trial's and the experiment's pending_reason, and the autoscaler is asked for the
+     nodes), and after `unschedulable_after_s` it fails as UNSCHEDULABLE, failing its
+     experiment with that reason;
   4. ask trainers running attempts of a cancelled or failed experiment to stop.
 
 The protocol is a pure function of the stored records, so nothing but storage carries state
 across ticks or controller restarts. On start, attempts still ACTIVE in storage belonged to a
-controller that died (their trainers went with it): they are completed as FAILED and the
-protocol retries them, so a controller killed at any moment and restarted on the same state
-directory finishes the experiment with every trial completed exactly once.
+controller that died (their trainers went with it): they are completed as FAILED (Failure
+CONTROLLER) and the protocol retries them without counting them, so a controller killed at
+any moment and restarted on the same state directory finishes the experiment with every
+trial completed exactly once, within the same max_attempts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,8 +42,9 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from batchlab.proto.v1 import experiment_pb2
+from batchlab.proto.v1 import controller_pb2, experiment_pb2
 from batchlab.search import Study, expand_studies, next_runs, score_study
+from services.controller.evaluations import evaluated_result
 from services.controller.pool import Finished, TrainerPool
 from services.controller.results import run_record
 from services.controller.storage import (
@@ -39,16 +53,19 @@ from services.controller.storage import (
     ExperimentRecord,
     ExperimentState,
     ExperimentStorage,
+    Failure,
     NewAttempt,
+    PointRecord,
     StudyRecord,
     TrialKey,
 )
 
-__all__ = ["Scheduler", "StudyCache", "attempt_request"]
+__all__ = ["Scheduler", "StudyCache", "attempt_assignment"]
 
 log = logging.getLogger(__name__)
 
 RESTART_ERROR = "controller restarted: the attempt's trainer belonged to the previous controller"
+DEFAULT_UNSCHEDULABLE_AFTER_S = 600.0
 
 
 class StudyCache:
@@ -70,25 +87,31 @@ class StudyCache:
         return found
 
 
-def attempt_request(experiment_id: str, study: Study, attempt: AttemptRecord) -> dict[str, Any]:
-    """The plain-data request a trainer runs (services.trainer.actor)."""
+def attempt_assignment(experiment_id: str, study: Study, attempt: AttemptRecord, *,
+                       evaluation: int = controller_pb2.EVALUATION_IN_PROCESS
+                       ) -> controller_pb2.TrialAssignment:
+    """The batchlab.v1.TrialAssignment a trainer runs for a stored attempt.
+
+    Args:
+      experiment_id: the experiment.
+      study: the attempt's study.
+      attempt: the stored attempt.
+      evaluation: where its evaluation points are evaluated (an EvaluationMode).
+    """
     key = attempt.trial
-    return {
-        "trial": key.name,
-        "experiment_id": experiment_id,
-        "study_id": study.id,
-        "trial_index": key.trial_index,
-        "replica": key.replica,
-        "attempt": attempt.attempt,
-        "seed": attempt.seed,
-        "kind": attempt.kind,
-        "workload": study.workload,
-        "hyperparameters": dict(attempt.hyperparameters),
-        "batch_size": study.batch_size,
-        "step_budget": study.step_budget,
-        "eval_every_steps": study.eval_every_steps,
-        "target": study.target.to_dict(),
-    }
+    target = experiment_pb2.Target(metric=study.target.metric, value=study.target.value,
+                                   goal=int(study.target.goal),
+                                   reading=int(study.target.reading))
+    resources = json_format.ParseDict(
+        {k: v for k, v in dict(study.resources).items() if v}, experiment_pb2.Resources())
+    return controller_pb2.TrialAssignment(
+        trial=key.name, experiment_id=experiment_id, study_id=study.id,
+        trial_index=key.trial_index, replica=key.replica, attempt=attempt.attempt,
+        seed=attempt.seed, kind=attempt.kind, workload=study.workload,
+        hyperparameters_json=json.dumps(dict(attempt.hyperparameters), sort_keys=True),
+        batch_size=study.batch_size, step_budget=study.step_budget,
+        eval_every_steps=study.eval_every_steps, target=target, resources=resources,
+        evaluation=evaluation, stop_at_target=study.stop_at_target)
 
 
 class Scheduler:
@@ -103,12 +126,19 @@ class Scheduler:
       metrics: batchlab.rpc.metrics ControllerMetrics, or None.
       metrics_interval_s: the least time between two refreshes of the gauges (they read
         the whole storage).
+      evaluations: the EvaluationDriver when the evaluation service evaluates (None: the
+        trainers evaluate in their own process).
+      unschedulable_after_s: how long a run may wait for resources no node of the cluster
+        provides before it fails as unschedulable.
+      clock: unix seconds (tests pass a fake).
     """
 
     def __init__(self, storage: ExperimentStorage, pool: TrainerPool, *,
                  studies: StudyCache | None = None, parallelism: int | None = None,
                  interval_s: float = 0.2, metrics: Any = None,
-                 metrics_interval_s: float = 1.0):
+                 metrics_interval_s: float = 1.0, evaluations: Any = None,
+                 unschedulable_after_s: float = DEFAULT_UNSCHEDULABLE_AFTER_S,
+                 clock: Any = time.time):
         self.storage = storage
         self.pool = pool
         self.studies = studies or StudyCache()
@@ -116,17 +146,28 @@ class Scheduler:
         self.interval_s = interval_s
         self.metrics = metrics
         self.metrics_interval_s = metrics_interval_s
+        self.evaluations = evaluations
+        self.unschedulable_after_s = unschedulable_after_s
+        self._clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scores: dict[tuple[str, str], tuple[int, str]] = {}
         self._queued_since: dict[int, float] = {}
+        self._pending: dict[int, str] = {}  # attempt id -> the pending reason stored
         self._metrics_updated = -float("inf")
+
+    @property
+    def evaluation_mode(self) -> int:
+        """Where trainers' evaluation points are evaluated (a batchlab.v1.EvaluationMode)."""
+        return (controller_pb2.EVALUATION_SERVICE if self.evaluations is not None
+                else controller_pb2.EVALUATION_IN_PROCESS)
 
     # -- lifecycle --------------------------------------------------------------------------
     def recover(self) -> list[AttemptRecord]:
-        """Complete as FAILED the attempts a dead controller left ACTIVE (retried later)."""
-        failed = self.storage.fail_active_attempts(RESTART_ERROR)
+        """Complete as FAILED the attempts a dead controller left ACTIVE (retried later,
+        not counted toward max_attempts). EVALUATING ones stay: their evaluations resume."""
+        failed = self.storage.fail_active_attempts(RESTART_ERROR, failure=Failure.CONTROLLER)
         for attempt in failed:
             log.warning("%s attempt %d was ACTIVE under the previous controller: FAILED, "
                         "will be retried", attempt.trial.name, attempt.attempt)
@@ -147,7 +188,7 @@ class Scheduler:
         self.pool.close()
 
     def wake(self) -> None:
-        """Tick now (a submission or a cancellation happened)."""
+        """Tick now (a submission, a cancellation or an evaluation happened)."""
         self._wake.set()
 
     def _loop(self) -> None:
@@ -176,6 +217,7 @@ class Scheduler:
         active = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
         for experiment in active:
             try:
+                self._complete_evaluated(experiment)
                 self._plan(experiment)
             except Exception as error:  # noqa: BLE001 - one bad experiment must not stop others
                 log.exception("experiment %s failed", experiment.id)
@@ -190,31 +232,97 @@ class Scheduler:
             if item.result is not None:
                 outcome = str(item.result.get("outcome", "FAILED"))
                 error = item.result.get("error") or ""
+                failure = ""
+                if outcome == "FAILED":
+                    failure = (Failure.INFRASTRUCTURE
+                               if item.result.get("failure") == "infrastructure"
+                               else Failure.RUN)
+                if (self.evaluations is not None and outcome in ("SUCCEEDED", "DIVERGED")
+                        and item.result.get("curve")):
+                    # Trained: the outcome waits for the evaluations of its points.
+                    changed = self.storage.finish_training(d.attempt_id, item.result)
+                    log.info("%s attempt %d trained on %s (%s); waiting for its evaluations",
+                             d.trial, d.attempt, d.lease.worker, outcome)
+                    if changed:
+                        self._end_trial_metrics(d.experiment_id, d.trial)
+                    if self.evaluations is not None:
+                        self.evaluations.wake()
+                    continue
                 changed = self.storage.complete_attempt(d.attempt_id, outcome,
-                                                        result=item.result, error=error)
+                                                        result=item.result, error=error,
+                                                        failure=failure)
             else:
                 outcome = "FAILED"
-                changed = self.storage.complete_attempt(d.attempt_id, outcome, error=item.error)
+                changed = self.storage.complete_attempt(d.attempt_id, outcome, error=item.error,
+                                                        failure=item.failure)
             log.info("%s attempt %d ended %s on %s%s", d.trial, d.attempt, outcome,
                      d.lease.worker, f" ({item.error})" if item.error else "")
             if not changed:
                 log.warning("%s attempt %d was completed already; result ignored", d.trial,
                             d.attempt)
-            elif self.metrics is not None:
-                self.metrics.runs_finished.labels(experiment=d.experiment_id,
-                                                  outcome=outcome).inc()
-                if outcome == "DIVERGED":
-                    self.metrics.divergences.labels(experiment=d.experiment_id).inc()
-                study, trial = _labels(d.trial)
-                self.metrics.end_trial(d.experiment_id, study, trial)
+            else:
+                self._count_outcome(d.experiment_id, outcome)
+                self._end_trial_metrics(d.experiment_id, d.trial)
         if finished:
             self._wake.set()
 
+    def _count_outcome(self, experiment_id: str, outcome: str) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.runs_finished.labels(experiment=experiment_id, outcome=outcome).inc()
+        if outcome == "DIVERGED":
+            self.metrics.divergences.labels(experiment=experiment_id).inc()
+
+    def _end_trial_metrics(self, experiment_id: str, trial: str) -> None:
+        if self.metrics is not None:
+            study, trial_label = _labels(trial)
+            self.metrics.end_trial(experiment_id, study, trial_label)
+
+    def _complete_evaluated(self, experiment: ExperimentRecord) -> None:
+        """Complete the experiment's EVALUATING attempts whose evaluations are all in."""
+        evaluating = self.storage.attempts(experiment.id, states=[AttemptState.EVALUATING])
+        if not evaluating:
+            return
+        studies = {s.id: s for s in self.studies.get(experiment)}
+        failed = (self.evaluations.failed if self.evaluations is not None
+                  else (lambda trial, step: None))
+        for attempt in evaluating:
+            study = studies[attempt.trial.study_id]
+            found = evaluated_result(attempt, study, self.storage.trial_points(attempt.trial),
+                                     failed)
+            if found.missing:
+                # Saved and uploaded by an attempt that died before reporting the point: the
+                # resumed attempt's curve has it, so it is evaluated now.
+                curve = {int(p["step"]): p for p in (attempt.result or {}).get("curve", [])}
+                self.storage.add_points([
+                    PointRecord(attempt.trial, attempt.attempt, step,
+                                {k: v for k, v in curve[step].items() if k != "step"},
+                                awaiting_evaluation=True) for step in found.missing])
+                if self.evaluations is not None:
+                    self.evaluations.wake()
+                continue
+            if found.failed:
+                error = "; ".join(found.failed[s] for s in sorted(found.failed))
+                changed = self.storage.complete_attempt(
+                    attempt.id, "FAILED", error=error, failure=Failure.INFRASTRUCTURE,
+                    expected=[AttemptState.EVALUATING])
+                outcome = "FAILED"
+            elif found.result is not None:
+                outcome = str(found.result.get("outcome"))
+                changed = self.storage.complete_attempt(
+                    attempt.id, outcome, result=found.result,
+                    expected=[AttemptState.EVALUATING])
+            else:
+                continue  # evaluations still to come
+            if changed:
+                log.info("%s attempt %d ended %s (evaluated by the evaluation service)",
+                         attempt.trial.name, attempt.attempt, outcome)
+                self._count_outcome(experiment.id, outcome)
+                # The evaluation metrics exported since training ended go too.
+                self._end_trial_metrics(experiment.id, attempt.trial.name)
+                self._wake.set()
+
     def _plan(self, experiment: ExperimentRecord) -> None:
-        if experiment.state is ExperimentState.PENDING:
-            self.storage.set_experiment_state(experiment.id, ExperimentState.RUNNING,
-                                              expected=[ExperimentState.PENDING])
-            log.info("experiment %s RUNNING", experiment.id)
         if self.metrics is not None:
             # Counters that first appear already incremented lose those increments in
             # Prometheus' increase(): create the experiment's series at zero up front.
@@ -224,21 +332,27 @@ class Scheduler:
         studies = self.studies.get(experiment)
         attempts = self.storage.attempts(experiment.id)
         by_study: dict[str, list[AttemptRecord]] = {s.id: [] for s in studies}
+        numbers: dict[TrialKey, int] = {}
         for attempt in attempts:
             by_study.setdefault(attempt.trial.study_id, []).append(attempt)
+            numbers[attempt.trial] = max(numbers.get(attempt.trial, 0), attempt.attempt)
         new: list[NewAttempt] = []
         all_done = True
         for study in studies:
             mine = by_study[study.id]
-            records = [r for r in (run_record(a) for a in mine) if r is not None]
+            # An attempt lost with the controller is not the run's nor the cluster's doing:
+            # the protocol does not see it, so it does not count toward max_attempts.
+            records = [r for r in (run_record(a) for a in mine if a.counted) if r is not None]
             in_flight = [(a.trial.trial_index, a.seed) for a in mine
                          if a.state is not AttemptState.COMPLETED]
             decision = next_runs(study, records, in_flight=in_flight,
                                  parallelism=self.parallelism)
             for request in decision.launch:
+                key = TrialKey(experiment.id, study.id, request.trial_index, request.replica)
                 new.append(NewAttempt(
-                    TrialKey(experiment.id, study.id, request.trial_index, request.replica),
-                    seed=request.seed, attempt=request.attempt, kind=str(request.kind),
+                    key, seed=request.seed, kind=str(request.kind),
+                    # The protocol numbers counted attempts; stored numbers stay unique.
+                    attempt=max(request.attempt, numbers.get(key, 0) + 1),
                     hyperparameters=request.hyperparameters))
             self._store_score(experiment.id, study, records, decision.phase.value,
                               decision.best_trial)
@@ -270,7 +384,8 @@ class Scheduler:
             self._fail(experiment, f"every run failed; last error: {last}")
             return
         if self.storage.set_experiment_state(experiment.id, ExperimentState.SUCCEEDED,
-                                             expected=[ExperimentState.RUNNING]):
+                                             expected=[ExperimentState.PENDING,
+                                                       ExperimentState.RUNNING]):
             log.info("experiment %s SUCCEEDED", experiment.id)
 
     def _fail(self, experiment: ExperimentRecord, error: str) -> None:
@@ -281,17 +396,32 @@ class Scheduler:
         self.cancel_queued(experiment.id, error="experiment failed")
 
     def cancel_queued(self, experiment_id: str, error: str = "experiment cancelled") -> int:
-        """Complete the experiment's QUEUED attempts as CANCELLED; returns how many."""
+        """Complete the experiment's QUEUED (and EVALUATING: nobody waits for their
+        evaluations any more) attempts as CANCELLED; returns how many."""
         count = 0
-        for attempt in self.storage.attempts(experiment_id, states=[AttemptState.QUEUED]):
+        waiting = [AttemptState.QUEUED, AttemptState.EVALUATING]
+        for attempt in self.storage.attempts(experiment_id, states=waiting):
             if self.storage.complete_attempt(attempt.id, "CANCELLED", error=error,
-                                             expected=[AttemptState.QUEUED]):
+                                             expected=waiting):
                 count += 1
         return count
 
+    def _set_pending(self, attempt: AttemptRecord, reason: str) -> None:
+        if self._pending.get(attempt.id, attempt.pending_reason) != reason:
+            self.storage.set_pending_reason(attempt.id, reason)
+            if reason:
+                log.warning("%s attempt %d cannot be placed: %s", attempt.trial.name,
+                            attempt.attempt, reason)
+        if reason:
+            self._pending[attempt.id] = reason
+        else:
+            self._pending.pop(attempt.id, None)
+
     def _dispatch(self) -> None:
-        running = {e.id: e for e in self.storage.experiments_in([ExperimentState.RUNNING])}
-        for experiment in running.values():
+        waiting = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
+        demands: list[tuple[dict[str, Any], int]] = []
+        free = True
+        for experiment in waiting:
             queued = self.storage.attempts(experiment.id, states=[AttemptState.QUEUED])
             if not queued:
                 continue
@@ -300,25 +430,57 @@ class Scheduler:
                 study = studies[attempt.trial.study_id]
                 resources = dict(study.resources)
                 hosts = int(resources.get("num_hosts") or 1)
+                refused = self.pool.placement(resources, hosts)
+                if refused is not None:
+                    self._set_pending(attempt, refused.reason)
+                    if refused.permanent:
+                        demands.append((resources, hosts))
+                        self._unschedulable(experiment, attempt, refused.reason)
+                    break  # the experiment's other runs ask for the same resources
+                if not free:
+                    continue
                 lease = self.pool.acquire(resources, hosts)
                 if lease is None:
-                    return  # no trainer free: the rest wait, oldest first
+                    free = False  # no trainer free: the rest wait, oldest first
+                    continue
                 if not self.storage.activate_attempt(attempt.id, lease.worker):
                     self.pool.release(lease)
                     continue
+                self._set_pending(attempt, "")
+                if self.storage.set_experiment_state(experiment.id, ExperimentState.RUNNING,
+                                                     expected=[ExperimentState.PENDING]):
+                    log.info("experiment %s RUNNING", experiment.id)
                 try:
-                    self.pool.start(lease, attempt.id, experiment.id,
-                                    attempt_request(experiment.id, study, attempt))
+                    self.pool.start(lease, attempt.id, experiment.id, attempt_assignment(
+                        experiment.id, study, attempt, evaluation=self.evaluation_mode))
                 except Exception as error:  # noqa: BLE001 - the attempt fails; retried later
                     log.exception("starting %s attempt %d failed", attempt.trial.name,
                                   attempt.attempt)
                     self.pool.release(lease)
                     self.storage.complete_attempt(attempt.id, "FAILED",
-                                                  error=f"could not start: {error}")
+                                                  error=f"could not start: {error}",
+                                                  failure=Failure.INFRASTRUCTURE)
                     continue
                 queued_at = self._queued_since.pop(attempt.id, None)
                 if self.metrics is not None and queued_at is not None:
                     self.metrics.scheduling_latency.observe(time.monotonic() - queued_at)
+        self.pool.request_capacity(demands)
+
+    def _unschedulable(self, experiment: ExperimentRecord, attempt: AttemptRecord,
+                       reason: str) -> None:
+        """Fail the run (and its experiment) once its resources were missing for too long."""
+        stored = self.storage.get_attempt(attempt.trial, attempt.attempt)
+        since = stored.pending_since if stored is not None else None
+        if since is None or self._clock() - since < self.unschedulable_after_s:
+            return
+        error = (f"unschedulable: {reason}; waited {self._clock() - since:.0f} s "
+                 f"(BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS is {self.unschedulable_after_s:g})")
+        if self.storage.complete_attempt(attempt.id, "FAILED", error=error,
+                                         failure=Failure.UNSCHEDULABLE,
+                                         expected=[AttemptState.QUEUED]):
+            self._pending.pop(attempt.id, None)
+            self._count_outcome(experiment.id, "FAILED")
+            self._fail(experiment, error)
 
     def _stop_ended(self) -> None:
         for dispatch in self.pool.running():
@@ -342,7 +504,8 @@ class Scheduler:
             by_state[experiment.state.value] += 1
         for state, n in by_state.items():
             self.metrics.experiments.labels(state=state).set(n)
-        for experiment in self.storage.experiments_in([ExperimentState.RUNNING]):
+        for experiment in self.storage.experiments_in([ExperimentState.PENDING,
+                                                       ExperimentState.RUNNING]):
             attempts = self.storage.attempts(experiment.id)
             queued += sum(1 for a in attempts if a.state is AttemptState.QUEUED)
             self.metrics.set_trial_counts(experiment.id, trial_state_counts(attempts))

@@ -1,7 +1,15 @@
 """Runs the experiment controller: ``python -m services.controller.server``.
 
 Wiring: SQLite storage in the state directory, a pool of Ray trainer actors, the scheduler
-thread and the ExperimentService gRPC server (with health, auth and metrics).
+thread, the evaluation driver (evaluation points go to the evaluation service) and the
+ExperimentService gRPC server (with health, auth and metrics).
+
+The controller serves gRPC first; Ray is connected (or started) and the trainers warmed in
+the background, reconnecting after a loss (services.controller.ray_link). Health service
+"" and batchlab.v1.ExperimentService are SERVING while the API serves; "batchlab.trainers"
+is SERVING only while Ray is connected (trainers can run). The metrics
+batchlab_ray_connected, batchlab_cluster_resources{resource} and batchlab_trainers{state}
+report the trainers' capacity.
 
 Environment:
   BATCHLAB_CONTROLLER_PORT: gRPC port (default 50051).
@@ -15,19 +23,43 @@ Environment:
   BATCHLAB_CHECKPOINTS_ADDR: the checkpoint service trainers upload to and resume from;
     unset: BATCHLAB_CHECKPOINT_DIR, a folder every trainer can read (default
     <state dir>/checkpoints with a local Ray; none with a remote one).
-  BATCHLAB_SHARDING_ADDR: the sharding service trainers ask to prepare a run's dataset
-    (unset: the datasets must exist in the trainers' data folder).
+  BATCHLAB_SHARDING_ADDR: the sharding service: it prepares a run's dataset and says what
+    every trainer process reads (unset: the datasets must exist in the trainers' data folder
+    and each process computes its own shard).
+  BATCHLAB_EVALUATOR_ADDR: the evaluation service that evaluates every evaluation point from
+    its checkpoint while training goes on (needs BATCHLAB_CHECKPOINTS_ADDR). Required unless
+    BATCHLAB_EVALUATION=in-process, which has trainers evaluate in their own process between
+    steps (as `batchlab local run` does).
+  BATCHLAB_EVALUATION: "service" (default) or "in-process".
+  BATCHLAB_EVALUATION_CONCURRENCY: evaluations in flight at once (default 2).
+  BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS: how long a run may wait for resources that no node
+    of the Ray cluster provides (the autoscaler is asked for them meanwhile) before it and
+    its experiment fail as unschedulable (default 600).
+  BATCHLAB_RAY_PROBE_SECONDS: how often the Ray link is checked (default 5); a probe that
+    gets no answer in BATCHLAB_RAY_PROBE_TIMEOUT_SECONDS (default 30) means it is lost.
+  BATCHLAB_EXAMPLE_LOG_DIR: trainers append the example indices of every step they train
+    there (an audit of what each attempt read; default: off).
   BATCHLAB_DATA_DIR: the trainers' data folder (tfds datasets under <dir>/tfds).
   BATCHLAB_RESULTS_DIR: GetReport also keeps each experiment's results layout and report
     under <dir>/<experiment id> (default: not kept).
   BATCHLAB_JAX_CACHE_DIR: JAX's persistent compilation cache for the trainers.
-  BATCHLAB_WORKLOADS: workload names specs are checked against, comma separated, when the
-    controller cannot import batchlab.train (it installs no JAX); unset: any name passes.
+  BATCHLAB_WORKLOADS: workload names specs are checked against, comma separated (unset: the
+    registered ones, from batchlab.workloads).
   BATCHLAB_REPORT_INTERVAL_SECONDS: how often trainers send progress (default 2).
   BATCHLAB_AUTH_TOKEN: when set, calls need ``authorization: Bearer <token>`` (trainers get it).
   BATCHLAB_METRICS_PORT: Prometheus port (default 9101; 0 picks a free one).
   BATCHLAB_TRAINER_METRICS_PORT: trainers' Prometheus port (unset: none).
+  BATCHLAB_TRAINER_METRICS_HOST: the interface trainers serve metrics on (default: the
+    controller's BATCHLAB_BIND_HOST, so a loopback stack keeps every listener on loopback).
   BATCHLAB_SHUTDOWN_GRACE_SECONDS: time in-flight calls get after SIGTERM (default 10).
+  BATCHLAB_RECONCILE_EXPERIMENTS: "true" in a pod runs the Experiment reconciler
+    (services/controller/reconciler.py; BATCHLAB_NAMESPACE, BATCHLAB_RECONCILE_INTERVAL_SECONDS).
+  BATCHLAB_DB_BACKUP_INTERVAL_SECONDS: how often the database is backed up online into
+    <state dir>/backups (default 3600, and once at start; 0 turns backups off).
+  BATCHLAB_DB_BACKUPS_KEPT: backups kept, the newest (default 5).
+
+At start the database passes SQLite's integrity check or the controller refuses to start,
+with one line naming the file and the way out (restore the newest backup, or move it away).
 
 SIGTERM or SIGINT stops it gracefully: health turns NOT_SERVING, watch streams end, calls
 in flight finish, the scheduler stops and the trainers are released. Runs in flight are
@@ -46,10 +78,15 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc
+from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, evaluation_pb2_grpc
+from batchlab.rpc.client import StartupError, channel, peer_address
 from batchlab.rpc.server import Registration, build_server, configure_logging
+from services.controller.backups import BackupScheduler
+from services.controller.evaluations import EvaluationDriver
 from services.controller.pool import RayTrainerPool, TrainerPool
-from services.controller.scheduler import Scheduler, StudyCache
+from services.controller.ray_link import RayLink
+from services.controller.reconciler import start_experiment_reconciler
+from services.controller.scheduler import DEFAULT_UNSCHEDULABLE_AFTER_S, Scheduler, StudyCache
 from services.controller.servicer import ExperimentServicer
 from services.controller.storage import ExperimentStorage, SQLiteStorage
 from services.trainer.local_ray import LOCAL_RAY_ENV, ensure_local_ray
@@ -112,8 +149,18 @@ class ControllerConfig:
       report_interval_s: how often trainers report progress.
       auth_token: bearer token ("" = none).
       trainer_metrics_port: trainers' Prometheus port (None = none).
+      trainer_metrics_host: the interface trainers' metrics bind ("" = ``host``).
       grace_s: shutdown grace for in-flight calls.
       poll_interval_s: the scheduler's tick interval.
+      backup_interval_s: seconds between online database backups (0: none).
+      backups_kept: database backups kept.
+      evaluator_address: the evaluation service ("" = trainers evaluate in their own
+        process; from_env refuses that unless BATCHLAB_EVALUATION=in-process).
+      evaluation_concurrency: evaluations in flight at once.
+      unschedulable_timeout_s: how long a run waits for resources no node provides.
+      ray_probe_interval_s: time between two checks of the Ray link.
+      ray_probe_timeout_s: a check without an answer in this time means the link is lost.
+      example_log_dir: where trainers log the examples each step read ("" = off).
     """
 
     host: str = "127.0.0.1"
@@ -134,8 +181,23 @@ class ControllerConfig:
     report_interval_s: float = 2.0
     auth_token: str = ""
     trainer_metrics_port: int | None = None
+    trainer_metrics_host: str = ""
     grace_s: float = 10.0
     poll_interval_s: float = 0.2
+    backup_interval_s: float = 3600.0
+    backups_kept: int = 5
+    evaluator_address: str = ""
+    evaluation_concurrency: int = 2
+    unschedulable_timeout_s: float = DEFAULT_UNSCHEDULABLE_AFTER_S
+    ray_probe_interval_s: float = 5.0
+    ray_probe_timeout_s: float = 30.0
+    example_log_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.evaluator_address and not self.checkpoints_address:
+            raise StartupError("the evaluation service (BATCHLAB_EVALUATOR_ADDR) reads each "
+                               "evaluation point's checkpoint from the checkpoint service: set "
+                               "BATCHLAB_CHECKPOINTS_ADDR too, or BATCHLAB_EVALUATION=in-process")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -144,6 +206,13 @@ class ControllerConfig:
         workloads = env.get("BATCHLAB_WORKLOADS", "").strip()
         data_dir = env.get("BATCHLAB_DATA_DIR", "").strip()
         trainer_metrics = env.get("BATCHLAB_TRAINER_METRICS_PORT", "").strip()
+        evaluation = env.get("BATCHLAB_EVALUATION", "").strip() or "service"
+        if evaluation not in ("service", "in-process"):
+            raise ValueError(f"BATCHLAB_EVALUATION must be 'service' or 'in-process'; got "
+                             f"{evaluation!r}")
+        # The evaluation service is a required peer (a missing address is a startup error),
+        # unless in-process evaluation is asked for explicitly.
+        evaluator = peer_address("evaluator", environ=env) if evaluation == "service" else ""
         return cls(
             host=env.get("BATCHLAB_BIND_HOST", "").strip() or "127.0.0.1",
             port=_int(env, "BATCHLAB_CONTROLLER_PORT", DEFAULT_PORT),
@@ -164,25 +233,31 @@ class ControllerConfig:
             report_interval_s=_float(env, "BATCHLAB_REPORT_INTERVAL_SECONDS", 2.0),
             auth_token=env.get("BATCHLAB_AUTH_TOKEN", "") or "",
             trainer_metrics_port=int(trainer_metrics) if trainer_metrics else None,
+            trainer_metrics_host=env.get("BATCHLAB_TRAINER_METRICS_HOST", "").strip(),
             grace_s=_float(env, "BATCHLAB_SHUTDOWN_GRACE_SECONDS", 10.0),
+            backup_interval_s=_float(env, "BATCHLAB_DB_BACKUP_INTERVAL_SECONDS", 3600.0),
+            backups_kept=_int(env, "BATCHLAB_DB_BACKUPS_KEPT", 5, 1),
+            evaluator_address=evaluator,
+            evaluation_concurrency=_int(env, "BATCHLAB_EVALUATION_CONCURRENCY", 2, 1),
+            unschedulable_timeout_s=_float(env, "BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS",
+                                           DEFAULT_UNSCHEDULABLE_AFTER_S),
+            ray_probe_interval_s=_float(env, "BATCHLAB_RAY_PROBE_SECONDS", 5.0),
+            ray_probe_timeout_s=_float(env, "BATCHLAB_RAY_PROBE_TIMEOUT_SECONDS", 30.0),
+            example_log_dir=env.get("BATCHLAB_EXAMPLE_LOG_DIR", "").strip(),
         )
 
 
 def known_workloads(config: ControllerConfig) -> Collection[str] | None:
     """Workload names specs are checked against.
 
-    From the configuration if given; else from batchlab.train's registry when this process
-    can import it (it needs JAX); else None, and unknown names fail on the trainers instead.
+    From the configuration if given; else the registered workloads' declarations
+    (batchlab.workloads, which needs no JAX and which batchlab.train's registry matches).
     """
     if config.workloads is not None:
         return config.workloads
-    try:
-        from batchlab.train.workloads import workload_names
-    except ImportError as error:
-        log.warning("cannot import batchlab.train (%s): specs are not checked against the "
-                    "workload registry; set BATCHLAB_WORKLOADS", error)
-        return None
-    return tuple(workload_names())
+    from batchlab.workloads import DECLARATIONS
+
+    return tuple(sorted(DECLARATIONS))
 
 
 def connect_ray(config: ControllerConfig) -> bool:
@@ -191,7 +266,19 @@ def connect_ray(config: ControllerConfig) -> bool:
         # Before the import: Ray reads these when it loads (loopback only, no reporting).
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
+    # Ray connects from the link's thread, after main() installed its SIGTERM handler; Ray's
+    # own failure-signal handler would then take SIGTERM first and abort the process in the
+    # middle of the graceful stop. Ray reads this once, when it is imported; the Ray processes
+    # this process starts do not inherit it (they keep their crash reports).
+    disable = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    inherited = os.environ.get(disable)
+    os.environ[disable] = "1"
     import ray
+
+    if inherited is None:
+        os.environ.pop(disable, None)
+    else:
+        os.environ[disable] = inherited
 
     if ray.is_initialized():
         return False
@@ -209,7 +296,8 @@ class Controller:
     Args:
       config: the configuration.
       storage: the storage (default: SQLite in config.state_dir).
-      pool: the trainer pool (default: Ray actors; Ray is connected or started).
+      pool: the trainer pool (default: Ray actors, on a Ray cluster that `start` connects
+        to, or starts, in the background).
       metrics: batchlab.rpc.metrics Metrics with the controller role (default: made here
         when the module is available).
     """
@@ -229,20 +317,37 @@ class Controller:
                                       self.servicer)],
             host=config.host, port=config.port, service_name="controller",
             auth_token=config.auth_token or None, metrics=self.metrics)
-        self._started_ray = False
+        self.link = None
         if pool is None:
-            self._started_ray = connect_ray(config)
-            pool = RayTrainerPool(config.num_trainers, self.trainer_settings())
-            try:
-                log.info("started %d warm trainers", pool.warm())
-            except Exception:  # noqa: BLE001 - trainers are started on demand instead
-                log.warning("could not start warm trainers; they start on first use", exc_info=True)
+            # Serve first: Ray is connected (or started) and the trainers warmed afterwards,
+            # in the background; nothing is placed until then.
+            pool = RayTrainerPool(config.num_trainers, self.trainer_settings(),
+                                  connected=False)
+            self.link = RayLink(lambda: connect_ray(config), pool, health=self.server.health,
+                                metrics=controller_metrics,
+                                probe_interval_s=config.ray_probe_interval_s,
+                                probe_timeout_s=config.ray_probe_timeout_s,
+                                on_change=lambda: self.scheduler.wake())
         self.pool = pool
+        self._evaluator_channel = None
+        self.evaluations = None
+        if config.evaluator_address:
+            self._evaluator_channel = channel(config.evaluator_address,
+                                              token=config.auth_token or None)
+            self.evaluations = EvaluationDriver(
+                self.storage, evaluation_pb2_grpc.EvaluationServiceStub(self._evaluator_channel),
+                self.studies, concurrency=config.evaluation_concurrency,
+                on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics)
         self.scheduler = Scheduler(self.storage, pool, studies=self.studies,
                                    interval_s=config.poll_interval_s,
-                                   metrics=controller_metrics)
+                                   metrics=controller_metrics, evaluations=self.evaluations,
+                                   unschedulable_after_s=config.unschedulable_timeout_s)
         self.servicer.scheduler = self.scheduler
         self._metrics_server = None
+        self.backups = None
+        if isinstance(self.storage, SQLiteStorage) and config.backup_interval_s > 0:
+            self.backups = BackupScheduler(self.storage.path, interval_s=config.backup_interval_s,
+                                           keep=config.backups_kept)
         self._stopped = threading.Event()
 
     @property
@@ -270,6 +375,8 @@ class Controller:
             "jax_cache_dir": config.jax_cache_dir,
             "report_interval_s": config.report_interval_s,
             "metrics_port": config.trainer_metrics_port,
+            "metrics_host": config.trainer_metrics_host or config.host,
+            "example_log_dir": config.example_log_dir,
         }
 
     def start(self) -> None:
@@ -280,9 +387,15 @@ class Controller:
             self._metrics_server = start_metrics_server(
                 self.config.metrics_port, self.metrics.registry, addr=self.config.host)
             log.info("controller metrics on %s:%d", self.config.host, self._metrics_server.port)
+        if self.backups is not None:
+            self.backups.start()
         self.scheduler.start()
         self.server.start()
         log.info("controller serving on %s (state %s)", self.address, self.config.state_dir)
+        if self.evaluations is not None:
+            self.evaluations.start()
+        if self.link is not None:
+            self.link.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop serving (watch streams end, calls in flight get `grace` s), then scheduling."""
@@ -293,14 +406,18 @@ class Controller:
         self.server.health.enter_graceful_shutdown()
         self.servicer.close()
         self.server.stop(grace)
+        if self.evaluations is not None:
+            self.evaluations.stop()
         self.scheduler.stop()
+        if self.link is not None:
+            self.link.close()
+        if self._evaluator_channel is not None:
+            self._evaluator_channel.close()
+        if self.backups is not None:
+            self.backups.stop()
         self.storage.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
         log.info("controller stopped")
 
 
@@ -314,7 +431,8 @@ def _make_metrics() -> Any:
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; returns the exit status (2 for a bad configuration)."""
+    """Serve until SIGTERM or SIGINT; returns the exit status (2 for a bad configuration or
+    a damaged database)."""
     configure_logging(environ)
     try:
         config = ControllerConfig.from_env(environ)
@@ -331,11 +449,18 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     # Not batchlab.rpc.server.serve: the controller must end its watch streams before the
     # server's grace period starts, and stop the scheduler after the server.
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reconciler = None
     try:
         controller.start()
+        # Experiments as Kubernetes resources (BATCHLAB_RECONCILE_EXPERIMENTS, in a pod only):
+        # services/controller/reconciler.py, a client of this controller's own API.
+        reconciler = start_experiment_reconciler(controller.address, token=config.auth_token,
+                                                 environ=environ)
         while not stop.wait(0.5):
             pass
     finally:
+        if reconciler is not None:
+            reconciler.stop()
         controller.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

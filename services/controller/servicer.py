@@ -29,6 +29,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from batchlab import limits
 from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.errors import (
     AlreadyExists,
@@ -36,8 +37,11 @@ from batchlab.rpc.errors import (
     InvalidArgument,
     NotFound,
     handle_errors,
+    shorten,
 )
 from batchlab.search import SpecError, Study, expand_studies, spec_to_dict, validate_spec
+from batchlab.search.admission import check_request_id
+from batchlab.search.diagnostics import spec_diagnostics
 from services.controller.results import write_results
 from services.controller.scheduler import StudyCache, latest_attempts
 from services.controller.storage import (
@@ -56,12 +60,18 @@ __all__ = ["ExperimentServicer", "PageToken", "cancel_queued_attempts"]
 log = logging.getLogger(__name__)
 
 Experiment = controller_pb2.Experiment
+SpecDiagnostic = controller_pb2.SpecDiagnostic
 Trial = controller_pb2.Trial
 
-_EXPERIMENT_NAME = re.compile(r"^experiments/([A-Za-z0-9._-]+)$")
-_STUDY_NAME = re.compile(r"^experiments/([A-Za-z0-9._-]+)/studies/([A-Za-z0-9._-]+)$")
-_TRIAL_NAME = re.compile(
-    r"^experiments/([A-Za-z0-9._-]+)/studies/([A-Za-z0-9._-]+)/trials/(\d+)-r(\d+)$")
+# Matched whole (fullmatch): "$" would also accept a name ending in a newline. Ids are at
+# most 128 characters (an experiment id is its spec name, <= 63, and 9 more); trial and
+# replica numbers are ASCII digits, at most 9 of them, so that they fit every integer column.
+_EXPERIMENT_NAME = re.compile(r"experiments/([A-Za-z0-9._-]{1,128})")
+_STUDY_NAME = re.compile(r"experiments/([A-Za-z0-9._-]{1,128})/studies/([A-Za-z0-9._-]{1,256})")
+_TRIAL_NAME = re.compile(r"experiments/([A-Za-z0-9._-]{1,128})/studies/([A-Za-z0-9._-]{1,256})"
+                         r"/trials/([0-9]{1,9})-r([0-9]{1,9})")
+# Page keys are storage row ids: SQLite integers are signed 64-bit.
+_MAX_PAGE_KEY = 2**63 - 1
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -99,7 +109,8 @@ class PageToken:
             owner = data["p"]
         except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise InvalidArgument(field, "is not a token this server issued") from None
-        if owner != scope or not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        if (owner != scope or not isinstance(after, int) or isinstance(after, bool)
+                or not 0 <= after <= _MAX_PAGE_KEY):
             raise InvalidArgument(field, "belongs to another listing (use it with the "
                                          "request that returned it)")
         return after
@@ -142,9 +153,9 @@ def experiment_id_of(name: str, field: str = "name") -> str:
     Raises:
       InvalidArgument: naming `field`, for anything else.
     """
-    match = _EXPERIMENT_NAME.match(name or "")
+    match = _EXPERIMENT_NAME.fullmatch(name or "")
     if match is None:
-        raise InvalidArgument(field, f"must be experiments/{{id}}, got {name!r}")
+        raise InvalidArgument(field, f"must be experiments/{{id}}, got {shorten(name)}")
     return match.group(1)
 
 
@@ -154,27 +165,33 @@ def trial_key_of(name: str, field: str) -> TrialKey:
     Raises:
       InvalidArgument: naming `field`, for anything else.
     """
-    match = _TRIAL_NAME.match(name or "")
+    match = _TRIAL_NAME.fullmatch(name or "")
     if match is None:
-        raise InvalidArgument(field, "must be experiments/{e}/studies/{s}/trials/{t}-r{r}, "
-                                     f"got {name!r}")
+        raise InvalidArgument(field, "must be experiments/{e}/studies/{s}/trials/{t}-r{r} "
+                                     f"(t and r: up to 9 digits), got {shorten(name)}")
     e, s, t, r = match.groups()
     return TrialKey(e, s, int(t), int(r))
 
 
 def cancel_queued_attempts(storage: ExperimentStorage, experiment_id: str,
                            error: str = "experiment cancelled") -> int:
-    """Complete an experiment's QUEUED attempts as CANCELLED; returns how many."""
+    """Complete an experiment's QUEUED and EVALUATING attempts as CANCELLED (nobody waits
+    for those evaluations any more); returns how many."""
     count = 0
-    for attempt in storage.attempts(experiment_id, states=[AttemptState.QUEUED]):
-        if storage.complete_attempt(attempt.id, "CANCELLED", error=error,
-                                    expected=[AttemptState.QUEUED]):
+    waiting = [AttemptState.QUEUED, AttemptState.EVALUATING]
+    for attempt in storage.attempts(experiment_id, states=waiting):
+        if storage.complete_attempt(attempt.id, "CANCELLED", error=error, expected=waiting):
             count += 1
     return count
 
 
 def _outcome_value(name: str | None) -> int:
     return common_pb2.Outcome.Value(name) if name else common_pb2.OUTCOME_UNSPECIFIED
+
+
+def _failure_value(name: str) -> int:
+    """batchlab.v1.Failure of a stored Failure value ("" -> FAILURE_UNSPECIFIED)."""
+    return controller_pb2.Failure.Value(f"FAILURE_{name}") if name else 0
 
 
 def aggregate_from_score(score: Mapping[str, Any]) -> controller_pb2.StudyAggregate:
@@ -244,7 +261,8 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             raise NotFound(name)
         return record
 
-    def _trial(self, latest: AttemptRecord, first: AttemptRecord) -> controller_pb2.Trial:
+    def _trial(self, latest: AttemptRecord, first: AttemptRecord,
+               history: Sequence[AttemptRecord] = ()) -> controller_pb2.Trial:
         result = latest.result or {}
         stt = result.get("steps_to_target")
         trial = Trial(
@@ -263,7 +281,14 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             steps_to_target=math.inf if stt is None else float(stt),
             error=latest.error,
             worker=latest.worker,
+            failure=_failure_value(latest.failure),
+            pending_reason=latest.pending_reason,
         )
+        for attempt in history:
+            trial.attempts.append(controller_pb2.TrialAttempt(
+                attempt=attempt.attempt, state=Trial.State.Value(attempt.state.value),
+                outcome=_outcome_value(attempt.outcome), failure=_failure_value(attempt.failure),
+                error=attempt.error, worker=attempt.worker, counted=attempt.counted))
         for field, seconds in (("start_time", first.start_time or latest.start_time),
                                ("end_time", latest.end_time)):
             stamp = _timestamp(seconds)
@@ -273,11 +298,14 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
 
     def _trials(self, attempts: Sequence[AttemptRecord]) -> list[controller_pb2.Trial]:
         first: dict[TrialKey, AttemptRecord] = {}
+        history: dict[TrialKey, list[AttemptRecord]] = {}
         for attempt in attempts:
             current = first.get(attempt.trial)
             if current is None or attempt.attempt < current.attempt:
                 first[attempt.trial] = attempt
-        return [self._trial(a, first[a.trial]) for a in latest_attempts(attempts)]
+            history.setdefault(attempt.trial, []).append(attempt)
+        return [self._trial(a, first[a.trial], sorted(history[a.trial], key=lambda r: r.attempt))
+                for a in latest_attempts(attempts)]
 
     def _study(self, experiment_id: str, study: Study,
                record: StudyRecord | None) -> controller_pb2.Study:
@@ -318,8 +346,11 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         for attempt in latest_attempts(attempts):
             if attempt.state is AttemptState.QUEUED:
                 counts.pending += 1
+                message.pending_reason = message.pending_reason or attempt.pending_reason
             elif attempt.state is AttemptState.ACTIVE:
                 counts.running += 1
+            elif attempt.state is AttemptState.EVALUATING:
+                counts.evaluating += 1
             elif attempt.outcome:
                 field = attempt.outcome.lower()
                 setattr(counts, field, getattr(counts, field) + 1)
@@ -335,15 +366,26 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "required: the ExperimentSpec to run")
         spec = request.spec
+        id_problem = check_request_id(request.request_id)
+        if id_problem is not None:
+            raise InvalidArgument("request_id", id_problem)
         try:
             validate_spec(spec, known_workloads=self.known_workloads)
             studies = expand_studies(spec)
         except SpecError as error:
             raise _spec_error(error) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+            # The validators crashed on what a client sent: a validator bug that the client
+            # cannot fix, but their spec is the cause, so not INTERNAL. Logged in full.
+            log.error("validating %s crashed", shorten(spec.name), exc_info=error)
+            raise InvalidArgument("spec", f"could not be validated ({type(error).__name__}; "
+                                          "the controller's log has the details)") from None
         spec_dict = spec_to_dict(spec)
+        diagnostics = [SpecDiagnostic(code=d.code, field_path=d.where, message=d.message)
+                       for d in spec_diagnostics(spec)]
         if request.validate_only:
             message = Experiment(spec=spec, state=Experiment.PENDING,
-                                 request_id=request.request_id)
+                                 request_id=request.request_id, diagnostics=diagnostics)
             for study in studies:
                 message.studies.append(self._study("-", study, None))
             return message
@@ -359,7 +401,9 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             log.info("submitted %s (%d studies, request_id %r)", record.name, len(studies),
                      request.request_id)
             self._wake()
-        return self._experiment(record)
+        message = self._experiment(record)
+        message.diagnostics.extend(diagnostics)
+        return message
 
     @handle_errors
     def GetExperiment(self, request, context):
@@ -384,7 +428,7 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         """Trials (latest attempt of each) of an experiment or one of its studies."""
         parent = request.parent
         study_id = None
-        match = _STUDY_NAME.match(parent or "")
+        match = _STUDY_NAME.fullmatch(parent or "")
         if match is not None:
             record = self._get(f"experiments/{match.group(1)}", "parent")
             study_id = match.group(2)
@@ -503,18 +547,34 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         """Store a trainer's metric points; cancel=True when its experiment was stopped."""
         points: list[PointRecord] = []
         attempts: dict[tuple[TrialKey, int], AttemptRecord] = {}
+        if len(request.points) > limits.MAX_POINTS_PER_REPORT:
+            raise InvalidArgument("points", f"at most {limits.MAX_POINTS_PER_REPORT} per call "
+                                            f"(batchlab.limits), got {len(request.points)}")
         for i, point in enumerate(request.points):
             key = trial_key_of(point.trial, f"points[{i}].trial")
             if point.attempt < 1:
                 raise InvalidArgument(f"points[{i}].attempt", f"must be >= 1, got "
                                                               f"{point.attempt}")
+            if point.step > limits.MAX_STEPS:
+                raise InvalidArgument(f"points[{i}].step", f"must be at most {limits.MAX_STEPS} "
+                                                           f"(batchlab.limits), got {point.step}")
+            for name in point.values:
+                if len(name) > limits.MAX_METRIC_NAME_CHARS or not name.isprintable():
+                    raise InvalidArgument(f"points[{i}].values", "metric names must be "
+                                          f"printable, at most {limits.MAX_METRIC_NAME_CHARS} "
+                                          f"characters, got {shorten(name)}")
             if (key, point.attempt) not in attempts:
                 attempt = self.storage.get_attempt(key, point.attempt)
                 if attempt is None:
                     raise NotFound(f"{point.trial} attempt {point.attempt}")
                 attempts[(key, point.attempt)] = attempt
-            points.append(PointRecord(key, point.attempt, point.step, dict(point.values)))
+            points.append(PointRecord(key, point.attempt, point.step, dict(point.values),
+                                      awaiting_evaluation=point.awaiting_evaluation))
         self.storage.add_points(points)
+        if any(p.awaiting_evaluation for p in points):
+            evaluations = getattr(self.scheduler, "evaluations", None)
+            if evaluations is not None:
+                evaluations.wake()
         cancel = False
         experiments: dict[str, ExperimentRecord | None] = {}
         for (key, _), attempt in attempts.items():

@@ -9,10 +9,13 @@ What is stored:
   - experiments: name experiments/{id}, the spec as JSON, state, timestamps, error; a
     client's request_id is UNIQUE, so a resubmission finds the first experiment.
   - attempts: one row per run attempt (study, trial index, replica, seed, attempt number,
-    kind, hyperparameters, state QUEUED -> ACTIVE -> COMPLETED, outcome, result, worker).
+    kind, hyperparameters, state QUEUED -> ACTIVE -> [EVALUATING ->] COMPLETED, outcome,
+    result, worker, why it failed (`Failure`), why it waits to be placed).
     (experiment, study, trial, replica, attempt) is UNIQUE: an attempt cannot be queued twice.
   - points: metric points keyed (trial, attempt, step) UNIQUE, so a retried report never
-    double counts. Each point has a sequence number that Watch streams use as a cursor.
+    double counts. Each point has a sequence number that Watch streams use as a cursor. A
+    point awaiting evaluation gets the evaluation service's metrics merged in later (and a
+    new sequence number, so watchers see it again).
   - studies: the latest protocol phase, best trial and StudyScore of each study.
 
 Nothing here knows about gRPC or the study protocol; values are plain JSON data.
@@ -34,10 +37,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.controller.backups import check_database
+
 __all__ = [
     "AttemptRecord",
     "AttemptState",
     "ExperimentRecord",
+    "Failure",
     "ExperimentState",
     "ExperimentStorage",
     "InMemoryStorage",
@@ -52,7 +58,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What version 1 databases lack; applied in order at open (each ALTER is one transaction).
+_MIGRATIONS = {
+    2: ("ALTER TABLE attempts ADD COLUMN failure TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE attempts ADD COLUMN pending_reason TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE attempts ADD COLUMN pending_since REAL",
+        "ALTER TABLE points ADD COLUMN awaiting INTEGER NOT NULL DEFAULT 0"),
+}
 
 
 class StorageError(RuntimeError):
@@ -74,11 +87,31 @@ TERMINAL_EXPERIMENT_STATES = frozenset(
 
 
 class AttemptState(enum.StrEnum):
-    """States of a run attempt (names as batchlab.v1.Trial.State)."""
+    """States of a run attempt (names as batchlab.v1.Trial.State).
+
+    EVALUATING: training ended (the trainer is free again) and the outcome waits for the
+    evaluation service's results of the attempt's evaluation points.
+    """
 
     QUEUED = "QUEUED"
     ACTIVE = "ACTIVE"
+    EVALUATING = "EVALUATING"
     COMPLETED = "COMPLETED"
+
+
+class Failure(enum.StrEnum):
+    """Why an attempt failed (names as batchlab.v1.Failure without the prefix; "" = none).
+
+    RUN: the run failed by itself (counts toward max_attempts). INFRASTRUCTURE: its trainer
+    or a service it needs failed (counts). CONTROLLER: the controller restarted or lost its
+    Ray cluster under it (does not count). UNSCHEDULABLE: no node can provide its resources.
+    """
+
+    NONE = ""
+    RUN = "RUN"
+    INFRASTRUCTURE = "INFRASTRUCTURE"
+    CONTROLLER = "CONTROLLER"
+    UNSCHEDULABLE = "UNSCHEDULABLE"
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -181,6 +214,9 @@ class AttemptRecord:
       create_time: unix seconds.
       start_time: when it was handed to a trainer.
       end_time: when it completed.
+      failure: why it failed (a Failure value; "" when it did not fail).
+      pending_reason: why it waits to be placed ("" when nothing holds it back).
+      pending_since: since when that reason holds (unix seconds).
     """
 
     id: int
@@ -198,6 +234,14 @@ class AttemptRecord:
     create_time: float = 0.0
     start_time: float | None = None
     end_time: float | None = None
+    failure: str = ""
+    pending_reason: str = ""
+    pending_since: float | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether it counts toward max_attempts (a controller-side loss does not)."""
+        return self.failure != Failure.CONTROLLER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +254,7 @@ class PointRecord:
       step: the training step.
       values: metric name -> value.
       seq: the storage sequence number (0 before it is stored).
+      awaiting_evaluation: the evaluation service's metrics are still to come.
     """
 
     trial: TrialKey
@@ -217,6 +262,7 @@ class PointRecord:
     step: int
     values: Mapping[str, float]
     seq: int = 0
+    awaiting_evaluation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,16 +362,30 @@ class ExperimentStorage(abc.ABC):
     @abc.abstractmethod
     def complete_attempt(self, attempt_id: int, outcome: str, *,
                          result: Mapping[str, Any] | None = None, error: str = "",
-                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,)) -> bool:
+                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,),
+                         failure: str = "") -> bool:
         """Record how an attempt ended (state COMPLETED) if it is in an expected state.
+
+        Args:
+          failure: why it failed (a Failure value), for outcome FAILED.
 
         Returns:
           Whether it changed (False: it completed before, or is not in an expected state).
         """
 
     @abc.abstractmethod
-    def fail_active_attempts(self, error: str) -> list[AttemptRecord]:
+    def fail_active_attempts(self, error: str, failure: str = "") -> list[AttemptRecord]:
         """Complete every ACTIVE attempt as FAILED (their controller died); returns them."""
+
+    @abc.abstractmethod
+    def finish_training(self, attempt_id: int, result: Mapping[str, Any]) -> bool:
+        """ACTIVE -> EVALUATING: training ended with `result`; the outcome waits for the
+        evaluations of its points. Returns whether it changed."""
+
+    @abc.abstractmethod
+    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
+        """Say why a QUEUED attempt is not placed ("" clears it); pending_since is kept while
+        the reason stays the same, and set to now when it changes."""
 
     # -- points -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -342,6 +402,21 @@ class ExperimentStorage(abc.ABC):
     def points(self, experiment_id: str, *, after_seq: int = 0,
                limit: int | None = None) -> list[PointRecord]:
         """An experiment's points with seq > after_seq, in seq order."""
+
+    @abc.abstractmethod
+    def trial_points(self, trial: TrialKey) -> list[PointRecord]:
+        """Every point of a trial (all attempts), in seq order."""
+
+    @abc.abstractmethod
+    def awaiting_points(self, experiment_id: str) -> list[PointRecord]:
+        """An experiment's points still awaiting evaluation, in seq order."""
+
+    @abc.abstractmethod
+    def record_evaluation(self, trial: TrialKey, step: int,
+                          values: Mapping[str, float]) -> int:
+        """Merge an evaluation's metrics into the trial's points at `step` that await it (any
+        attempt: a checkpoint step is the same state whichever attempt reported it), clear
+        their flag and give them new sequence numbers. Returns how many points changed."""
 
     # -- studies ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -394,6 +469,9 @@ CREATE TABLE IF NOT EXISTS attempts (
   create_time REAL NOT NULL,
   start_time REAL,
   end_time REAL,
+  failure TEXT NOT NULL DEFAULT '',
+  pending_reason TEXT NOT NULL DEFAULT '',
+  pending_since REAL,
   UNIQUE (experiment_id, study_id, trial_index, replica, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_state ON attempts(state);
@@ -407,6 +485,7 @@ CREATE TABLE IF NOT EXISTS points (
   attempt INTEGER NOT NULL,
   step INTEGER NOT NULL,
   metrics TEXT NOT NULL,
+  awaiting INTEGER NOT NULL DEFAULT 0,
   UNIQUE (experiment_id, study_id, trial_index, replica, attempt, step)
 );
 CREATE INDEX IF NOT EXISTS points_by_experiment ON points(experiment_id, seq);
@@ -423,7 +502,14 @@ CREATE TABLE IF NOT EXISTS studies (
 
 _ATTEMPT_COLUMNS = ("id, experiment_id, study_id, trial_index, replica, seed, attempt, kind, "
                     "hyperparameters, state, outcome, result, error, worker, step, create_time, "
-                    "start_time, end_time")
+                    "start_time, end_time, failure, pending_reason, pending_since")
+_POINT_COLUMNS = "seq, study_id, trial_index, replica, attempt, step, metrics, awaiting"
+# After the migrations: indexes on columns that version 1 lacked.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS points_awaiting ON points(experiment_id, awaiting);
+CREATE INDEX IF NOT EXISTS points_by_trial ON points(experiment_id, study_id, trial_index,
+                                                     replica, step);
+"""
 _EXPERIMENT_COLUMNS = ("id, seq, request_id, spec, state, create_time, start_time, end_time, "
                        "error")
 
@@ -446,7 +532,13 @@ def _attempt_from_row(row: Sequence[Any]) -> AttemptRecord:
         kind=row[7], hyperparameters=json.loads(row[8]), state=AttemptState(row[9]),
         outcome=row[10], result=None if row[11] is None else json.loads(row[11]),
         error=row[12] or "", worker=row[13] or "", step=row[14], create_time=row[15],
-        start_time=row[16], end_time=row[17])
+        start_time=row[16], end_time=row[17], failure=row[18] or "",
+        pending_reason=row[19] or "", pending_since=row[20])
+
+
+def _point_from_row(experiment_id: str, row: Sequence[Any]) -> PointRecord:
+    return PointRecord(TrialKey(experiment_id, row[1], row[2], row[3]), row[4], row[5],
+                       json.loads(row[6]), seq=row[0], awaiting_evaluation=bool(row[7]))
 
 
 def _placeholders(values: Sequence[Any]) -> str:
@@ -464,6 +556,10 @@ class SQLiteStorage(ExperimentStorage):
       directory: the state directory; the database is directory/controller.sqlite3.
       clock: returns unix seconds (tests pass a fake).
       busy_timeout_s: how long a writer waits for the lock before failing.
+
+    Raises:
+      DatabaseDamaged: an existing database fails SQLite's integrity check (the message says
+        how to restore a backup; services.controller.backups).
     """
 
     FILENAME = "controller.sqlite3"
@@ -473,6 +569,8 @@ class SQLiteStorage(ExperimentStorage):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / self.FILENAME
+        # Before anything touches the file: a damaged database is refused with the way out.
+        check_database(self.path)
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
@@ -486,9 +584,17 @@ class SQLiteStorage(ExperimentStorage):
             if row is None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
                              (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
+            elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageError(f"{self.path}: schema version {row[0]}, this controller "
                                    f"reads version {SCHEMA_VERSION}")
+            else:
+                for version in range(int(row[0]) + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[version]:
+                        conn.execute(statement)
+                    log.info("%s: schema upgraded to version %d", self.path, version)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                             (str(SCHEMA_VERSION),))
+        self._connection().executescript(_INDEXES)
         log.info("storage at %s", self.path)
 
     # -- connections ------------------------------------------------------------------------
@@ -653,26 +759,47 @@ class SQLiteStorage(ExperimentStorage):
 
     def complete_attempt(self, attempt_id: int, outcome: str, *,
                          result: Mapping[str, Any] | None = None, error: str = "",
-                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,)) -> bool:
+                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,),
+                         failure: str = "") -> bool:
         expected = [str(s) for s in expected]
         with self._write() as conn:
+            # An EVALUATING attempt keeps the result stored when training ended unless a new
+            # one (with the evaluations merged in) comes.
             cursor = conn.execute(
-                "UPDATE attempts SET state = ?, outcome = ?, result = ?, error = ?, "
-                "end_time = ?, step = MAX(step, ?) "
+                "UPDATE attempts SET state = ?, outcome = ?, result = COALESCE(?, result), "
+                "error = ?, end_time = ?, step = MAX(step, ?), failure = ?, "
+                "pending_reason = '', pending_since = NULL "
                 f"WHERE id = ? AND state IN ({_placeholders(expected)})",
                 (AttemptState.COMPLETED, outcome, None if result is None else _dumps(result),
                  error, self._clock(), int((result or {}).get("steps_completed") or 0),
-                 attempt_id, *expected))
+                 str(failure), attempt_id, *expected))
             return cursor.rowcount == 1
 
-    def fail_active_attempts(self, error: str) -> list[AttemptRecord]:
+    def fail_active_attempts(self, error: str, failure: str = "") -> list[AttemptRecord]:
         with self._write() as conn:
             rows = conn.execute(f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE state = ? "
                                 "ORDER BY id", (AttemptState.ACTIVE,)).fetchall()
             conn.execute("UPDATE attempts SET state = ?, outcome = 'FAILED', error = ?, "
-                         "end_time = ? WHERE state = ?",
-                         (AttemptState.COMPLETED, error, self._clock(), AttemptState.ACTIVE))
+                         "end_time = ?, failure = ? WHERE state = ?",
+                         (AttemptState.COMPLETED, error, self._clock(), str(failure),
+                          AttemptState.ACTIVE))
         return [_attempt_from_row(r) for r in rows]
+
+    def finish_training(self, attempt_id: int, result: Mapping[str, Any]) -> bool:
+        with self._write() as conn:
+            cursor = conn.execute(
+                "UPDATE attempts SET state = ?, result = ?, step = MAX(step, ?) "
+                "WHERE id = ? AND state = ?",
+                (AttemptState.EVALUATING, _dumps(result),
+                 int(result.get("steps_completed") or 0), attempt_id, AttemptState.ACTIVE))
+            return cursor.rowcount == 1
+
+    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE attempts SET pending_since = CASE WHEN ? = '' THEN NULL "
+                "WHEN pending_reason = ? THEN pending_since ELSE ? END, pending_reason = ? "
+                "WHERE id = ?", (reason, reason, self._clock(), reason, attempt_id))
 
     # -- points -----------------------------------------------------------------------------
     def add_points(self, points: Sequence[PointRecord]) -> int:
@@ -682,9 +809,9 @@ class SQLiteStorage(ExperimentStorage):
                 t = p.trial
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO points (experiment_id, study_id, trial_index, "
-                    "replica, attempt, step, metrics) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "replica, attempt, step, metrics, awaiting) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (t.experiment_id, t.study_id, t.trial_index, t.replica, p.attempt, p.step,
-                     _dumps(dict(p.values))))
+                     _dumps(dict(p.values)), int(p.awaiting_evaluation)))
                 added += cursor.rowcount
                 conn.execute(
                     "UPDATE attempts SET step = MAX(step, ?) WHERE experiment_id = ? AND "
@@ -695,11 +822,41 @@ class SQLiteStorage(ExperimentStorage):
     def points(self, experiment_id: str, *, after_seq: int = 0,
                limit: int | None = None) -> list[PointRecord]:
         rows = self._connection().execute(
-            "SELECT seq, study_id, trial_index, replica, attempt, step, metrics FROM points "
+            f"SELECT {_POINT_COLUMNS} FROM points "
             "WHERE experiment_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (experiment_id, after_seq, -1 if limit is None else limit)).fetchall()
-        return [PointRecord(TrialKey(experiment_id, r[1], r[2], r[3]), r[4], r[5],
-                            json.loads(r[6]), seq=r[0]) for r in rows]
+        return [_point_from_row(experiment_id, r) for r in rows]
+
+    def trial_points(self, trial: TrialKey) -> list[PointRecord]:
+        rows = self._connection().execute(
+            f"SELECT {_POINT_COLUMNS} FROM points WHERE experiment_id = ? AND study_id = ? "
+            "AND trial_index = ? AND replica = ? ORDER BY seq",
+            (trial.experiment_id, trial.study_id, trial.trial_index, trial.replica)).fetchall()
+        return [_point_from_row(trial.experiment_id, r) for r in rows]
+
+    def awaiting_points(self, experiment_id: str) -> list[PointRecord]:
+        rows = self._connection().execute(
+            f"SELECT {_POINT_COLUMNS} FROM points WHERE experiment_id = ? AND awaiting = 1 "
+            "ORDER BY seq", (experiment_id,)).fetchall()
+        return [_point_from_row(experiment_id, r) for r in rows]
+
+    def record_evaluation(self, trial: TrialKey, step: int,
+                          values: Mapping[str, float]) -> int:
+        key = (trial.experiment_id, trial.study_id, trial.trial_index, trial.replica)
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT seq, attempt, metrics FROM points WHERE experiment_id = ? AND "
+                "study_id = ? AND trial_index = ? AND replica = ? AND step = ? AND awaiting = 1",
+                (*key, step)).fetchall()
+            for seq, attempt, metrics in rows:
+                merged = {**json.loads(metrics), **dict(values)}
+                # Deleted and inserted again: a new seq, so Watch streams send it again.
+                conn.execute("DELETE FROM points WHERE seq = ?", (seq,))
+                conn.execute(
+                    "INSERT INTO points (experiment_id, study_id, trial_index, replica, "
+                    "attempt, step, metrics, awaiting) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                    (*key, attempt, step, _dumps(merged)))
+        return len(rows)
 
     # -- studies ----------------------------------------------------------------------------
     def put_study(self, experiment_id: str, study: StudyRecord) -> None:
@@ -838,7 +995,8 @@ class InMemoryStorage(ExperimentStorage):
 
     def complete_attempt(self, attempt_id: int, outcome: str, *,
                          result: Mapping[str, Any] | None = None, error: str = "",
-                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,)) -> bool:
+                         expected: Iterable[AttemptState] = (AttemptState.ACTIVE,),
+                         failure: str = "") -> bool:
         with self._lock:
             record = self._attempts.get(attempt_id)
             if record is None or record.state not in set(expected):
@@ -846,17 +1004,38 @@ class InMemoryStorage(ExperimentStorage):
             steps = int((result or {}).get("steps_completed") or 0)
             self._attempts[attempt_id] = dataclasses.replace(
                 record, state=AttemptState.COMPLETED, outcome=outcome,
-                result=None if result is None else json.loads(_dumps(result)), error=error,
-                end_time=self._clock(), step=max(record.step, steps))
+                result=record.result if result is None else json.loads(_dumps(result)),
+                error=error, end_time=self._clock(), step=max(record.step, steps),
+                failure=str(failure), pending_reason="", pending_since=None)
             return True
 
-    def fail_active_attempts(self, error: str) -> list[AttemptRecord]:
+    def fail_active_attempts(self, error: str, failure: str = "") -> list[AttemptRecord]:
         with self._lock:
             active = [a for _, a in sorted(self._attempts.items())
                       if a.state is AttemptState.ACTIVE]
             for a in active:
-                self.complete_attempt(a.id, "FAILED", error=error)
+                self.complete_attempt(a.id, "FAILED", error=error, failure=failure)
             return active
+
+    def finish_training(self, attempt_id: int, result: Mapping[str, Any]) -> bool:
+        with self._lock:
+            record = self._attempts.get(attempt_id)
+            if record is None or record.state is not AttemptState.ACTIVE:
+                return False
+            self._attempts[attempt_id] = dataclasses.replace(
+                record, state=AttemptState.EVALUATING, result=json.loads(_dumps(result)),
+                step=max(record.step, int(result.get("steps_completed") or 0)))
+            return True
+
+    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
+        with self._lock:
+            record = self._attempts.get(attempt_id)
+            if record is None:
+                return
+            since = (None if not reason else record.pending_since
+                     if record.pending_reason == reason else self._clock())
+            self._attempts[attempt_id] = dataclasses.replace(
+                record, pending_reason=reason, pending_since=since)
 
     def add_points(self, points: Sequence[PointRecord]) -> int:
         added = 0
@@ -879,6 +1058,29 @@ class InMemoryStorage(ExperimentStorage):
                             if p.trial.experiment_id == experiment_id and p.seq > after_seq),
                            key=lambda p: p.seq)
         return found if limit is None else found[:limit]
+
+    def trial_points(self, trial: TrialKey) -> list[PointRecord]:
+        with self._lock:
+            return sorted((p for p in self._points.values() if p.trial == trial),
+                          key=lambda p: p.seq)
+
+    def awaiting_points(self, experiment_id: str) -> list[PointRecord]:
+        with self._lock:
+            return sorted((p for p in self._points.values()
+                           if p.trial.experiment_id == experiment_id and p.awaiting_evaluation),
+                          key=lambda p: p.seq)
+
+    def record_evaluation(self, trial: TrialKey, step: int,
+                          values: Mapping[str, float]) -> int:
+        with self._lock:
+            keys = [k for k, p in self._points.items()
+                    if p.trial == trial and p.step == step and p.awaiting_evaluation]
+            for k in keys:
+                point = self._points[k]
+                self._points[k] = dataclasses.replace(
+                    point, values={**point.values, **dict(values)}, seq=self._next_seq(),
+                    awaiting_evaluation=False)
+            return len(keys)
 
     def put_study(self, experiment_id: str, study: StudyRecord) -> None:
         with self._lock:

@@ -32,9 +32,13 @@ def make_registrations(metrics) -> list[Registration]:
     def load(trial: str, step: int | None, folder: Path):
         return client.load_dir(trial, folder, step=step)
 
+    def record(trial: str, step: int, metric: float | None, maximize: bool):
+        return client.record_evaluation(trial, step, metric=metric, maximize=maximize)
+
     data_root = os.environ.get("BATCHLAB_DATA_DIR")
     data_dir = str(Path(data_root) / "tfds") if data_root else None
-    servicer = EvaluationServicer(load, data_dir=data_dir, metrics=metrics.evaluator)
+    servicer = EvaluationServicer(load, data_dir=data_dir, record=record,
+                                  metrics=metrics.evaluator)
     return [Registration.for_service(evaluation_pb2, evaluation_pb2_grpc, "EvaluationService", servicer)]
 
 

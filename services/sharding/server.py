@@ -3,6 +3,9 @@
 Environment:
   BATCHLAB_DATA_DIR: datasets live in ``$BATCHLAB_DATA_DIR/tfds`` (default
     ``~/.cache/batchlab/tfds``), the same folder trainers read.
+  BATCHLAB_SHARDING_STATE_DIR: where trials' data positions at their checkpoints are kept
+    (default ``$BATCHLAB_DATA_DIR/sharding``, next to the datasets); they must outlive this
+    process, so that trainers resume exactly after a restart of any service.
   BATCHLAB_SHARDING_PORT: gRPC port (default 50052).
   BATCHLAB_AUTH_TOKEN: when set, calls need ``authorization: Bearer <token>``.
   BATCHLAB_METRICS_PORT: Prometheus port (default 9102).
@@ -12,12 +15,15 @@ Environment:
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from batchlab import data
 from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
 from batchlab.rpc.server import Registration, run_service
 from services.sharding.datasets import TfdsCatalog
+from services.sharding.positions import PositionStore
 from services.sharding.servicer import ShardingServicer
 
 DEFAULT_PORT = 50052
@@ -32,7 +38,10 @@ def make_registrations(metrics) -> list[Registration]:
     Returns:
       The one registration of ``ShardingService``.
     """
-    servicer = ShardingServicer(TfdsCatalog(data.default_data_dir()), metrics=metrics.sharding)
+    state = (os.environ.get("BATCHLAB_SHARDING_STATE_DIR", "").strip()
+             or Path(data.default_data_dir()).parent / "sharding")
+    servicer = ShardingServicer(TfdsCatalog(data.default_data_dir()), metrics=metrics.sharding,
+                                positions=PositionStore(state))
     return [Registration.for_service(sharding_pb2, sharding_pb2_grpc, "ShardingService",
                                      servicer)]
 

@@ -2,32 +2,45 @@
 
 `TrainerWorker` is a plain class (tests can call it in-process); `TrainerActor` is the same
 class as a Ray actor, created by the controller's trainer pool with the spec's resources
-(`actor_options`). Everything that crosses the process boundary is plain JSON data: a
-request dict in, `RunResult.to_dict()` out, through Ray's own actor calls.
+(`actor_options`). What it runs is a `batchlab.v1.TrialAssignment` (the controller -> trainer
+contract in protos/batchlab/v1/controller.proto), passed serialized; it returns
+`RunResult.to_dict()` as JSON data, through Ray's own actor calls.
 
 One attempt (`run`):
-  1. build the RunConfig from the request (as batchlab.runner.local does);
+  1. build the RunConfig from the assignment (as batchlab.runner.local does);
   2. restore the trial's latest checkpoint from durable storage into a local folder private
      to this (trial, attempt), so a retried attempt resumes where the last one stopped;
-  3. train with batchlab.train.train_and_evaluate; every evaluation point is reported to the
-     controller (ExperimentService.ReportProgress, batched, keyed by (trial, attempt, step));
-     every checkpoint is uploaded (with the target metric, so the store keeps the best);
-  4. stop early (CANCELLED, after a checkpoint) when the controller's ReportProgress answer
+  3. with a sharding service: prepare the dataset, ask it for every host's shard and the
+     position this attempt starts from (the one recorded with the restored checkpoint), and
+     read the training examples from it (GetShard); each host records its position with
+     every checkpoint. A sharding failure fails the attempt as infrastructure (retried);
+  4. train with batchlab.train.train_and_evaluate. Evaluation in the trainer's process
+     (EVALUATION_IN_PROCESS): every point is reported to the controller (ReportProgress,
+     batched, keyed by (trial, attempt, step)) and every checkpoint uploaded with the target
+     metric. Evaluation by the service (EVALUATION_SERVICE): the checkpoint of each point is
+     uploaded held for evaluation, then the point (training metrics only) is reported as
+     awaiting evaluation; the controller has the evaluation service evaluate it while this
+     trainer trains on. An upload that fails then fails the attempt (infrastructure);
+  5. stop early (CANCELLED, after a checkpoint) when the controller's ReportProgress answer
      says cancel, or when the controller calls `stop`.
 
 A multi-host trial (`Resources.num_hosts` > 1) runs on several actors at once, one JAX
 process each (`run_distributed`): jax.distributed connects them (gloo collectives on CPU),
 DataParallel spans every process's devices, and each process feeds its shard of each batch.
+It checkpoints and resumes like a single-host one: process 0 saves and uploads the
+(replicated) state, every host records its data position, and on resume every process
+restores the same checkpoint from the store.
 
-Request keys (all JSON): trial (resource name), experiment_id, study_id, trial_index,
-replica, attempt, seed, kind, workload, hyperparameters ({"optimizer": config, "workload":
-overrides}), batch_size, step_budget, eval_every_steps, target ({"metric", "value", "goal"}).
+Failures a trainer raises itself carry ``infrastructure = True`` when they are the
+infrastructure's (`TrainerInfrastructureError`, batchlab.rpc.sharding_client.ShardingError),
+so the controller tells them from runs that failed by themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -43,6 +56,7 @@ from typing import Any
 
 import ray
 
+from batchlab.proto.v1 import controller_pb2
 from batchlab.rpc.client import free_ports
 from services.trainer.checkpoint_sync import (
     CheckpointSync,
@@ -53,10 +67,12 @@ from services.trainer.checkpoint_sync import (
 __all__ = [
     "ProgressReporter",
     "TrainerActor",
+    "TrainerInfrastructureError",
     "TrainerSettings",
     "TrainerWorker",
     "actor_options",
     "build_run_config",
+    "parse_assignment",
     "state_digest",
 ]
 
@@ -64,6 +80,14 @@ log = logging.getLogger(__name__)
 
 # Calls a busy actor must still answer while `run` holds one thread: stop, info.
 MAX_CONCURRENCY = 4
+# Tries of a checkpoint upload that evaluation needs before the attempt fails.
+UPLOAD_ATTEMPTS = 3
+
+
+class TrainerInfrastructureError(RuntimeError):
+    """A service the attempt needs failed (not the run itself): retried by the controller."""
+
+    infrastructure = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +98,9 @@ class TrainerSettings:
       name: the trainer's name, for logs and the attempt's `worker` field.
       controller_address: host:port of the ExperimentService (progress reports); "" = none.
       checkpoints_address: host:port of the CheckpointService; "" = use checkpoint_root.
-      sharding_address: host:port of the ShardingService, asked to prepare a run's dataset
-        before it trains (it builds each offline dataset once); "" = the data must exist.
+      sharding_address: host:port of the ShardingService: it prepares a run's dataset (once)
+        and says what every host reads (the training path); "" = each process computes its
+        shard itself and the data must exist.
       checkpoint_root: a folder shared by every trainer used when there is no checkpoint
         service; "" = no durable checkpoints (a retry starts over).
       auth_token: the bearer token of the services, "" for none.
@@ -85,6 +110,11 @@ class TrainerSettings:
         (under BATCHLAB_DATA_DIR; BATCHLAB_JAX_CACHE=0 turns it off).
       report_interval_s: send progress at most this often (the last points always go).
       metrics_port: serve Prometheus metrics on this port (0 = any free port); None = off.
+      metrics_host: the interface the metrics endpoint binds (the controller passes its own
+        bind host: loopback on a laptop, every interface in a pod).
+      example_log_dir: a folder where each attempt's process appends the example indices of
+        every step it trains (JSON lines, <trial>/a<attempt>-p<process>.jsonl): an audit of
+        what a run read, e.g. to check a resumed run against an undisturbed one; "" = off.
     """
 
     name: str = "trainer"
@@ -98,6 +128,8 @@ class TrainerSettings:
     jax_cache_dir: str = ""
     report_interval_s: float = 2.0
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    example_log_dir: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> TrainerSettings:
@@ -133,28 +165,65 @@ def actor_options(resources: Mapping[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def build_run_config(request: Mapping[str, Any], *, data_dir: str | None,
+def parse_assignment(assignment: bytes | controller_pb2.TrialAssignment
+                     ) -> controller_pb2.TrialAssignment:
+    """A TrialAssignment from its serialized bytes (what the controller sends), checked.
+
+    Raises:
+      ValueError: the bytes are no TrialAssignment, or a required field is missing (named).
+    """
+    if isinstance(assignment, controller_pb2.TrialAssignment):
+        message = assignment
+    elif isinstance(assignment, bytes | bytearray):
+        message = controller_pb2.TrialAssignment.FromString(bytes(assignment))
+    else:
+        raise ValueError(f"assignment: must be a serialized batchlab.v1.TrialAssignment, "
+                         f"got {type(assignment).__name__}")
+    for field in ("trial", "workload", "hyperparameters_json"):
+        if not getattr(message, field):
+            raise ValueError(f"assignment.{field}: required")
+    for field in ("attempt", "batch_size", "step_budget", "eval_every_steps"):
+        if getattr(message, field) < 1:
+            raise ValueError(f"assignment.{field}: must be >= 1, got {getattr(message, field)}")
+    if not message.target.metric or not message.target.HasField("value"):
+        raise ValueError("assignment.target: needs a metric and a value")
+    return message
+
+
+def hyperparameters_of(assignment: controller_pb2.TrialAssignment) -> dict[str, Any]:
+    """The trial's {"optimizer": config, "workload": overrides}."""
+    data = json.loads(assignment.hyperparameters_json)
+    if not isinstance(data, dict) or "optimizer" not in data:
+        raise ValueError("assignment.hyperparameters_json: must be a JSON object with "
+                         "\"optimizer\"")
+    return data
+
+
+def build_run_config(assignment: controller_pb2.TrialAssignment, *, data_dir: str | None,
                      checkpoint_dir: str | None):
-    """The RunConfig of a request, built as batchlab.runner.local builds it.
+    """The RunConfig of an assignment, built as batchlab.runner.local builds it.
 
     Args:
-      request: the attempt request (see the module docstring).
+      assignment: the trial attempt.
       data_dir: the tfds folder (None: the default).
       checkpoint_dir: where the run saves and resumes (None: no checkpoints).
     """
+    from batchlab.search.study import TargetReading
     from batchlab.train import Goal, RunConfig, Target
 
-    target = request["target"]
-    goal = target["goal"]
+    target = assignment.target
     return RunConfig.for_trial(
-        request["workload"],
-        request["hyperparameters"],
-        batch_size=request["batch_size"],
-        step_budget=request["step_budget"],
-        eval_every_steps=int(request["eval_every_steps"]),
-        seed=int(request["seed"]),
-        target=Target(metric=target["metric"], value=float(target["value"]),
-                      goal=Goal[goal] if isinstance(goal, str) else Goal(goal)),
+        assignment.workload,
+        hyperparameters_of(assignment),
+        batch_size=assignment.batch_size,
+        step_budget=assignment.step_budget,
+        eval_every_steps=int(assignment.eval_every_steps),
+        seed=int(assignment.seed),
+        target=Target(metric=target.metric, value=float(target.value),
+                      goal=Goal(target.goal or Goal.MAXIMIZE),
+                      reading=TargetReading(target.reading or TargetReading.FIRST_EVALUATION)),
+        stop_at_target=(assignment.stop_at_target
+                        and assignment.evaluation != controller_pb2.EVALUATION_SERVICE),
         data_dir=data_dir,
         checkpoint_dir=checkpoint_dir,
     )
@@ -191,15 +260,20 @@ class ProgressReporter:
         self._last_sent = -math.inf
         self.cancelled = False
 
-    def add(self, point: Mapping[str, float]) -> None:
-        """Queue one evaluation point ({"step": s, metric: value, ...}); send if due."""
+    def add(self, point: Mapping[str, float], *, awaiting_evaluation: bool = False) -> None:
+        """Queue one evaluation point ({"step": s, metric: value, ...}); send if due.
+
+        Args:
+          point: the point.
+          awaiting_evaluation: its checkpoint waits for the evaluation service (the point
+            holds training metrics only).
+        """
         if self._stub is None:
             return
-        from batchlab.proto.v1 import controller_pb2
-
         values = {k: float(v) for k, v in point.items() if k != "step"}
         self._buffer.append(controller_pb2.MetricPoint(
-            trial=self.trial, attempt=self.attempt, step=int(point["step"]), values=values))
+            trial=self.trial, attempt=self.attempt, step=int(point["step"]), values=values,
+            awaiting_evaluation=awaiting_evaluation))
         if len(self._buffer) > self.MAX_BUFFERED:
             del self._buffer[: len(self._buffer) - self.MAX_BUFFERED]
         if self._clock() - self._last_sent >= self.interval_s:
@@ -210,8 +284,6 @@ class ProgressReporter:
         if self._stub is None or not self._buffer:
             return self.cancelled
         import grpc
-
-        from batchlab.proto.v1 import controller_pb2
 
         self._last_sent = self._clock()
         try:
@@ -269,12 +341,13 @@ class TrainerWorker:
     def __init__(self, settings: Mapping[str, Any] | None = None):
         self.settings = TrainerSettings.from_dict(settings)
         self._stopped: set[tuple[str, int]] = set()
-        self._prepared: set[tuple[str, str]] = set()
+        self._prepared: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._distributed = False
         self._metrics = None
         self._metrics_server = None
+        self._metrics_writer = None
         self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
         self._configure_jax()
         self._start_metrics()
@@ -289,35 +362,19 @@ class TrainerWorker:
         except OSError as error:  # e.g. a read-only home folder: compile every time
             log.warning("no JAX compilation cache: %s", error)
 
-    def _prepare_data(self, workload_name: str) -> None:
-        """Ask the sharding service to build the workload's dataset (once per trainer)."""
-        if not self.settings.sharding_address:
-            return
-        from batchlab.train import get_workload
+    def _prepare_data(self, client: Any, workload: Any) -> Any:
+        """The workload's dataset from the sharding service, built there once; its info.
 
-        workload = get_workload(workload_name)
+        Raises:
+          ShardingError: the service could not prepare it (the attempt fails, retried).
+        """
         key = (workload.dataset, workload.dataset_config or "")
-        if key in self._prepared:
-            return
-        import grpc
-
-        from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
-        from batchlab.rpc.client import channel
-
-        with channel(self.settings.sharding_address,
-                     token=self.settings.auth_token or None) as chan:
-            try:
-                info = sharding_pb2_grpc.ShardingServiceStub(chan).PrepareDataset(
-                    sharding_pb2.PrepareDatasetRequest(dataset=key[0], config=key[1]),
-                    timeout=1800)
-            except grpc.RpcError as error:
-                # The run may still find the data; if not, it fails with a clear error.
-                log.warning("sharding service could not prepare %s/%s: %s", key[0], key[1],
-                            error.details() if callable(getattr(error, "details", None))
-                            else error)
-                return
-        self._prepared.add(key)
-        log.info("%s/%s prepared (%s)", key[0], key[1], dict(info.split_sizes))
+        info = self._prepared.get(key)
+        if info is None:
+            info = client.prepare(*key)
+            self._prepared[key] = info
+            log.info("%s/%s prepared (%s)", key[0], key[1], dict(info.split_sizes))
+        return info
 
     def _start_metrics(self) -> None:
         if self.settings.metrics_port is None:
@@ -328,14 +385,26 @@ class TrainerWorker:
             log.warning("batchlab.rpc.metrics is unavailable: no trainer metrics")
             return
         self._metrics = make_metrics(roles=["trainer"])
+        shared_dir = os.environ.get("BATCHLAB_TRAINER_METRICS_DIR", "").strip()
+        if shared_dir:
+            # In a Ray worker pod: the pod's metrics sidecar serves every actor's registry on
+            # the pod's one declared port (services/trainer/metrics_exporter.py).
+            from services.trainer.metrics_exporter import TextfileWriter
+
+            self._metrics_writer = TextfileWriter(self._metrics.registry, shared_dir,
+                                                  name=f"{self.settings.name}-{os.getpid()}")
+            log.info("trainer %s metrics in %s", self.settings.name, self._metrics_writer.path)
+            return
         try:
             self._metrics_server = start_metrics_server(self.settings.metrics_port,
-                                                        self._metrics.registry)
+                                                        self._metrics.registry,
+                                                        addr=self.settings.metrics_host)
         except OSError as error:
             # Several trainers on one node: the first gets the port, the others any free one.
             log.warning("metrics port %d busy (%s); using a free port",
                         self.settings.metrics_port, error)
-            self._metrics_server = start_metrics_server(0, self._metrics.registry)
+            self._metrics_server = start_metrics_server(0, self._metrics.registry,
+                                                        addr=self.settings.metrics_host)
         log.info("trainer %s metrics on port %d", self.settings.name, self._metrics_server.port)
 
     # -- small calls ------------------------------------------------------------------------
@@ -385,31 +454,33 @@ class TrainerWorker:
         return f"{host}:{free_ports()[0]}"
 
     # -- runs -------------------------------------------------------------------------------
-    def run(self, request: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, assignment: bytes) -> dict[str, Any]:
         """Run one attempt of a trial; returns RunResult.to_dict() plus "worker".
 
         Args:
-          request: see the module docstring.
+          assignment: a serialized batchlab.v1.TrialAssignment.
         """
-        return self._run(dict(request), process_id=0)
+        return self._run(parse_assignment(assignment), process_id=0, num_processes=1)
 
-    def run_distributed(self, request: Mapping[str, Any], process_id: int, num_processes: int,
+    def run_distributed(self, assignment: bytes, process_id: int, num_processes: int,
                         coordinator: str) -> dict[str, Any]:
         """Run one attempt as process `process_id` of a multi-host trial.
 
-        Every process of the trial calls this with the same request and coordinator (the
+        Every process of the trial calls this with the same assignment and coordinator (the
         address process 0's trainer gave from `coordinator_address`). Process 0 reports
-        progress; all return the same RunResult dict. A JAX process joins one distributed
-        system in its life, so the controller uses fresh actors for each multi-host attempt.
+        progress and uploads checkpoints; all return the same RunResult dict. A JAX process
+        joins one distributed system in its life, so the controller uses fresh actors for
+        each multi-host attempt.
 
         Args:
-          request: see the module docstring.
+          assignment: a serialized batchlab.v1.TrialAssignment.
           process_id: this process's index, 0..num_processes-1.
           num_processes: how many JAX processes the trial spans.
           coordinator: host:port of jax.distributed's coordinator.
         """
         import jax
 
+        assignment = parse_assignment(assignment)
         if self._distributed:
             raise RuntimeError("this trainer already joined a distributed run; use a new one")
         if not self._busy.acquire(blocking=False):
@@ -425,7 +496,8 @@ class TrainerWorker:
                      coordinator, process_id, num_processes, jax.device_count())
         finally:
             self._busy.release()
-        return self._run(dict(request), process_id=int(process_id))
+        return self._run(assignment, process_id=int(process_id),
+                         num_processes=int(num_processes))
 
     def _sync(self) -> CheckpointSync | None:
         if self.settings.checkpoints_address:
@@ -444,25 +516,68 @@ class TrainerWorker:
         chan = channel(self.settings.controller_address, token=self.settings.auth_token or None)
         return chan, controller_pb2_grpc.ExperimentServiceStub(chan)
 
-    def _run(self, request: dict[str, Any], *, process_id: int) -> dict[str, Any]:
+    def _run(self, assignment: controller_pb2.TrialAssignment, *, process_id: int,
+             num_processes: int) -> dict[str, Any]:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(f"trainer {self.settings.name} is busy")
         try:
-            return self._run_locked(request, process_id=process_id)
+            return self._run_locked(assignment, process_id=process_id,
+                                    num_processes=num_processes)
         finally:
             self._busy.release()
 
-    def _run_locked(self, request: dict[str, Any], *, process_id: int) -> dict[str, Any]:
-        from batchlab.train import train_and_evaluate
+    def _restore(self, sync: CheckpointSync | None, trial: str, local_dir: Path,
+                 num_processes: int) -> int | None:
+        """Put the trial's latest stored checkpoint in local_dir; its step (None: none)."""
+        restored = None
+        if sync is not None:
+            try:
+                restored = sync.restore(trial, local_dir)
+            except Exception:  # noqa: BLE001 - start over rather than fail the attempt
+                log.exception("restoring %s failed; starting from step 0", trial)
+                shutil.rmtree(local_dir, ignore_errors=True)
+        if num_processes > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
 
-        trial, attempt = request["trial"], int(request["attempt"])
+            # Every process must resume from the same step, or their collectives never meet.
+            steps = multihost_utils.process_allgather(
+                np.int64(-1 if restored is None else restored))
+            if len(set(np.asarray(steps).ravel().tolist())) != 1:
+                raise TrainerInfrastructureError(f"the hosts of {trial} restored different "
+                                                 f"checkpoints: {np.asarray(steps).tolist()}")
+        return restored
+
+    def _upload_for_evaluation(self, sync: CheckpointSync, trial: str, step: int,
+                               step_dir: Path, maximize: bool) -> None:
+        """Upload an evaluation point's checkpoint, held until evaluated; retried, then fatal."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                sync.upload(trial, step, step_dir, maximize=maximize, hold_for_evaluation=True)
+                return
+            except Exception as error:  # noqa: BLE001 - retried, then the attempt fails
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise TrainerInfrastructureError(
+                        f"upload of {trial} step {step} for evaluation failed "
+                        f"{UPLOAD_ATTEMPTS} times: {type(error).__name__}: {error}") from error
+                log.warning("upload of %s step %d failed (%s); trying again", trial, step, error)
+                time.sleep(attempt)
+
+    def _run_locked(self, assignment: controller_pb2.TrialAssignment, *, process_id: int,
+                    num_processes: int) -> dict[str, Any]:
+        from batchlab.train import get_workload, train_and_evaluate
+
+        trial, attempt = assignment.trial, int(assignment.attempt)
         key = (trial, attempt)
-        target = request["target"]
-        maximize = str(target.get("goal", "MAXIMIZE")) in ("MAXIMIZE", "1")
-        # Checkpoints need every process to write into one folder; a multi-host trial
-        # (separate local folders here) trains without them and restarts whole.
-        multi_host = self._distributed
-        sync = None if multi_host else self._sync()
+        target = assignment.target
+        maximize = target.goal != 2  # batchlab.v1.Goal.MINIMIZE
+        by_service = assignment.evaluation == controller_pb2.EVALUATION_SERVICE
+        multi_host = num_processes > 1
+        sync = self._sync()
+        if by_service and not isinstance(sync, ServiceCheckpointSync):
+            raise TrainerInfrastructureError(
+                "evaluation by the evaluation service needs the checkpoint service (the "
+                "controller's BATCHLAB_CHECKPOINTS_ADDR): it reads each point's checkpoint there")
         local_dir = self._work_dir / _safe_name(trial) / f"attempt-{attempt}"
         if local_dir.exists():
             shutil.rmtree(local_dir)
@@ -470,33 +585,57 @@ class TrainerWorker:
         reporter = ProgressReporter(stub, trial, attempt,
                                     interval_s=self.settings.report_interval_s)
         series = None
-        if self._metrics is not None and self._metrics.trainer is not None:
-            series = self._metrics.trainer.trial(request.get("experiment_id", ""),
-                                                 request.get("study_id", ""),
-                                                 f"{request.get('trial_index')}-r"
-                                                 f"{request.get('replica')}")
+        if self._metrics is not None and self._metrics.trainer is not None and process_id == 0:
+            series = self._metrics.trainer.trial(assignment.experiment_id, assignment.study_id,
+                                                 f"{assignment.trial_index}-r"
+                                                 f"{assignment.replica}")
         last_point: dict[str, float] = {}
+        waiting_point: dict[str, float] = {}  # by service: reported once its checkpoint is up
         last_eval = {"step": 0, "time": time.perf_counter()}
+        sharding = None
+        streams: list[Any] = []
+        example_log = self._example_log(trial, attempt, process_id)
 
         def on_eval(point: dict[str, float]) -> None:
             last_point.clear()
             last_point.update(point)
-            reporter.add(point)
+            if by_service:
+                waiting_point.clear()
+                waiting_point.update(point)
+            else:
+                reporter.add(point)
             if series is not None:
                 try:
-                    self._observe(series, point, last_eval, int(request["batch_size"]))
+                    self._observe(series, point, last_eval, int(assignment.batch_size))
                 except Exception:  # noqa: BLE001 - metrics must never fail a run
                     log.exception("trainer metrics update failed")
 
+        def on_data_position(step: int, state: Mapping[str, Any]) -> None:
+            if sharding is not None and streams:
+                sharding.record(trial, step, [streams[-1].host_at(state)])
+
         def on_checkpoint(step: int, directory: str) -> None:
-            if sync is None:
+            if multi_host:
+                from jax.experimental import multihost_utils
+
+                # Every host recorded its position before process 0 stores the checkpoint:
+                # a stored checkpoint always has the positions to resume from.
+                multihost_utils.sync_global_devices(f"{trial}/{attempt}/checkpoint-{step}")
+            if sync is None or process_id != 0:
                 return
-            metric = last_point.get(target["metric"]) if last_point.get("step") == step else None
+            step_dir = Path(directory) / str(step)
+            if by_service and waiting_point.get("step") == step:
+                self._upload_for_evaluation(sync, trial, step, step_dir, maximize)
+                reporter.add(dict(waiting_point), awaiting_evaluation=True)
+                waiting_point.clear()
+                return
+            metric = None
+            if not by_service and last_point.get("step") == step:
+                metric = last_point.get(target.metric)
             if metric is not None and not math.isfinite(metric):
                 metric = None
             try:
-                sync.upload(trial, step, Path(directory) / str(step), metric=metric,
-                            maximize=maximize)
+                sync.upload(trial, step, step_dir, metric=metric, maximize=maximize)
             except Exception:  # noqa: BLE001 - training goes on; a retry resumes from older
                 log.exception("upload of %s step %d failed", trial, step)
 
@@ -508,22 +647,31 @@ class TrainerWorker:
             with self._lock:
                 return key in self._stopped or reporter.cancelled
 
+        sharding_channel = None
         try:
-            restored = None
-            if sync is not None:
-                try:
-                    restored = sync.restore(trial, local_dir)
-                except Exception:  # noqa: BLE001 - start over rather than fail the attempt
-                    log.exception("restoring %s failed; starting from step 0", trial)
-                    shutil.rmtree(local_dir, ignore_errors=True)
-            self._prepare_data(request["workload"])
-            config = build_run_config(
-                request, data_dir=self.settings.data_dir or None,
-                checkpoint_dir=None if multi_host else str(local_dir))
-            log.info("%s: %s attempt %d starts (checkpoint step %s)", self.settings.name,
-                     trial, attempt, restored)
-            result = train_and_evaluate(config, on_eval=on_eval, should_stop=should_stop,
-                                        on_checkpoint=on_checkpoint, return_state=True)
+            restored = self._restore(sync, trial, local_dir, num_processes)
+            workload = get_workload(assignment.workload)
+            index_stream = None
+            if self.settings.sharding_address:
+                from batchlab.rpc.client import channel
+                from batchlab.rpc.sharding_client import ShardingClient
+
+                sharding_channel = channel(self.settings.sharding_address,
+                                           token=self.settings.auth_token or None)
+                sharding = ShardingClient(sharding_channel)
+                info = self._prepare_data(sharding, workload)
+                index_stream = self._index_stream(sharding, info, assignment, restored,
+                                                  process_id, num_processes, streams)
+            config = build_run_config(assignment, data_dir=self.settings.data_dir or None,
+                                      checkpoint_dir=str(local_dir))
+            log.info("%s: %s attempt %d starts (checkpoint step %s, evaluation %s)",
+                     self.settings.name, trial, attempt, restored,
+                     "by the service" if by_service else "in process")
+            result = train_and_evaluate(
+                config, on_eval=on_eval, should_stop=should_stop, on_checkpoint=on_checkpoint,
+                return_state=True, evaluate=not by_service, index_stream=index_stream,
+                on_data_position=on_data_position,
+                on_examples=None if example_log is None else example_log.write)
             reporter.flush()
             out = result.to_dict()
             out["worker"] = self.settings.name
@@ -537,11 +685,50 @@ class TrainerWorker:
             if series is not None:
                 with contextlib.suppress(Exception):
                     series.remove()
-            if sync is not None:
-                sync.close()
-            if channel_ is not None:
-                channel_.close()
+            for closeable in (sync, example_log):
+                if closeable is not None:
+                    closeable.close()
+            for chan in (channel_, sharding_channel):
+                if chan is not None:
+                    chan.close()
             shutil.rmtree(local_dir, ignore_errors=True)
+
+    @staticmethod
+    def _index_stream(sharding: Any, info: Any, assignment: controller_pb2.TrialAssignment,
+                      restored: int | None, process_id: int, num_processes: int,
+                      streams: list[Any]):
+        """``fn(num_examples, saved) -> stream``: this host's examples, from the service."""
+        from batchlab.rpc.sharding_client import ServiceShardIterator, ShardingError
+
+        def index_stream(num_examples: int, saved: Mapping[str, Any] | None):
+            split_size = int(info.split_sizes.get("train", 0))
+            shards = sharding.assign(
+                assignment.trial, info.dataset, info.config, "train",
+                num_hosts=num_processes, seed=int(assignment.seed), shuffle=True,
+                resume_step=restored,
+                num_examples=None if num_examples == split_size else num_examples)
+            stream = ServiceShardIterator(sharding, shards.hosts[process_id], num_examples)
+            mine = stream.get_state()
+            # The checkpoint's own record of process 0's position must agree with the
+            # service's: a disagreement means one of them is not this checkpoint's.
+            if saved is not None and process_id == 0 and (
+                    (saved.get("epoch"), saved.get("position"))
+                    != (mine["epoch"], mine["position"])):
+                raise ShardingError(
+                    f"{assignment.trial}: the sharding service says epoch {mine['epoch']} "
+                    f"position {mine['position']} at step {restored}, the checkpoint says "
+                    f"epoch {saved.get('epoch')} position {saved.get('position')}")
+            streams.append(stream)
+            return stream
+
+        return index_stream
+
+    def _example_log(self, trial: str, attempt: int, process_id: int) -> _ExampleLog | None:
+        if not self.settings.example_log_dir:
+            return None
+        path = (Path(self.settings.example_log_dir) / _safe_name(trial)
+                / f"a{attempt}-p{process_id}.jsonl")
+        return _ExampleLog(path)
 
     def _observe(self, series: Any, point: Mapping[str, float], last: dict[str, float],
                  batch_size: int) -> None:
@@ -564,10 +751,30 @@ class TrainerWorker:
 
     def shutdown(self) -> None:
         """Stop the metrics endpoint (the controller calls this before killing the actor)."""
+        if self._metrics_writer is not None:
+            with contextlib.suppress(Exception):
+                self._metrics_writer.close()
+            self._metrics_writer = None
         if self._metrics_server is not None:
             with contextlib.suppress(Exception):
                 self._metrics_server.close()
             self._metrics_server = None
+
+
+class _ExampleLog:
+    """Appends (step, example indices) of every step trained to a JSON-lines file."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, step: int, indices: Any) -> None:
+        self._file.write(json.dumps({"step": int(step),
+                                     "examples": [int(i) for i in indices]}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # The Ray actor: a threaded actor, so `stop` and `info` are answered while `run` trains.

@@ -51,7 +51,7 @@ class CheckpointSync(abc.ABC):
 
     @abc.abstractmethod
     def upload(self, trial: str, step: int, step_dir: Path, *, metric: float | None = None,
-               maximize: bool = True) -> None:
+               maximize: bool = True, hold_for_evaluation: bool = False) -> None:
         """Store the checkpoint folder of one step.
 
         Args:
@@ -60,6 +60,8 @@ class CheckpointSync(abc.ABC):
           step_dir: the orbax step folder.
           metric: the validation metric at that step (the store keeps the best), if any.
           maximize: whether a larger metric is better.
+          hold_for_evaluation: keep it until the evaluation service has read it (only the
+            checkpoint service evaluates; a folder store keeps the newest steps only).
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -106,7 +108,7 @@ class DirectoryCheckpointSync(CheckpointSync):
         return step
 
     def upload(self, trial: str, step: int, step_dir: Path, *, metric: float | None = None,
-               maximize: bool = True) -> None:
+               maximize: bool = True, hold_for_evaluation: bool = False) -> None:
         folder = self.root / _trial_path(trial)
         target = folder / str(step)
         if target.exists():
@@ -160,8 +162,9 @@ class ServiceCheckpointSync(CheckpointSync):
                 shutil.rmtree(staging, ignore_errors=True)
 
     def upload(self, trial: str, step: int, step_dir: Path, *, metric: float | None = None,
-               maximize: bool = True) -> None:
-        self._client.save_dir(trial, step, step_dir, metric=metric, maximize=maximize)
+               maximize: bool = True, hold_for_evaluation: bool = False) -> None:
+        self._client.save_dir(trial, step, step_dir, metric=metric, maximize=maximize,
+                              hold_for_evaluation=hold_for_evaluation)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

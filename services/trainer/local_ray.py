@@ -13,9 +13,14 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["LOCAL_RAY_ENV", "ensure_local_ray"]
+__all__ = ["LOCAL_RAY_ENV", "RayStartTimeout", "ensure_local_ray"]
 
 log = logging.getLogger(__name__)
+
+class RayStartTimeout(RuntimeError):
+    """Ray's node did not start in time, on every attempt: a passing condition (a loaded
+    machine), worth retrying later."""
+
 
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -32,8 +37,12 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
       temp_dir: Ray's session folder (keep it short: it holds unix sockets).
       num_cpus: logical CPUs to advertise (None: the machine's).
       attempts: tries to start it: on a busy or freshly installed machine Ray's node start
-        now and then times out ("The current node timed out during startup"), and a second
-        try succeeds.
+        now and then times out ("The current node timed out during startup", "Timed out
+        waiting for file .../gcs_server_port"), and a second try succeeds. Ray's wait for
+        its GCS is RAY_gcs_server_port_wait_time_s (30 s by default).
+
+    Raises:
+      RayStartTimeout: every attempt timed out.
     """
     # Ray reads some of these when it is imported: set them first.
     for key, value in LOCAL_RAY_ENV.items():
@@ -50,8 +59,12 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
                 break
             except Exception as error:  # noqa: BLE001 - Ray raises a bare Exception on timeout
-                if attempt == attempts or "timed out" not in str(error):
+                if "timed out" not in str(error).lower():
                     raise
+                if attempt == attempts:
+                    ray.shutdown()
+                    raise RayStartTimeout(f"the local Ray did not start in {attempts} attempts "
+                                          f"({(str(error).strip().splitlines() or ['timed out'])[0]})") from error
                 log.warning("Ray did not start (%s); trying again (%d of %d)", error, attempt + 1,
                             attempts)
                 ray.shutdown()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import threading
 from typing import Any
+
+from batchlab.proto.v1 import common_pb2, controller_pb2, experiment_pb2
 
 WORKLOAD = "mnist1d_resnet1d_small"
 
@@ -40,13 +44,56 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 
 def request(trial: str = "experiments/x/studies/s/trials/0-r0", *, seed: int = 5,
-            steps: int = 20, workload_hparams: dict | None = None) -> dict[str, Any]:
-    """A trainer request for one attempt (services.trainer.actor)."""
-    return {
-        "trial": trial, "experiment_id": "x", "study_id": "s", "trial_index": 0,
-        "replica": 0, "attempt": 1, "seed": seed, "kind": "tuning", "workload": WORKLOAD,
-        "hyperparameters": {"optimizer": {"optimizer": "nesterov", "learning_rate": 0.1},
-                            "workload": dict(workload_hparams or {})},
-        "batch_size": 32, "step_budget": steps, "eval_every_steps": 10,
-        "target": {"metric": "validation/accuracy", "value": 0.05, "goal": "MAXIMIZE"},
-    }
+            steps: int = 20, workload_hparams: dict | None = None,
+            learning_rate: Any = 0.1, attempt: int = 1,
+            evaluation: int = controller_pb2.EVALUATION_IN_PROCESS) -> bytes:
+    """A serialized TrialAssignment for one attempt (what the controller sends trainers)."""
+    hyperparameters = {"optimizer": {"optimizer": "nesterov", "learning_rate": learning_rate},
+                       "workload": dict(workload_hparams or {})}
+    return controller_pb2.TrialAssignment(
+        trial=trial, experiment_id="x", study_id="s", trial_index=0, replica=0,
+        attempt=attempt, seed=seed, kind="tuning", workload=WORKLOAD,
+        hyperparameters_json=json.dumps(hyperparameters), batch_size=32, step_budget=steps,
+        eval_every_steps=10, evaluation=evaluation,
+        target=experiment_pb2.Target(metric="validation/accuracy", value=0.05,
+                                     goal=common_pb2.MAXIMIZE),
+    ).SerializeToString()
+
+
+def example_log(folder, trial: str) -> dict[tuple[int, int], dict[int, list[int]]]:
+    """A trainer example log: (attempt, process) -> step -> example indices read."""
+    from pathlib import Path
+
+    from services.trainer.actor import _safe_name
+
+    found: dict[tuple[int, int], dict[int, list[int]]] = {}
+    for path in sorted((Path(folder) / _safe_name(trial)).glob("a*-p*.jsonl")):
+        attempt, process = path.stem[1:].split("-p")
+        steps = found.setdefault((int(attempt), int(process)), {})
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps[entry["step"]] = entry["examples"]
+    return found
+
+
+def gated_storage(directory, gate_step: int):
+    """A SQLiteStorage holding the progress report of trial 0's first attempt at `gate_step`
+    (or later) until `.release` is set; `.reached` is set when it is held.
+
+    A trainer evaluating in its own process reports at every evaluation before it saves
+    that step's checkpoint, so while the report is held its last uploaded checkpoint is the
+    previous evaluation's; evaluating by the service, it reports after the upload.
+    """
+    from services.controller.storage import SQLiteStorage
+
+    class GatedStorage(SQLiteStorage):
+        def add_points(self, points):
+            if any(p.trial.trial_index == 0 and p.trial.replica == 0 and p.attempt == 1
+                   and p.step >= gate_step for p in points):
+                self.reached.set()
+                self.release.wait(120)
+            return super().add_points(points)
+
+    storage = GatedStorage(directory)
+    storage.reached, storage.release = threading.Event(), threading.Event()
+    return storage

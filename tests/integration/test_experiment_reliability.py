@@ -5,7 +5,8 @@
     bit-identical (curve, final metrics and a digest of the whole train state) to an
     uninterrupted run of the same trial.
   - The controller killed with SIGKILL mid-experiment and restarted on the same state
-    directory: the experiment completes and every trial has exactly one result.
+    directory: the experiment completes and every trial has exactly one result, and the
+    restart consumes no attempt (max_attempts 1: the trial still runs to its result).
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from integration_helpers import WORKLOAD, spec
+from integration_helpers import WORKLOAD, gated_storage, spec
 
-from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, experiment_pb2
+from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.checkpoint_client import CheckpointClient
 from batchlab.rpc.client import channel, free_ports
-from services.controller.scheduler import RESTART_ERROR, attempt_request
+from services.controller.scheduler import RESTART_ERROR, attempt_assignment
 from services.controller.server import Controller, ControllerConfig
 from services.controller.storage import AttemptState, SQLiteStorage
 
@@ -53,34 +53,13 @@ def _wait_for_end(stub, name, timeout=240.0):
     raise AssertionError(f"{name} did not end in {timeout} s")
 
 
-class GatedStorage(SQLiteStorage):
-    """Holds the progress report of trial 0's first attempt at `gate_step` until released.
-
-    The trainer reports at every evaluation before it saves that step's checkpoint, so while
-    the report is held, the trial's last uploaded checkpoint is the previous evaluation's.
-    """
-
-    def __init__(self, directory, gate_step: int):
-        super().__init__(directory)
-        self.gate_step = gate_step
-        self.reached = threading.Event()
-        self.release = threading.Event()
-
-    def add_points(self, points):
-        if any(p.trial.trial_index == 0 and p.trial.replica == 0 and p.attempt == 1 and
-               p.step >= self.gate_step for p in points):
-            self.reached.set()
-            self.release.wait(60)
-        return super().add_points(points)
-
-
 def test_killed_trainer_resumes_from_checkpoint_bit_identical(
         ray_cluster, tfds_dir, jax_cache_dir, checkpoint_server, tmp_path):
     import ray
 
     from services.trainer.actor import TrainerActor
 
-    storage = GatedStorage(tmp_path / "state", gate_step=20)
+    storage = gated_storage(tmp_path / "state", gate_step=20)
     config = ControllerConfig(
         port=0, metrics_port=None, state_dir=str(tmp_path / "state"), num_trainers=2,
         checkpoints_address=checkpoint_server.address, data_dir=tfds_dir,
@@ -123,7 +102,7 @@ def test_killed_trainer_resumes_from_checkpoint_bit_identical(
 
     # The same trial without interruption, on a fresh trainer with no checkpoints at all.
     study = controller.studies.get(storage.get_experiment(experiment_id))[0]
-    reference_request = attempt_request(experiment_id, study, lost)
+    reference_request = attempt_assignment(experiment_id, study, lost).SerializeToString()
     reference_actor = TrainerActor.options(num_cpus=0.5).remote(
         {"name": "reference", "data_dir": tfds_dir, "jax_cache_dir": jax_cache_dir})
     try:
@@ -177,6 +156,9 @@ def test_controller_sigkill_then_restart_completes_every_trial_once(
         "BATCHLAB_REPORT_INTERVAL_SECONDS": "0",
         "BATCHLAB_WORKLOADS": WORKLOAD,
         "BATCHLAB_SHUTDOWN_GRACE_SECONDS": "1",
+        # Trainers evaluate in their own process here (the evaluation service's path is
+        # tested in test_services_path.py).
+        "BATCHLAB_EVALUATION": "in-process",
     }
     # Trainers read the data from BATCHLAB_DATA_DIR/tfds: point a fresh folder's tfds at
     # the session's data.
@@ -188,7 +170,8 @@ def test_controller_sigkill_then_restart_completes_every_trial_once(
         with channel(address) as chan:
             stub = controller_pb2_grpc.ExperimentServiceStub(chan)
             _wait_ready(stub, first, log_path)
-            experiment = _submit(stub, spec(name="restart"), "restart-1")
+            # One attempt per run: an attempt lost to the restart must not count.
+            experiment = _submit(stub, spec(name="restart", max_attempts=1), "restart-1")
             deadline = time.monotonic() + 120
             killed_running = False
             while time.monotonic() < deadline:
@@ -213,6 +196,8 @@ def test_controller_sigkill_then_restart_completes_every_trial_once(
             _wait_ready(stub, second, log_path)
             final = _wait_for_end(stub, experiment.name)
             assert final.state == controller_pb2.Experiment.SUCCEEDED, final.error
+            trials = stub.ListTrials(controller_pb2.ListTrialsRequest(
+                parent=experiment.name), timeout=10).trials
         second.send_signal(signal.SIGTERM)
         assert second.wait(60) == 0, log_path.read_text()[-4000:]
     finally:
@@ -234,4 +219,12 @@ def test_controller_sigkill_then_restart_completes_every_trial_once(
     assert all(len(found) == 1 for found in results.values()), results
     restarted = [a for a in attempts if a.error == RESTART_ERROR]
     assert restarted, "the SIGKILL hit no running attempt"
-    assert all(a.outcome == "FAILED" for a in restarted)
+    assert all(a.outcome == "FAILED" and a.failure == "CONTROLLER" for a in restarted)
+    # The API tells the restart's attempts apart: not counted toward max_attempts.
+    by_name = {t.name: t for t in trials}
+    for attempt in restarted:
+        trial = by_name[attempt.trial.name]
+        assert trial.outcome == common_pb2.SUCCEEDED and trial.attempt == 2
+        first = trial.attempts[0]
+        assert (first.failure, first.counted) == (controller_pb2.FAILURE_CONTROLLER, False)
+        assert trial.attempts[1].counted

@@ -23,12 +23,11 @@ def test_two_process_trial_matches_one_process(ray_cluster, tfds_dir, jax_cache_
     # BatchNorm over the whole batch: with virtual batches, which examples share a
     # normalisation group depends on how the hosts' shards are laid out in the global batch
     # (strided sharding interleaves them), so only whole-batch statistics are layout-free.
-    run = request(workload_hparams={"virtual_batch_size": 0})
     # A decaying rate: at a constant 0.1 this tiny model is chaotic enough that last-bit
     # differences grow to about 3e-4 in 20 steps (at 0.01 or with this schedule they stay
     # near 1e-8), which would hide what this test checks.
-    run["hyperparameters"]["optimizer"]["learning_rate"] = {"schedule": "cosine",
-                                                            "peak_value": 0.1}
+    run = request(workload_hparams={"virtual_batch_size": 0},
+                  learning_rate={"schedule": "cosine", "peak_value": 0.1})
     hosts = [TrainerActor.options(num_cpus=0.5).remote({**settings, "name": f"host-{i}"})
              for i in range(2)]
     alone = TrainerActor.options(num_cpus=0.5).remote({**settings, "name": "alone"})

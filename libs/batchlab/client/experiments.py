@@ -122,11 +122,48 @@ def _name(name: str) -> str:
     return name if "/" in name else f"experiments/{name}"
 
 
-def describe_error(err: grpc.RpcError) -> str:
-    """One line for people: the status code and the server's message."""
-    code = err.code().name if hasattr(err, "code") else "UNKNOWN"
-    details = err.details() if hasattr(err, "details") else str(err)
-    return f"{code}: {details}"
+# What gRPC's message says when no connection could be made at all (not an answer).
+# The most telling first: (mark in the lower-cased message, reason shown).
+_UNREACHABLE_MARKS = (
+    ("connection refused", "connection refused"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network is unreachable"),
+    ("errors resolving", "its host name does not resolve"),
+    ("dns resolution failed", "its host name does not resolve"),
+    ("failed to connect", "failed to connect"),
+    ("connect failed", "failed to connect"),
+)
+
+
+def _unreachable_reason(details: str) -> str | None:
+    lowered = details.lower()
+    for mark, reason in _UNREACHABLE_MARKS:
+        if mark in lowered:
+            return reason
+    return None
+
+
+def describe_error(err: grpc.RpcError, address: str | None = None) -> str:
+    """One line for people: the status code and the server's message, or what to do.
+
+    Args:
+      err: the failed call.
+      address: the controller address that was dialled; with it, a call that could not
+        connect at all is described as such, with the address and the way out.
+    """
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    details = " ".join((details or "").split())
+    if address is not None and code == grpc.StatusCode.UNAVAILABLE:
+        reason = _unreachable_reason(details)
+        if reason is not None:
+            return (f"cannot reach the controller at {address} ({reason}): start the embedded "
+                    f"stack with `batchlab up`, or point {CONTROLLER_ADDR_ENV} (or --controller) "
+                    "at a running controller")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (f"UNAUTHENTICATED: {details}; pass the stack's token with --token or "
+                "BATCHLAB_AUTH_TOKEN")
+    return f"{code.name if code is not None else 'UNKNOWN'}: {details}"
 
 
 def spec_to_json(spec: experiment_pb2.ExperimentSpec) -> dict[str, Any]:

@@ -1,10 +1,25 @@
-"""The embedded stack: every service on 127.0.0.1 as a local process, state under one folder.
+"""The embedded stack: every service as a local process, state under one folder.
 
 ``batchlab up`` starts the sharding, checkpoint, evaluation and controller servers (the
 controller starts a local Ray cluster for its trainer actors), waits until each reports
 SERVING on grpc.health.v1, and records the processes in ``<state_dir>/stack.json``;
 ``batchlab down`` stops them with SIGTERM (graceful) and SIGKILL after a timeout. Logs go to
 ``<state_dir>/logs/<service>.log``.
+
+Where each service listens comes from, in order: explicit ports and hosts (``batchlab up
+--host/--controller-port/...``), the ``BATCHLAB_<SERVICE>_ADDR`` variables the clients read
+(so ``BATCHLAB_CONTROLLER_ADDR=127.0.0.1:6051`` moves the stack and its clients together),
+then the defaults (127.0.0.1:50051-50054). A busy gRPC port is refused up front with the way
+out; a busy metrics port is replaced by a free one (the record lists it).
+
+Start-up is bounded: each service gets ``timeout`` seconds to report SERVING on every
+health name it is ready under (the controller also under ``batchlab.trainers``: Ray is
+connected and trainers can run; the controller retries a local Ray start that timed out, as
+happened with both cores busy), and progress messages say what is awaited, its last health
+status and what the service last logged. Ray's own wait for its GCS is raised to
+:data:`RAY_GCS_WAIT_S`. A service that exits during its start is started again, up to
+``retries`` times, unless it exited with
+:data:`~batchlab.rpc.server.EXIT_CONFIGURATION` (a bad setting, which a restart cannot fix).
 """
 
 from __future__ import annotations
@@ -14,30 +29,49 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from batchlab.rpc.client import channel, wait_for_ready
+from batchlab.rpc.client import channel, free_ports, peer_env_var, wait_for_ready
 from batchlab.rpc.metrics import METRICS_PORTS
+from batchlab.rpc.server import EXIT_CONFIGURATION
 
-__all__ = ["SERVICES", "Stack", "StackError", "default_state_dir"]
+__all__ = ["SERVICES", "Stack", "StackError", "default_state_dir", "listen_addresses"]
 
 log = logging.getLogger(__name__)
 
 STATE_DIR_ENV = "BATCHLAB_DATA_DIR"
+#: How long Ray's node start waits for its GCS (Ray's own default is 30 s, which a machine
+#: with both cores busy exceeded); overridable with RAY_gcs_server_port_wait_time_s.
+RAY_GCS_WAIT_S = 120
+DEFAULT_HOST = "127.0.0.1"
+_PROGRESS_EVERY_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ServiceDef:
-    """One service of the stack: its role (names env variables), module and default port."""
+    """One service of the stack.
+
+    Attributes:
+      name: its role (names its environment variables).
+      module: what ``python -m`` runs.
+      port: its default gRPC port.
+      peers: the services it dials (started first).
+      starting: what it does while starting, for progress messages.
+      ready: the grpc.health.v1 names that must report SERVING ("" = the server).
+    """
 
     name: str
     module: str
     port: int
     peers: tuple[str, ...] = ()
+    starting: str = "starting"
+    ready: tuple[str, ...] = ("",)
 
 
 # Started in this order: peers before the services that need them.
@@ -45,17 +79,62 @@ SERVICES: tuple[ServiceDef, ...] = (
     ServiceDef("sharding", "services.sharding.server", 50052),
     ServiceDef("checkpoints", "services.checkpoints.server", 50053),
     ServiceDef("evaluator", "services.evaluator.server", 50054, ("checkpoints",)),
-    ServiceDef("controller", "services.controller.server", 50051, ("sharding", "checkpoints", "evaluator")),
+    # services.controller.ray_link reports "batchlab.trainers" SERVING once Ray is connected.
+    ServiceDef("controller", "services.controller.server", 50051,
+               ("sharding", "checkpoints", "evaluator"),
+               "checking its database, starting a local Ray cluster and warm trainers",
+               ("", "batchlab.trainers")),
 )
 
 
 class StackError(RuntimeError):
-    """The stack could not start or stop; the message says which service and why."""
+    """The stack could not start or stop; the message says which service, why and what to do."""
 
 
 def default_state_dir() -> Path:
     """``$BATCHLAB_DATA_DIR`` or ./.batchlab."""
     return Path(os.environ.get(STATE_DIR_ENV, "").strip() or ".batchlab").absolute()
+
+
+def listen_addresses(environ: Mapping[str, str] | None = None) -> dict[str, tuple[str, int]]:
+    """The (host, port) of each service named in ``BATCHLAB_<SERVICE>_ADDR``.
+
+    Args:
+      environ: mapping to read (``os.environ`` by default).
+
+    Returns:
+      Service name -> (host, port), for the variables that are set.
+
+    Raises:
+      StackError: naming a variable that is not host:port.
+    """
+    environ = os.environ if environ is None else environ
+    found = {}
+    for service in SERVICES:
+        name = peer_env_var(service.name)
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StackError(f"{name} must be host:port (e.g. 127.0.0.1:{service.port}); "
+                             f"got {value!r}")
+        found[service.name] = (host.strip("[]"), int(port))
+    return found
+
+
+def _dial_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -78,46 +157,67 @@ class Stack:
 
     Args:
       state_dir: where state, datasets, checkpoints and logs live.
-      host: the interface every server binds (loopback by default).
-      ports: role -> gRPC port overrides (tests use free ports).
-      metrics_ports: role -> metrics port overrides.
+      host: the interface every server binds unless ``hosts`` or ``BATCHLAB_<S>_ADDR`` says
+        otherwise (loopback by default).
+      ports: role -> gRPC port overrides.
+      metrics_ports: role -> metrics port overrides (roles: the services and "trainer").
       token: optional bearer token every server requires.
       num_trainers: Ray trainer actors the controller keeps.
       extra_env: more environment for every process.
+      hosts: role -> interface overrides.
+      environ: where ``BATCHLAB_<SERVICE>_ADDR`` are read (``os.environ`` by default; pass
+        ``{}`` to ignore them).
     """
 
     def __init__(
         self,
         state_dir: str | Path | None = None,
         *,
-        host: str = "127.0.0.1",
-        ports: dict[str, int] | None = None,
-        metrics_ports: dict[str, int] | None = None,
+        host: str | None = None,
+        ports: Mapping[str, int] | None = None,
+        metrics_ports: Mapping[str, int] | None = None,
         token: str | None = None,
         num_trainers: int = 2,
-        extra_env: dict[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        hosts: Mapping[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ):
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
-        self.host = host
-        self.ports = {s.name: (ports or {}).get(s.name, s.port) for s in SERVICES}
+        from_env = listen_addresses(environ)
+        self.hosts = {}
+        self.ports = {}
+        for service in SERVICES:
+            env_host, env_port = from_env.get(service.name, (None, None))
+            self.hosts[service.name] = ((hosts or {}).get(service.name) or host or env_host
+                                        or DEFAULT_HOST)
+            self.ports[service.name] = int((ports or {}).get(service.name) or env_port
+                                           or service.port)
         roles = [s.name for s in SERVICES] + ["trainer"]
         self.metrics_ports = {r: (metrics_ports or {}).get(r, METRICS_PORTS[r]) for r in roles}
+        self._explicit_metrics = set(metrics_ports or {})
         self.token = token
         self.num_trainers = num_trainers
         self.extra_env = dict(extra_env or {})
 
     @property
+    def host(self) -> str:
+        """The controller's interface (the one most services share)."""
+        return self.hosts.get("controller") or next(iter(self.hosts.values()))
+
+    @property
     def record_path(self) -> Path:
+        """The running stack's record (pids, addresses, logs)."""
         return self.state_dir / "stack.json"
 
     def address(self, name: str) -> str:
-        return f"{self.host}:{self.ports[name]}"
+        """``host:port`` a client on this machine dials for service ``name``."""
+        return f"{_dial_host(self.hosts[name])}:{self.ports[name]}"
 
     def _env(self, service: ServiceDef) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
-                "BATCHLAB_BIND_HOST": self.host,
+                "BATCHLAB_BIND_HOST": self.hosts[service.name],
                 f"BATCHLAB_{service.name.upper()}_PORT": str(self.ports[service.name]),
                 "BATCHLAB_METRICS_PORT": str(self.metrics_ports[service.name]),
                 "BATCHLAB_DATA_DIR": str(self.state_dir),
@@ -131,8 +231,14 @@ class Stack:
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             }
         )
+        env.setdefault("RAY_gcs_server_port_wait_time_s", str(RAY_GCS_WAIT_S))
+        # The controller dials its peers (and tells trainers where it is) at these addresses;
+        # the service's own address variable would otherwise be the user's, not the stack's.
+        env.pop(peer_env_var(service.name), None)
         for peer in service.peers:
-            env[f"BATCHLAB_{peer.upper()}_ADDR"] = self.address(peer)
+            env[peer_env_var(peer)] = self.address(peer)
+        if service.name == "controller":
+            env[peer_env_var("controller")] = self.address("controller")
         if self.token:
             env["BATCHLAB_AUTH_TOKEN"] = self.token
         env.update(self.extra_env)
@@ -144,65 +250,128 @@ class Stack:
             return None
         return json.loads(self.record_path.read_text())
 
-    def up(self, *, timeout: float = 180.0) -> dict[str, Any]:
+    def _check_ports(self) -> None:
+        for service in SERVICES:
+            host, port = self.hosts[service.name], self.ports[service.name]
+            if _port_in_use(host, port):
+                raise StackError(
+                    f"port {port} on {host} ({service.name}) is in use: another stack or "
+                    f"program holds it. Stop it (`batchlab down`), or start on other ports "
+                    f"(`batchlab up --{service.name}-port PORT`, or "
+                    f"{peer_env_var(service.name)}=host:port for `batchlab up` and the clients)")
+        taken: set[int] = set()
+        for role, port in self.metrics_ports.items():
+            host = self.hosts.get(role, self.host)
+            if port and role not in self._explicit_metrics and (
+                    port in taken or _port_in_use(host, port)):
+                (free,) = free_ports(1, _dial_host(host))
+                log.info("metrics port %d of %s is in use: using %d", port, role, free)
+                self.metrics_ports[role] = free
+            taken.add(self.metrics_ports[role])
+
+    def up(self, *, timeout: float = 180.0, retries: int = 2,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Start every service and wait until all are SERVING.
+
+        Args:
+          timeout: seconds each service (each attempt) gets to report SERVING.
+          retries: further attempts for a service that exits while starting (not for a
+            configuration error).
+          progress: called with a line for people: what is started, what is awaited and
+            what it last logged (every few seconds), retries.
 
         Returns:
           The stack record (pids, addresses, log files).
 
         Raises:
-          StackError: a stack is already running here, or a service did not become ready
-            (the started ones are stopped again; the message has the end of its log).
+          StackError: a stack is already running here, a port is taken, or a service did not
+            become ready (the started ones are stopped again; the message has the end of its
+            log).
         """
+        say = progress or (lambda line: log.info("%s", line))
         record = self.read_record()
         if record and any(_alive(p["pid"]) for p in record["services"].values()):
-            raise StackError(f"a stack is already running from {self.state_dir} (batchlab down first)")
+            raise StackError(f"a stack is already running from {self.state_dir} "
+                             "(`batchlab down` first, or another --state-dir)")
+        self._check_ports()
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        record = {"state_dir": str(self.state_dir), "host": self.host, "started_at": time.time(), "services": {}}
+        record = {"state_dir": str(self.state_dir), "host": self.host, "started_at": time.time(),
+                  "services": {}}
         try:
             for service in SERVICES:
                 log_path = logs / f"{service.name}.log"
-                with open(log_path, "ab") as log_file:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-m", service.module],
-                        env=self._env(service),
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )
-                record["services"][service.name] = {
-                    "pid": proc.pid,
-                    "address": self.address(service.name),
-                    "metrics_port": self.metrics_ports[service.name],
-                    "log": str(log_path),
-                }
-                self.record_path.write_text(json.dumps(record, indent=1))
-                self._wait_ready(service, proc, log_path, timeout)
+                for attempt in range(1, retries + 2):
+                    say(f"starting {service.name} on {self.address(service.name)}"
+                        + (f" (attempt {attempt} of {retries + 1})" if attempt > 1 else ""))
+                    proc = self._spawn(service, log_path)
+                    record["services"][service.name] = {
+                        "pid": proc.pid,
+                        "address": self.address(service.name),
+                        "metrics_port": self.metrics_ports[service.name],
+                        "log": str(log_path),
+                    }
+                    self.record_path.write_text(json.dumps(record, indent=1))
+                    if self._wait_ready(service, proc, log_path, timeout, say,
+                                        last_attempt=attempt > retries):
+                        break
+                    say(f"{service.name} exited with status {proc.returncode} while starting "
+                        f"(last logged: {_last_line(log_path)}); starting it again")
         except BaseException:
             self.down()
             raise
         return record
 
-    def _wait_ready(self, service: ServiceDef, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _spawn(self, service: ServiceDef, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen(
+                [sys.executable, "-m", service.module],
+                env=self._env(service),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _wait_ready(self, service: ServiceDef, proc: subprocess.Popen, log_path: Path,
+                    timeout: float, say: Callable[[str], None], *, last_attempt: bool) -> bool:
+        """True once SERVING; False when it exited while starting and may be retried."""
+        start = time.monotonic()
+        deadline = start + timeout
+        next_note = start + _PROGRESS_EVERY_S
+        waiting = list(service.ready)
         ch = channel(self.address(service.name), token=self.token)
         try:
-            while True:
+            while waiting:
                 if proc.poll() is not None:
-                    raise StackError(
-                        f"{service.name} exited with status {proc.returncode}; end of {log_path}:\n{_tail(log_path)}"
-                    )
+                    if proc.returncode != EXIT_CONFIGURATION and not last_attempt:
+                        return False
+                    raise StackError(f"{service.name} exited with status {proc.returncode}; "
+                                     f"end of {log_path}:\n{_tail(log_path)}")
+                name = waiting[0]
+                what = f"health {name!r}" if name else "its server"
                 try:
-                    wait_for_ready(ch, timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
-                    log.info("%s is SERVING on %s", service.name, self.address(service.name))
-                    return
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        raise StackError(
-                            f"{service.name} not SERVING after {timeout:.0f} s; end of {log_path}:\n{_tail(log_path)}"
-                        ) from None
+                    wait_for_ready(ch, timeout=min(1.0, max(deadline - time.monotonic(), 0.1)),
+                                   service=name)
+                    waiting.pop(0)
+                    continue
+                except TimeoutError as error:
+                    seen = str(error).rpartition("(")[2].rstrip(")")
+                now = time.monotonic()
+                if now > deadline:
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    raise StackError(
+                        f"{service.name} not SERVING on {self.address(service.name)} after "
+                        f"{timeout:.0f} s ({what}: {seen}; raise the limit with `batchlab up "
+                        f"--timeout S`); end of {log_path}:\n{_tail(log_path)}")
+                if now >= next_note:
+                    next_note = now + _PROGRESS_EVERY_S
+                    say(f"waiting for {service.name} on {self.address(service.name)} to report "
+                        f"{what} SERVING ({service.starting}; {seen}; {now - start:.0f} of "
+                        f"{timeout:.0f} s); last logged: {_last_line(log_path)}")
+            say(f"{service.name} is SERVING on {self.address(service.name)} "
+                f"({time.monotonic() - start:.0f} s)")
+            return True
         finally:
             ch.close()
 
@@ -252,3 +421,12 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _last_line(path: Path, limit: int = 160) -> str:
+    """The last non-empty line of a log, cut to ``limit`` characters ("nothing yet" if none)."""
+    lines = [line for line in _tail(path, 5).splitlines() if line.strip()]
+    if not lines or lines == ["(no log)"]:
+        return "nothing yet"
+    line = lines[-1].strip()
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -281,6 +281,9 @@ def input_pipeline(
     prefetch: int = 2,
     num_workers: int = 1,
     state: Mapping[str, Any] | None = None,
+    index_stream: Any = None,
+    index_key: str | None = None,
+    max_examples: int | None = None,
     **kwargs: Any,
 ) -> BatchIterator:
     """Returns a :class:`BatchIterator` of preprocessed fixed-size batches for one shard.
@@ -305,6 +308,12 @@ def input_pipeline(
       prefetch: batches prepared ahead in a background thread (0: none).
       num_workers: threads applying preprocessing within a batch.
       state: a ``get_state()`` dict to resume from.
+      index_stream: ``fn(num_examples) -> stream``: this shard's index stream from elsewhere
+        (see :class:`BatchIterator`), e.g. the sharding service's; None computes it from the
+        shard arguments.
+      index_key: also put each example's index in the batches under this key.
+      max_examples: use only the first this many examples of the split (in-memory
+        classification datasets; None or 0: all of them).
       **kwargs: imagenet2012: ``manual_dir``; mlm_corpus: ``max_seq_length`` (128),
         ``max_predictions_per_seq``, ``dupe_factor``, ``masked_lm_prob``, ``short_seq_prob``.
 
@@ -350,6 +359,13 @@ def input_pipeline(
                 get_dataset(name, split, data_dir, config=config, **kwargs), info.input_key
             )
         default_preprocess = None
+        if max_examples:
+            if max_examples > len(source):
+                raise ValueError(f"max_examples: {name} {split} has {len(source)} examples, "
+                                 f"got {max_examples}")
+            source = ArraySource({k: v[:max_examples] for k, v in source.arrays.items()})
+    if max_examples and name in ("mlm_corpus", "imagenet2012"):
+        raise ValueError(f"max_examples: supported for in-memory datasets only, not {name!r}")
     iterator = BatchIterator(
         source,
         batch_size,
@@ -362,6 +378,8 @@ def input_pipeline(
         drop_remainder=drop_remainder,
         prefetch=prefetch,
         num_workers=num_workers,
+        index_stream=index_stream,
+        index_key=index_key,
     )
     if state is not None:
         iterator.set_state(state)

@@ -144,6 +144,12 @@ class BatchIterator:
       prefetch: batches prepared ahead in the background; 0 disables the thread.
       num_workers: threads applying ``preprocess`` within a batch (PIL and numpy release the
         GIL, so this helps JPEG decoding); 1 runs it in the prefetch thread itself.
+      index_stream: when the shard's index stream comes from elsewhere (e.g. the sharding
+        service: ``batchlab.rpc.sharding_client.ServiceShardIterator``): called with the
+        source's length, it returns a stream with the interface and state format of
+        ``sharding.ShardIterator``. None computes the stream here from the shard arguments.
+      index_key: also put each example's index in the batch under this key (padding: -1),
+        e.g. to log which examples a run read; None leaves it out.
 
     Example:
       >>> source = [{"x": np.float32(i)} for i in range(10)]
@@ -168,6 +174,8 @@ class BatchIterator:
         layout: str = "strided",
         prefetch: int = 2,
         num_workers: int = 1,
+        index_stream: Callable[[int], Any] | None = None,
+        index_key: str | None = None,
     ):
         batch_size = sharding.check_int("batch_size", batch_size, minimum=1)
         self._prefetch = sharding.check_int("prefetch", prefetch, minimum=0)
@@ -178,16 +186,24 @@ class BatchIterator:
                 "at the end of a finite stream"
             )
         seed = sharding.check_int("seed", seed, minimum=0)
-        indices = sharding.ShardIterator(
-            len(source),
-            shard_index,
-            shard_count,
-            seed=seed,
-            shuffle=shuffle,
-            layout=layout,
-            remainder="drop" if drop_remainder else "pad",
-            num_epochs=num_epochs,
-        )
+        if index_stream is None:
+            indices = sharding.ShardIterator(
+                len(source),
+                shard_index,
+                shard_count,
+                seed=seed,
+                shuffle=shuffle,
+                layout=layout,
+                remainder="drop" if drop_remainder else "pad",
+                num_epochs=num_epochs,
+            )
+        else:
+            indices = index_stream(len(source))
+            if indices.get_state().get("num_examples") != len(source):
+                raise ValueError(
+                    f"index_stream: indexes {indices.get_state().get('num_examples')} "
+                    f"examples but the source holds {len(source)}"
+                )
         self._producer = _Producer(
             source,
             indices,
@@ -196,6 +212,7 @@ class BatchIterator:
             preprocess,
             bool(drop_remainder),
             num_workers,
+            index_key,
         )
         if self.num_batches == 0:
             logger.warning(
@@ -342,8 +359,10 @@ class _Producer:
         preprocess: Preprocess | None,
         drop_remainder: bool,
         num_workers: int,
+        index_key: str | None = None,
     ):
         self.source = source
+        self.index_key = index_key
         self.indices = indices
         self.batch_size = batch_size
         self.seed = seed
@@ -404,6 +423,10 @@ class _Producer:
             self.template = {key: value[:1] for key, value in batch.items()}
         if not self.drop_remainder:
             batch[MASK_KEY] = real
+        if self.index_key is not None:
+            ids = np.full(self.batch_size, sharding.PAD_INDEX, np.int64)
+            ids[: len(indices)] = indices
+            batch[self.index_key] = ids
         return batch, self.indices.get_state()
 
     def shutdown(self) -> None:

@@ -205,7 +205,8 @@ def validate_schedule_config(
     if not isinstance(value, Mapping):
         return {"schedule": "constant", "value": _non_negative(path, value)}
     kind = value.get("schedule")
-    if kind not in SCHEDULES:
+    # A list or mapping here is a client's mistake too (and unhashable): refuse it the same way.
+    if not isinstance(kind, str) or kind not in SCHEDULES:
         raise ConfigError(
             f"{path}.schedule", f"unknown schedule {kind!r}; allowed: {sorted(SCHEDULES)}"
         )
@@ -224,7 +225,7 @@ def validate_schedule_config(
 def _validate_group(value: Any, path: str, total_steps: int | None) -> dict[str, Any]:
     value = _mapping(path, value)
     name = value.get("optimizer")
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:
         raise ConfigError(
             f"{path}.optimizer", f"unknown optimizer {name!r}; allowed: {sorted(OPTIMIZERS)}"
         )

@@ -152,8 +152,8 @@ class CheckpointClient:
         return tempfile.SpooledTemporaryFile(max_size=self._spool_bytes, mode="w+b")
 
     def save_dir(self, trial: str, step: int, directory: str | os.PathLike, *,
-                 metric: float | None = None,
-                 maximize: bool = True) -> checkpoints_pb2.CheckpointInfo:
+                 metric: float | None = None, maximize: bool = True,
+                 hold_for_evaluation: bool = False) -> checkpoints_pb2.CheckpointInfo:
         """Uploads a folder as the checkpoint of ``trial`` at ``step``.
 
         Args:
@@ -162,6 +162,8 @@ class CheckpointClient:
           directory: the checkpoint folder (regular files and folders only).
           metric: the metric that decides which checkpoint is kept as the best.
           maximize: whether a larger metric is better.
+          hold_for_evaluation: keep it until ``record_evaluation`` is called for it (an
+            evaluation point the evaluation service has not read yet).
 
         Returns:
           The stored ``CheckpointInfo``.
@@ -173,7 +175,8 @@ class CheckpointClient:
             pack_dir(directory, archive)
             sha256, size = _hash_file(archive)
             header = checkpoints_pb2.CheckpointHeader(
-                trial=trial, step=step, maximize=maximize, sha256=sha256, size_bytes=size)
+                trial=trial, step=step, maximize=maximize, sha256=sha256, size_bytes=size,
+                hold_for_evaluation=hold_for_evaluation)
             if metric is not None:
                 header.metric = metric
 
@@ -259,6 +262,26 @@ class CheckpointClient:
                 f"expected {info.size_bytes} bytes with {info.sha256}")
         archive.seek(0)
         return info
+
+    def record_evaluation(self, trial: str, step: int, *, metric: float | None = None,
+                          maximize: bool = True) -> checkpoints_pb2.CheckpointInfo:
+        """Records an evaluated metric of a stored checkpoint and releases its evaluation hold.
+
+        Args:
+          trial: the trial's resource name.
+          step: the checkpoint's step.
+          metric: the evaluated metric that decides the best checkpoint (None: only release).
+          maximize: whether a larger metric is better.
+
+        Returns:
+          The checkpoint's ``CheckpointInfo`` after the change (``is_best`` says whether it is
+          now the trial's best).
+        """
+        request = checkpoints_pb2.RecordEvaluationRequest(trial=trial, step=step,
+                                                          maximize=maximize)
+        if metric is not None:
+            request.metric = metric
+        return self._stub.RecordEvaluation(request, timeout=self._timeout)
 
     def list(self, trial: str) -> list[checkpoints_pb2.CheckpointInfo]:
         """Returns a trial's checkpoints, by step.

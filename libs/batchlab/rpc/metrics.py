@@ -26,6 +26,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,9 @@ class ControllerMetrics:
     runs_finished: Counter
     divergences: Counter
     last_progress: Gauge
+    ray_connected: Gauge
+    cluster_resources: Gauge
+    eval_metric: Gauge
 
     def set_trial_counts(self, experiment: str, counts: Mapping[tuple[str, str], int]) -> None:
         """Replace an experiment's `batchlab_trials` series with the given counts.
@@ -154,14 +158,24 @@ class ControllerMetrics:
         )
 
     def end_trial(self, experiment: str, study: str, trial: str) -> None:
-        """Drop a trial's progress series: it no longer runs, so it cannot stall."""
-        self.last_progress.remove_by_labels(
-            {"experiment": experiment, "study": study, "trial": trial}
-        )
+        """Drop a trial's progress series (it no longer runs, so it cannot stall) and the
+        evaluation metrics the controller exported for it."""
+        labels = {"experiment": experiment, "study": study, "trial": trial}
+        self.last_progress.remove_by_labels(labels)
+        self.eval_metric.remove_by_labels(labels)
+
+    def report_eval(self, experiment: str, study: str, trial: str,
+                    values: Mapping[str, float]) -> None:
+        """Export a trial's latest evaluation metrics when the evaluation service computed
+        them (the trainer exports them itself when it evaluates in its own process)."""
+        for name, value in values.items():
+            self.eval_metric.labels(experiment=experiment, study=study, trial=trial,
+                                    metric=name).set(float(value))
 
     def forget_experiment(self, experiment: str) -> None:
         """Drop every series labelled with an experiment that is finished or deleted."""
-        for metric in (self.trials, self.last_progress, self.runs_finished, self.divergences):
+        for metric in (self.trials, self.last_progress, self.runs_finished, self.divergences,
+                       self.eval_metric):
             metric.remove_by_labels({"experiment": experiment})
 
 
@@ -336,7 +350,36 @@ def _controller(r: CollectorRegistry) -> ControllerMetrics:
             "Unix time of the last step a running trial reported; removed when it ends.",
             list(TRIAL_LABELS), registry=r,
         ),
+        ray_connected=Gauge(
+            "batchlab_ray_connected",
+            "1 while the controller is connected to its Ray cluster (trainers can run), else 0.",
+            registry=r,
+        ),
+        cluster_resources=Gauge(
+            "batchlab_cluster_resources",
+            "Resources of the Ray cluster's alive nodes (CPU, GPU, TPU, memory bytes): the "
+            "capacity trainers are placed on.",
+            ["resource"], registry=r,
+        ),
+        eval_metric=_trial_eval_metric(r),
     )
+
+
+# One batchlab_trial_eval_metric per registry, shared by the trainer role (which sets it when
+# it evaluates in its own process) and the controller role (when the evaluation service does).
+_EVAL_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _trial_eval_metric(r: CollectorRegistry) -> Gauge:
+    gauge = _EVAL_METRICS.get(r)
+    if gauge is None:
+        gauge = Gauge(
+            "batchlab_trial_eval_metric",
+            "Latest evaluation metric of a running trial, by metric name (validation/accuracy).",
+            [*TRIAL_LABELS, "metric"], registry=r,
+        )
+        _EVAL_METRICS[r] = gauge
+    return gauge
 
 
 def _trainer(r: CollectorRegistry) -> TrainerMetrics:
@@ -367,11 +410,7 @@ def _trainer(r: CollectorRegistry) -> TrainerMetrics:
             "batchlab_trial_learning_rate", "Learning rate at the current step of a running trial.",
             list(TRIAL_LABELS), registry=r,
         ),
-        eval_metric=Gauge(
-            "batchlab_trial_eval_metric",
-            "Latest evaluation metric of a running trial, by metric name (validation/accuracy).",
-            [*TRIAL_LABELS, "metric"], registry=r,
-        ),
+        eval_metric=_trial_eval_metric(r),
     )
 
 
@@ -538,14 +577,15 @@ class MetricsServer:
 
 
 def start_metrics_server(
-    port: int, registry: CollectorRegistry, *, addr: str = "0.0.0.0"
+    port: int, registry: CollectorRegistry, *, addr: str = "127.0.0.1"
 ) -> MetricsServer:
     """Serve a registry's metrics over HTTP (any path answers; Prometheus scrapes /metrics).
 
     Args:
       port: the port to listen on; 0 picks a free one (tests).
       registry: the registry to expose, e.g. `make_metrics(...).registry`.
-      addr: the address to bind; the containers bind all interfaces, tests 127.0.0.1.
+      addr: the address to bind: the process's configured host (BATCHLAB_BIND_HOST; the
+        containers bind all interfaces). Loopback unless told otherwise.
 
     Returns:
       The running server, serving from a daemon thread.

@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY, InvalidArgument
+
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -45,6 +47,13 @@ SHUTDOWN_GRACE_ENV = "BATCHLAB_SHUTDOWN_GRACE_SECONDS"
 # peers in the cluster reach it.
 DEFAULT_BIND_HOST = "0.0.0.0"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+#: Exit status of a service that cannot start because of a bad setting: starting it again
+#: cannot help (batchlab up retries other failed starts, not this one).
+EXIT_CONFIGURATION = 2
+# Streaming calls open at once per server and per client host (see StreamLimitInterceptor):
+# far above what the CLI, dashboards and trainers open, and each idle one costs a thread.
+DEFAULT_MAX_STREAMS = 256
+DEFAULT_MAX_STREAMS_PER_CLIENT = 128
 
 
 class Registration(NamedTuple):
@@ -84,8 +93,12 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
-    """Returns a handler of the same kind whose behaviour is ``wrap(behaviour, streaming)``."""
+def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable,
+                       request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    """Returns a handler of the same kind whose behaviour is ``wrap(behaviour, streaming)``.
+
+    ``request_deserializer`` replaces the handler's when given.
+    """
     if handler.unary_unary:
         factory, behaviour, streaming = (
             grpc.unary_unary_rpc_method_handler, handler.unary_unary, False)
@@ -100,7 +113,7 @@ def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.R
             grpc.stream_stream_rpc_method_handler, handler.stream_stream, True)
     return factory(
         wrap(behaviour, streaming),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -108,6 +121,8 @@ def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.R
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` as UNAUTHENTICATED.
 
+    The scheme name is matched without regard to case ("bearer", "BEARER"), as RFC 7235
+    (section 2.1) and RFC 6750 ask; the token itself is compared exactly, in constant time.
     Health checks are exempt so that Kubernetes probes need no secret.
 
     Args:
@@ -117,14 +132,17 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
             raise ValueError("token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def _authorized(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         for key, value in metadata or ():
             if key == AUTH_METADATA_KEY:
                 given = value.encode() if isinstance(value, str) else bytes(value)
+                scheme, _, credentials = given.strip().partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
                 # Constant time, so the comparison does not leak how much of a guess was right.
-                return hmac.compare_digest(given, self._expected)
+                return hmac.compare_digest(credentials.strip(b" "), self._expected)
         return False
 
     def intercept_service(self, continuation, handler_call_details):
@@ -148,6 +166,198 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return reject
 
         return _replace_behaviour(handler, deny)
+
+
+class RequestGuardInterceptor(grpc.ServerInterceptor):
+    """Turns undecodable or unusable requests into INVALID_ARGUMENT before servicer code runs.
+
+    See :mod:`batchlab.rpc.validation` for what is checked. Without it, gRPC answers a
+    request it cannot decode with INTERNAL, and servicers meet unknown enum numbers.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        """Wraps the handler's deserializer and checks every request message."""
+        from batchlab.rpc import validation
+
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def refuse(context: Any, error: InvalidArgument) -> None:
+            logger.info("%s -> INVALID_ARGUMENT: %s", method, error.message)
+            if error.field_path:
+                context.set_trailing_metadata(
+                    ((FIELD_PATH_METADATA_KEY, ascii(error.field_path)[1:-1]),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+        def check(request: Any, context: Any) -> None:
+            if isinstance(request, validation.Undecodable):
+                refuse(context, request.error())
+            try:
+                validation.check_message(request)
+            except InvalidArgument as error:
+                refuse(context, error)
+
+        def guard(behaviour, streaming):
+            if handler.request_streaming:
+
+                def checked_iterator(requests, context):
+                    for request in requests:
+                        check(request, context)
+                        yield request
+
+                if streaming:
+
+                    def stream_stream(requests, context):
+                        yield from behaviour(checked_iterator(requests, context), context)
+
+                    return stream_stream
+
+                def stream_unary(requests, context):
+                    return behaviour(checked_iterator(requests, context), context)
+
+                return stream_unary
+            if streaming:
+
+                def unary_stream(request, context):
+                    check(request, context)
+                    yield from behaviour(request, context)
+
+                return unary_stream
+
+            def unary_unary(request, context):
+                check(request, context)
+                return behaviour(request, context)
+
+            return unary_unary
+
+        return _replace_behaviour(handler, guard,
+                                  validation.guarded_deserializer(handler.request_deserializer))
+
+
+def _client_of(peer: str) -> str:
+    """The client's host from a gRPC peer string ("ipv4:127.0.0.1:5123" -> "127.0.0.1")."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rpartition(":")[0] or address
+    return peer
+
+
+class StreamLimiter:
+    """Counts open streaming calls, in total and per client host; refuses past the bounds.
+
+    Args:
+      max_total: streaming calls open at once, all clients together.
+      max_per_client: streaming calls open at once from one client host.
+    """
+
+    def __init__(self, max_total: int, max_per_client: int):
+        if max_total < 1 or max_per_client < 1:
+            raise ValueError("stream limits must be >= 1; got "
+                             f"max_total={max_total}, max_per_client={max_per_client}")
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self._lock = threading.Lock()
+        self._by_client: dict[str, int] = {}
+        self._total = 0
+
+    @property
+    def open(self) -> int:
+        """Streaming calls open now."""
+        return self._total
+
+    def acquire(self, client: str) -> str | None:
+        """Takes a slot for ``client``; returns why not (the RESOURCE_EXHAUSTED message) or None."""
+        with self._lock:
+            mine = self._by_client.get(client, 0)
+            if self._total >= self.max_total:
+                return (f"the server has {self._total} streaming calls open, its limit; "
+                        "close a stream (e.g. a WatchExperiment) or retry later")
+            if mine >= self.max_per_client:
+                return (f"this client ({client}) has {mine} streaming calls open, the limit "
+                        "per client; close one first (e.g. a WatchExperiment)")
+            self._by_client[client] = mine + 1
+            self._total += 1
+            return None
+
+    def release(self, client: str) -> None:
+        """Gives ``client``'s slot back."""
+        with self._lock:
+            self._total -= 1
+            left = self._by_client.get(client, 1) - 1
+            if left > 0:
+                self._by_client[client] = left
+            else:
+                self._by_client.pop(client, None)
+
+
+class StreamLimitInterceptor(grpc.ServerInterceptor):
+    """Bounds streaming calls so that they cannot hold every server thread.
+
+    The synchronous gRPC server runs each call on a pool thread for the call's whole life, and
+    a WatchExperiment stream lives as long as its experiment. :func:`build_server` sizes the
+    pool as the stream bound plus ``max_workers``, so however many streams are open, unary
+    calls (GetExperiment, ReportProgress, health checks) always find a free thread; a stream
+    past the bound ends at once with RESOURCE_EXHAUSTED saying which bound was hit.
+
+    Why not an asyncio server: every servicer and the SQLite storage are blocking code, so
+    grpc.aio would run them on a thread pool anyway, and streams would hold those threads just
+    the same; bounding streams keeps one server model and gives a clear error instead.
+
+    Args:
+      limiter: the shared counts.
+    """
+
+    def __init__(self, limiter: StreamLimiter):
+        self._limiter = limiter
+
+    def intercept_service(self, continuation, handler_call_details):
+        """Wraps streaming handlers with a slot taken at start and given back at the end."""
+        handler = continuation(handler_call_details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        limiter = self._limiter
+        method = handler_call_details.method
+
+        def slot(context: Any) -> Callable[[], None]:
+            client = _client_of(context.peer())
+            refusal = limiter.acquire(client)
+            if refusal is not None:
+                logger.warning("%s -> RESOURCE_EXHAUSTED: %s", method, refusal)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            once = threading.Lock()
+
+            def release() -> None:
+                # Runs from the finally below and from gRPC's termination callback: once.
+                if once.acquire(blocking=False):
+                    limiter.release(client)
+
+            context.add_callback(release)
+            return release
+
+        def bounded(behaviour, streaming):
+            if streaming:
+
+                def stream(request_or_iterator, context):
+                    release = slot(context)
+                    try:
+                        yield from behaviour(request_or_iterator, context)
+                    finally:
+                        release()
+
+                return stream
+
+            def unary(request_or_iterator, context):
+                release = slot(context)
+                try:
+                    return behaviour(request_or_iterator, context)
+                finally:
+                    release()
+
+            return unary
+
+        return _replace_behaviour(handler, bounded)
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -230,7 +440,10 @@ class Server:
       service_name: the deployable's name, for logs.
       health: the ``grpc_health`` servicer (statuses by service name).
       services: the full names of the registered services.
+      streams: the :class:`StreamLimiter` bounding its streaming calls (None if unbounded).
     """
+
+    streams: StreamLimiter | None = None
 
     def __init__(self, grpc_server: grpc.Server, health_servicer: health.HealthServicer,
                  *, host: str, port: int, service_name: str, services: tuple[str, ...]):
@@ -307,8 +520,15 @@ def build_server(
     auth_token: str | None = None,
     metrics: Any = None,
     max_workers: int = 16,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT,
 ) -> Server:
     """Builds a gRPC server with health, optional auth and optional metrics; not started.
+
+    Every request is checked before servicer code runs (:class:`RequestGuardInterceptor`),
+    and streaming calls are bounded (:class:`StreamLimitInterceptor`): the thread pool holds
+    ``max_workers + max_streams`` threads, so unary calls keep ``max_workers`` threads
+    however many streams are open.
 
     Args:
       registrations: the servicers to serve (:class:`Registration` or equal tuples).
@@ -318,7 +538,10 @@ def build_server(
       auth_token: when set, every call but health checks needs
         ``authorization: Bearer <token>``.
       metrics: the object from ``batchlab.rpc.metrics.make_metrics``; None records nothing.
-      max_workers: threads serving calls (a streaming call holds one for its duration).
+      max_workers: threads kept for unary calls (a streaming call holds a thread for its
+        duration, from the ``max_streams`` more).
+      max_streams: streaming calls open at once (RESOURCE_EXHAUSTED past it).
+      max_streams_per_client: streaming calls open at once from one client host.
 
     Returns:
       The :class:`Server`; call ``start()``.
@@ -336,8 +559,12 @@ def build_server(
         interceptors.append(MetricsInterceptor(metrics))
     if auth_token:
         interceptors.append(BearerTokenInterceptor(auth_token))
+    streams = StreamLimiter(max_streams, max_streams_per_client)
+    # Innermost: the request is checked after auth, and only calls given a slot are checked.
+    interceptors += [StreamLimitInterceptor(streams), RequestGuardInterceptor()]
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers,
+        # Threads start on demand: an idle server does not hold max_streams of them.
+        futures.ThreadPoolExecutor(max_workers=max_workers + max_streams,
                                    thread_name_prefix=f"{service_name}-rpc"),
         interceptors=interceptors,
     )
@@ -356,8 +583,10 @@ def build_server(
         raise RuntimeError(f"{service_name}: cannot bind {address}: {exc}") from exc
     if not bound:
         raise RuntimeError(f"{service_name}: cannot bind {address}")
-    return Server(grpc_server, health_servicer, host=host, port=bound,
-                  service_name=service_name, services=names)
+    server = Server(grpc_server, health_servicer, host=host, port=bound,
+                    service_name=service_name, services=names)
+    server.streams = streams
+    return server
 
 
 def serve(server: Server, *, grace: float = 10.0,
@@ -516,7 +745,7 @@ def run_service(
                               metrics=metrics)
     except (RuntimeError, ValueError, OSError) as exc:  # StartupError is a RuntimeError.
         logger.error("%s cannot start: %s", name, exc)
-        return 2
+        return EXIT_CONFIGURATION
     metrics_server = start_metrics_server(settings.metrics_port, metrics.registry,
                                           addr=settings.host)
     logger.info("%s metrics on %s:%d", name, settings.host, metrics_server.port)

@@ -27,7 +27,11 @@ from batchlab.optim import from_config, learning_rate_fn, validate_optimizer_con
 from batchlab.search.protocol import Outcome
 from batchlab.search.scoring import steps_to_target
 from batchlab.search.study import Goal, Target
-from batchlab.train.checkpoint import RunCheckpointer
+from batchlab.train.checkpoint import (
+    RunCheckpointer,
+    check_initial_variables,
+    restore_initial_variables,
+)
 from batchlab.train.parallel import DataParallel
 from batchlab.train.steps import TrainState, make_eval_step, make_train_step
 from batchlab.train.workloads import Workload, get_workload
@@ -53,6 +57,10 @@ class RunConfig:
       stop_at_target: end the run (SUCCEEDED) as soon as the target is met.
       data_dir: tfds data folder (default: batchlab.data.default_data_dir()).
       checkpoint_dir: save at every evaluation and resume from here.
+      init_checkpoint: a checkpoint folder (a run's checkpoint_dir, or a final state a runner
+        kept) whose newest parameters and batch statistics initialise the run, with a fresh
+        optimizer state at step 0 (BERT phase 2 continues phase 1). A resume from
+        checkpoint_dir takes precedence.
       divergence_check_every: how often (steps) losses are fetched to detect divergence.
     """
 
@@ -68,6 +76,7 @@ class RunConfig:
     data_dir: str | None = None
     checkpoint_dir: str | None = None
     divergence_check_every: int = 10
+    init_checkpoint: str | None = None
 
     @classmethod
     def for_trial(
@@ -107,6 +116,8 @@ class RunConfig:
             raise ValueError(f"target.goal: must be a Goal, got {self.target.goal!r}")
         if self.stop_at_target and self.target is None:
             raise ValueError("stop_at_target: needs a target")
+        if self.init_checkpoint is not None and (not isinstance(self.init_checkpoint, str) or not self.init_checkpoint):
+            raise ValueError(f"init_checkpoint: must be a checkpoint folder, got {self.init_checkpoint!r}")
         validate_optimizer_config(self.optimizer, total_steps=self.total_steps)
         return workload, workload.hyperparameters(self.hyperparameters)
 
@@ -127,6 +138,11 @@ class RunResult:
     examples_per_second: float = 0.0
     startup_time_s: float = 0.0
     resumed_from_step: int | None = None
+    failure: str | None = None
+    """Why a FAILED run failed: "infrastructure" (an exception marked ``infrastructure``,
+    e.g. the sharding service failed) or "run" (anything else)."""
+    initialised_from: str | None = None
+    """The checkpoint folder (and step) the parameters started from, for a warm start."""
     final_state: Any = dataclasses.field(default=None, repr=False, compare=False)
     """The TrainState at the end, when ``train_and_evaluate(..., return_state=True)``."""
 
@@ -216,24 +232,36 @@ class _Run:
             out_shardings=self.dp.replicated,
         )
         self._eval_sources: dict[str, Any] = {}
+        self.init_step: int | None = None
+        if config.init_checkpoint is not None:
+            # A source of another architecture is the caller's mistake: refuse it before training.
+            self.init_step = check_initial_variables(config.init_checkpoint, self.abstract_variables())
 
     # -- state ---------------------------------------------------------------------------------
+    def _variables(self, key) -> dict[str, Any]:
+        """The model's initial variables ("params", and "batch_stats" for BN models)."""
+        dummy = self.workload.dummy_batch(2 * max(1, self.hparams.get("virtual_batch_size") or 1), self.input_shape, self.hparams)
+        if self.workload.kind == "classification":
+            return self.model.init(key, dummy["input"], train=False)
+        return self.model.init(
+            key, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
+            dummy["masked_lm_positions"], train=False,
+        )
+
+    def abstract_variables(self) -> dict[str, Any]:
+        """{"params", "batch_stats"} as shape/dtype leaves (batch_stats None without BN)."""
+        variables = jax.eval_shape(self._variables, jax.random.key(0))
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats")}
+
     def init_state(self) -> TrainState:
         key = jax.random.key(self.config.seed)
         init_key, dropout_key = jax.random.split(key)
-        dummy = self.workload.dummy_batch(2 * max(1, self.hparams.get("virtual_batch_size") or 1), self.input_shape, self.hparams)
 
         # The keys are arguments, not constants: every seed then compiles the same program,
         # which the persistent compilation cache serves to later runs.
         @jax.jit
         def init(k, dropout_key):
-            if self.workload.kind == "classification":
-                variables = self.model.init(k, dummy["input"], train=False)
-            else:
-                variables = self.model.init(
-                    k, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
-                    dummy["masked_lm_positions"], train=False,
-                )
+            variables = self._variables(k)
             params = variables["params"]
             return TrainState(
                 step=jnp.zeros((), jnp.int32),
@@ -245,8 +273,24 @@ class _Run:
 
         return self.dp.put_replicated(init(init_key, dropout_key))
 
+    def warm_start(self, state: TrainState) -> TrainState:
+        """``state`` with init_checkpoint's params and batch_stats and a fresh optimizer state.
+
+        The step stays 0 and the dropout key is this run's. The optimizer state is built from
+        the loaded parameters, not read: the source may have used another optimizer.
+        """
+        variables = restore_initial_variables(self.config.init_checkpoint, self.abstract_variables(), self.init_step)
+        params = self.dp.put_replicated(variables["params"])
+        batch_stats = variables["batch_stats"]
+        return state.replace(
+            params=params,
+            batch_stats=None if batch_stats is None else self.dp.put_replicated(batch_stats),
+            opt_state=self.dp.put_replicated(jax.jit(self.optimizer.init)(params)),
+        )
+
     # -- data ----------------------------------------------------------------------------------
-    def train_iterator(self, state: Mapping[str, Any] | None):
+    def train_iterator(self, state: Mapping[str, Any] | None, *, index_stream=None,
+                       index_key: str | None = None):
         shard_count, shard_index = jax.process_count(), jax.process_index()
         return bdata.input_pipeline(
             self.workload.dataset,
@@ -259,6 +303,9 @@ class _Run:
             shard_index=shard_index,
             shard_count=shard_count,
             state=state,
+            max_examples=self.hparams.get("train_examples") or None,
+            index_stream=index_stream,
+            index_key=index_key,
             **self.data_kwargs,
         )
 
@@ -299,6 +346,9 @@ class _Run:
         batch_size = -(-w.eval_batch_size // self.dp.num_devices) * self.dp.num_devices
         out: dict[str, float] = {}
         limits = {"train": w.train_eval_examples, "validation": w.validation_examples}
+        if self.hparams.get("train_examples"):
+            # Train metrics over examples the run trains on, not the unused rest of the split.
+            limits["train"] = min(w.train_eval_examples, self.hparams["train_examples"])
         for split in splits:
             if split not in limits:
                 raise ValueError(f"split: must be one of {sorted(limits)}, got {split!r}")
@@ -326,6 +376,10 @@ def train_and_evaluate(
     data_parallel: DataParallel | None = None,
     return_state: bool = False,
     on_checkpoint: Callable[[int, str], None] | None = None,
+    evaluate: bool = True,
+    index_stream: Callable[[int, Mapping[str, Any] | None], Any] | None = None,
+    on_data_position: Callable[[int, Mapping[str, Any]], None] | None = None,
+    on_examples: Callable[[int, np.ndarray], None] | None = None,
 ) -> RunResult:
     """Train one run to its step budget (or divergence, cancellation, target) and evaluate it.
 
@@ -337,21 +391,41 @@ def train_and_evaluate(
       data_parallel: the devices to use (default: all).
       return_state: put the final TrainState in ``RunResult.final_state``.
       on_checkpoint: called with (step, checkpoint_dir) after each checkpoint is on disk
-        (its files are in ``checkpoint_dir/<step>``), e.g. to upload it.
+        (its files are in ``checkpoint_dir/<step>``), e.g. to upload it. In a multi-process
+        run, process 0 alone writes the checkpoint (the state is replicated) and every
+        process is called, e.g. to record its data position.
+      evaluate: evaluate at each evaluation point in this process. False leaves the
+        evaluation to someone else (the evaluation service reads the checkpoint saved at
+        every point): points carry the step, learning rate and training loss only, and the
+        run needs a checkpoint_dir.
+      index_stream: ``fn(num_examples, saved) -> stream``: this process's example-index
+        stream from elsewhere (the sharding service), starting where its provider says,
+        instead of one computed here and moved to the position saved with the checkpoint;
+        ``saved`` is that position (the checkpoint's ``data_state["indices"]``, None at the
+        start), e.g. to check that both agree. See batchlab.data.BatchIterator.
+      on_data_position: called on every process at each checkpoint, before on_checkpoint,
+        with (step, the training input's position: its ``get_state()["indices"]``).
+      on_examples: called with (step, the example indices of this process's batch) for
+        every step trained, e.g. to log what a run read.
 
     Returns:
       The RunResult. Exceptions inside training become outcome FAILED with the error text;
       an invalid config raises ValueError before anything runs.
     """
     start_wall = time.perf_counter()
+    if not evaluate and (config.checkpoint_dir is None or config.stop_at_target):
+        raise ValueError("evaluate: False needs a checkpoint_dir (the evaluation reads the "
+                         "checkpoint of each point) and no stop_at_target")
     run = _Run(config, data_parallel)  # ValueError for bad configs: the caller's mistake
     cfg = config
     ckpt = None
     curve: list[dict[str, float]] = []
     resumed_from = None
+    initialised_from = None
     state = None
     step = 0
     outcome, error, diverged_step = Outcome.SUCCEEDED, None, None
+    failure = None
     input_wait = train_time = startup_time = 0.0
     steps_this_session = 0
     pending: list[tuple[int, jax.Array]] = []
@@ -376,10 +450,13 @@ def train_and_evaluate(
         # A cancellation right after an evaluation (or right after resuming) finds this step
         # saved already, with the same content; orbax refuses to overwrite it.
         if ckpt is not None and ckpt.latest_step() != step:
-            ckpt.save(step, state, {
-                "step": step, "curve": curve, "data_state": iterator.get_state(),
-                "window_losses": window_losses,
-            })
+            if jax.process_index() == 0:
+                ckpt.save(step, state, {
+                    "step": step, "curve": curve, "data_state": iterator.get_state(),
+                    "window_losses": window_losses,
+                })
+            if on_data_position is not None:
+                on_data_position(step, iterator.get_state()["indices"])
             if on_checkpoint is not None:
                 on_checkpoint(step, str(ckpt.directory))
 
@@ -394,8 +471,19 @@ def train_and_evaluate(
             window_losses = [float(x) for x in meta.get("window_losses", [])]
             resumed_from = int(meta["step"])
             log.info("resumed %s from step %d", cfg.checkpoint_dir, resumed_from)
+        elif cfg.init_checkpoint is not None:
+            state = run.warm_start(state)
+            initialised_from = f"{cfg.init_checkpoint} (step {run.init_step})"
+            log.info("initialised from %s", initialised_from)
         step = int(jax.device_get(state.step))
-        with run.train_iterator(data_state) as iterator:
+        example_key = "example_index" if on_examples is not None else None
+        extra: dict[str, Any] = {} if example_key is None else {"index_key": example_key}
+        if index_stream is not None:
+            saved = None if data_state is None else data_state.get("indices")
+            extra["index_stream"] = lambda n: index_stream(n, saved)
+            data_state = None  # the stream starts where its provider says
+        iterator = run.train_iterator(data_state, **extra)
+        with iterator:
             t_train = time.perf_counter()
             while step < cfg.total_steps:
                 if should_stop is not None and should_stop():
@@ -410,6 +498,8 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 batch = next(iterator)
                 input_wait += time.perf_counter() - t0
+                if example_key is not None:
+                    on_examples(step + 1, batch.pop(example_key))
                 state, metrics = run.train_step(
                     state, run.dp.put_batch(_to_model_batch(run.workload, batch, run.input_key))
                 )
@@ -436,7 +526,8 @@ def train_and_evaluate(
                     point = {"step": float(step), "learning_rate": float(run.lr_fn(step - 1))}
                     point["train/batch_loss"] = float(np.mean(window_losses)) if window_losses else math.nan
                     window_losses.clear()
-                    point.update(run.evaluate(state))
+                    if evaluate:
+                        point.update(run.evaluate(state))
                     curve.append(point)
                     if on_eval is not None:
                         on_eval(point)
@@ -447,6 +538,7 @@ def train_and_evaluate(
     except Exception as err:  # noqa: BLE001 - any failure inside training is the FAILED outcome
         log.exception("run failed at step %d", step)
         outcome, error = Outcome.FAILED, f"{type(err).__name__}: {err}"
+        failure = "infrastructure" if getattr(err, "infrastructure", False) else "run"
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -473,5 +565,7 @@ def train_and_evaluate(
         examples_per_second=examples / train_time if train_time > 0 else 0.0,
         startup_time_s=startup_time,
         resumed_from_step=resumed_from,
+        failure=failure,
+        initialised_from=initialised_from,
         final_state=state if return_state else None,
     )

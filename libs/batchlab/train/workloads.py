@@ -9,7 +9,6 @@ trains the default.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +18,12 @@ import jax.numpy as jnp
 import optax
 
 from batchlab import models
+from batchlab.workloads import (
+    BERT_HYPERPARAMETERS,
+    RESNET_HYPERPARAMETERS,
+    metrics_of_kind,
+    resolve_hyperparameters,
+)
 
 __all__ = ["WORKLOADS", "Workload", "get_workload", "workload_names"]
 
@@ -59,18 +64,12 @@ class Workload:
 
     def hyperparameters(self, overrides: Mapping[str, Any] | None, path: str = "workload") -> dict[str, Any]:
         """The defaults with ``overrides`` applied; unknown names raise ValueError naming the field."""
-        out = dict(self.defaults)
-        for key, value in (overrides or {}).items():
-            if key not in self.defaults:
-                raise ValueError(
-                    f"{path}.{key}: unknown hyperparameter of workload {self.name!r}; "
-                    f"allowed: {sorted(self.defaults)}"
-                )
-            out[key] = _convert(f"{path}.{key}", self.defaults[key], value, nullable=key in _NULLABLE)
-        for key, (check, allowed) in _RANGES.items():
-            if key in out and out[key] is not None and not check(out[key]):
-                raise ValueError(f"{path}.{key}: must be {allowed}, got {out[key]!r}")
-        return out
+        return resolve_hyperparameters(self.name, self.defaults, overrides, path)
+
+    @property
+    def metrics(self) -> frozenset[str]:
+        """Every metric an evaluation point reports (declared in batchlab.workloads)."""
+        return metrics_of_kind(self.kind)
 
     def model(self, hparams: Mapping[str, Any], *, dtype=jnp.float32, **extra: Any) -> nn.Module:
         """The flax module for these hyperparameters (``extra``: e.g. the tokenizer's vocab_size)."""
@@ -102,37 +101,6 @@ class Workload:
         }
 
 
-def _convert(path: str, default: Any, value: Any, *, nullable: bool) -> Any:
-    """``value`` as the type of ``default``; ValueError naming ``path`` otherwise."""
-    if value is None and nullable:
-        return None
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: must be true or false, got {value!r}")
-        return value
-    # Numbers arrive as floats from JSON and protobuf Structs; bools and strings are mistakes.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{path}: must be a finite number, got {value!r}")
-    if isinstance(default, int):
-        if value != int(value):
-            raise ValueError(f"{path}: must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-# Hyperparameters that may be null: a virtual batch of None (or 0) is the whole device batch.
-_NULLABLE = frozenset({"virtual_batch_size"})
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "label_smoothing": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "virtual_batch_size": (lambda v: v >= 0, ">= 0 (0 or null: the whole device batch)"),
-    "bn_momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "bn_epsilon": (lambda v: v > 0.0, "> 0"),
-    "max_seq_length": (lambda v: v >= 5, ">= 5"),  # [CLS] A [SEP] B [SEP]
-    "max_predictions_per_seq": (lambda v: v >= 1, ">= 1"),
-    "dropout_rate": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-}
-
-
 def classification_loss(logits, labels, *, num_classes: int, label_smoothing: float, weights=None):
     """Mean softmax cross entropy with label smoothing, and the accuracy (per-example weights)."""
     one_hot = jax.nn.one_hot(labels, num_classes)
@@ -144,14 +112,8 @@ def classification_loss(logits, labels, *, num_classes: int, label_smoothing: fl
     return per_example, correct, weights
 
 
-_RESNET_DEFAULTS = {
-    "label_smoothing": 0.0,
-    "gamma_0": 1.0,
-    "virtual_batch_size": 64,
-    "bn_momentum": 0.9,
-    "bn_epsilon": 1e-5,
-}
-_BERT_DEFAULTS = {"max_seq_length": 128, "max_predictions_per_seq": 20, "dropout_rate": 0.1}
+_RESNET_DEFAULTS = RESNET_HYPERPARAMETERS
+_BERT_DEFAULTS = BERT_HYPERPARAMETERS
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from batchlab.search.study import Goal
 from services.controller.pool import Dispatch, Finished, Lease, TrainerPool, resource_shape
 
 WORKLOAD = "mnist1d_resnet1d_small"
@@ -41,6 +43,22 @@ def spec_dict(**overrides: Any) -> dict[str, Any]:
     spec = copy.deepcopy(SPEC)
     spec.update(overrides)
     return spec
+
+
+def request_of(assignment) -> dict[str, Any]:
+    """A batchlab.v1.TrialAssignment as the plain dict the fake runs read."""
+    return {
+        "trial": assignment.trial, "experiment_id": assignment.experiment_id,
+        "study_id": assignment.study_id, "trial_index": assignment.trial_index,
+        "replica": assignment.replica, "attempt": assignment.attempt, "seed": assignment.seed,
+        "kind": assignment.kind, "workload": assignment.workload,
+        "hyperparameters": json.loads(assignment.hyperparameters_json),
+        "batch_size": assignment.batch_size, "step_budget": assignment.step_budget,
+        "eval_every_steps": assignment.eval_every_steps,
+        "target": {"metric": assignment.target.metric, "value": assignment.target.value,
+                   "goal": Goal(assignment.target.goal).name},
+        "evaluation": assignment.evaluation,
+    }
 
 
 class LostWorker(Exception):
@@ -104,7 +122,8 @@ class FakePool(TrainerPool):
     def release(self, lease):
         pass
 
-    def start(self, lease, attempt_id, experiment_id, request):
+    def start(self, lease, attempt_id, experiment_id, assignment):
+        request = request_of(assignment)
         dispatch = Dispatch(attempt_id, experiment_id, request["trial"], request["attempt"],
                             lease, [dict(request)], time.monotonic())
         self._running.append(dispatch)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.client import channel
+from batchlab.search import expand_studies, load_spec
 from services.controller.server import Controller, ControllerConfig
 
 TOKEN = "test-token"
@@ -25,13 +26,14 @@ pytestmark = pytest.mark.slow
 
 
 def real_spec() -> dict:
-    """Trial 0 diverges (lr 1e38), trial 1 trains (lr 0.1); its rerun has a fresh seed.
+    """One of trials 0 and 1 diverges (lr 1e38), the other trains (lr 0.1); its rerun has a
+    fresh seed. Which is which follows the study's Halton sequence (`_trials_by_rate`).
 
     BatchNorm keeps this model's loss finite for most huge rates (1e30 still trains); at
     1e38 the update overflows within three steps.
     """
     spec = spec_dict(name="real", trials_per_study=1, max_total_trials=2, seeds_per_best=1,
-                     resources={"cpus": 1})
+                     resources={"cpus": 1}, search_seed=0)  # seed 0: trial 0 draws 1e38
     spec["workloads"][0]["target"]["value"] = 0.05
     spec["optimizers"][0]["config"] = {"optimizer": "nesterov", "learning_rate": 0.1}
     spec["optimizers"][0]["search_space"] = {"parameters": [
@@ -53,7 +55,17 @@ def controller(ray_cluster, tfds_dir, jax_cache_dir, tmp_path):
     started.stop(grace=1.0)
 
 
+def _trials_by_rate() -> tuple[int, int]:
+    """(the trial with lr 1e38, the trial with lr 0.1): base-2 stratification puts one of
+    trials 0 and 1 in each half of the first dimension, so each value is drawn once."""
+    (study,) = expand_studies(load_spec(real_spec()))
+    rates = [study.hyperparameters(i)["optimizer"]["learning_rate"] for i in (0, 1)]
+    return rates.index(1e38), rates.index(0.1)
+
+
 def test_small_experiment_succeeds_over_grpc(controller):
+    bad, good = _trials_by_rate()
+    assert (bad, good) == (0, 1), "the test needs trial 0 to diverge: pick another search_seed"
     with channel(controller.address, token=TOKEN) as chan:
         stub = controller_pb2_grpc.ExperimentServiceStub(chan)
         health = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest())
@@ -67,22 +79,22 @@ def test_small_experiment_succeeds_over_grpc(controller):
         assert final.state == controller_pb2.Experiment.SUCCEEDED, final.error
         assert (final.trial_counts.succeeded, final.trial_counts.diverged) == (2, 1)
         (study,) = final.studies
-        assert (study.phase, study.best_trial) == ("done", 1)
+        assert (study.phase, study.best_trial) == ("done", good)
         assert study.aggregate.seeds == 1 and study.aggregate.diverged_trials == 1
         points = [p for m in messages for p in m.points]
-        assert {p.trial.rsplit("/", 1)[1] for p in points} >= {"1-r0", "1-r1"}
+        assert {p.trial.rsplit("/", 1)[1] for p in points} >= {f"{good}-r0", f"{good}-r1"}
         assert all(p.attempt == 1 for p in points)
 
         trials = {t.name.rsplit("/", 1)[1]: t for t in stub.ListTrials(
             controller_pb2.ListTrialsRequest(parent=experiment.name), timeout=30).trials}
-        assert trials["0-r0"].outcome == common_pb2.DIVERGED
-        assert math.isinf(trials["0-r0"].steps_to_target)
-        for name in ("1-r0", "1-r1"):
+        assert trials[f"{bad}-r0"].outcome == common_pb2.DIVERGED
+        assert math.isinf(trials[f"{bad}-r0"].steps_to_target)
+        for name in (f"{good}-r0", f"{good}-r1"):
             trial = trials[name]
             assert (trial.outcome, trial.step, trial.attempt) == (common_pb2.SUCCEEDED, 20, 1)
             assert trial.final_metrics["validation/accuracy"] > 0
             assert trial.worker.startswith("trainer-")
-        assert trials["1-r0"].seed != trials["1-r1"].seed
+        assert trials[f"{good}-r0"].seed != trials[f"{good}-r1"].seed
 
         report = stub.GetReport(controller_pb2.GetReportRequest(name=experiment.name),
                                 timeout=120)

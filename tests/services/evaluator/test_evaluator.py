@@ -95,3 +95,69 @@ def test_evaluates_a_real_checkpoint_like_the_training_loop(tmp_path, monkeypatc
     # The same numbers the training loop recorded at its last evaluation.
     assert response.metrics["validation/accuracy"] == pytest.approx(result.curve[-1]["validation/accuracy"], abs=1e-6)
     assert response.metrics["validation/loss"] == pytest.approx(result.curve[-1]["validation/loss"], rel=1e-5)
+    # Every split of every point, exactly; a second trial with other hyperparameters reuses
+    # the compiled evaluation (only parameters and batch statistics are read).
+    for step in (10, 20):
+        response = servicer.Evaluate(_request(step=step, splits=["train", "validation"]),
+                                     FakeContext())
+        point = next(p for p in result.curve if p["step"] == step)
+        assert dict(response.metrics) == {k: v for k, v in point.items()
+                                          if k.startswith(("train/", "validation/"))
+                                          and k != "train/batch_loss"}
+
+
+def _load_at(step):
+    def load(trial, wanted, folder: Path):
+        folder.mkdir(parents=True)
+        return SimpleNamespace(step=step, size_bytes=0)
+
+    return load
+
+
+def test_splits_are_evaluated_together_and_named_by_index_when_wrong():
+    calls = []
+
+    def evaluate(config, checkpoint_dir, splits):
+        calls.append(splits)
+        return 10, {f"{s}/accuracy": 0.5 for s in splits}
+
+    servicer = EvaluationServicer(_load_at(10), evaluate=evaluate)
+    response = servicer.Evaluate(_request(step=10, splits=["train", "validation"]), FakeContext())
+    assert calls == [("train", "validation")]
+    assert dict(response.metrics) == {"train/accuracy": 0.5, "validation/accuracy": 0.5}
+    ctx = FakeContext()
+    with pytest.raises(_Aborted):
+        servicer.Evaluate(_request(splits=["validation", "test"]), ctx)
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details.startswith("splits[1]")
+
+
+def test_an_exact_step_is_never_replaced_by_an_older_one():
+    servicer = EvaluationServicer(_load_at(10), evaluate=lambda *a: (10, {}))
+    ctx = FakeContext()
+    with pytest.raises(_Aborted):
+        servicer.Evaluate(_request(step=20), ctx)
+    assert ctx.code == grpc.StatusCode.DATA_LOSS and "step 20" in ctx.details
+
+
+def test_the_recorded_metric_goes_to_the_checkpoint_service():
+    recorded = []
+
+    def record(trial, step, metric, maximize):
+        recorded.append((trial, step, metric, maximize))
+        return SimpleNamespace(is_best=True)
+
+    values = {"validation/accuracy": 0.75, "validation/loss": float("nan")}
+    servicer = EvaluationServicer(_load_at(10), evaluate=lambda *a: (10, dict(values)),
+                                  record=record)
+    response = servicer.Evaluate(_request(step=10, record_metric="validation/accuracy",
+                                          maximize=True), FakeContext())
+    assert response.is_best and recorded == [(_request().trial, 10, 0.75, True)]
+    # A non-finite metric (a diverged run) is not a candidate for the best checkpoint.
+    servicer.Evaluate(_request(step=10, record_metric="validation/loss"), FakeContext())
+    assert recorded[-1] == (_request().trial, 10, None, False)
+    for metric in ("train/accuracy", "validation/nope"):
+        ctx = FakeContext()
+        with pytest.raises(_Aborted):
+            servicer.Evaluate(_request(step=10, record_metric=metric), ctx)
+        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert ctx.details.startswith("record_metric")

@@ -122,3 +122,64 @@ def test_trainer_exports_metrics_of_a_running_trial(tmp_path):
         assert b'trial="0-r0"' not in text
     finally:
         worker.shutdown()
+
+
+def _assignment(**fields):
+    import json
+
+    from batchlab.proto.v1 import experiment_pb2
+
+    values = dict(trial=TRIAL, attempt=1, workload="mnist1d_resnet1d_small",
+                  hyperparameters_json=json.dumps({"optimizer": {"optimizer": "nesterov",
+                                                                 "warmup_steps": 5}}),
+                  batch_size=32, step_budget=20, eval_every_steps=10, seed=3,
+                  target=experiment_pb2.Target(metric="validation/accuracy", value=0.5,
+                                               goal=2, reading=2))
+    values.update(fields)
+    return controller_pb2.TrialAssignment(**values)
+
+
+def test_an_assignment_round_trips_and_keeps_integer_hyperparameters():
+    from batchlab.search.study import Goal, TargetReading
+    from services.trainer.actor import build_run_config, hyperparameters_of, parse_assignment
+
+    assignment = parse_assignment(_assignment().SerializeToString())
+    assert isinstance(hyperparameters_of(assignment)["optimizer"]["warmup_steps"], int)
+    config = build_run_config(assignment, data_dir=None, checkpoint_dir=None)
+    assert (config.batch_size, config.total_steps, config.eval_every_steps, config.seed) == (
+        32, 20, 10, 3)
+    assert config.target.goal is Goal.MINIMIZE
+    assert config.target.reading is TargetReading.END_OF_BUDGET
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"trial": ""}, "assignment.trial"),
+    ({"batch_size": 0}, "assignment.batch_size"),
+    ({"hyperparameters_json": ""}, "assignment.hyperparameters_json"),
+])
+def test_a_bad_assignment_names_the_field(fields, message):
+    from services.trainer.actor import parse_assignment
+
+    with pytest.raises(ValueError, match=message):
+        parse_assignment(_assignment(**fields).SerializeToString())
+    with pytest.raises(ValueError, match="serialized"):
+        parse_assignment({"trial": TRIAL})
+
+
+def test_points_awaiting_evaluation_say_so():
+    stub = FakeStub()
+    reporter = ProgressReporter(stub, TRIAL, 1, interval_s=0.0)
+    reporter.add({"step": 10.0, "train/batch_loss": 1.5}, awaiting_evaluation=True)
+    reporter.add({"step": 20.0, "validation/accuracy": 0.5})
+    assert [p.awaiting_evaluation for r in stub.requests for p in r.points] == [True, False]
+
+
+def test_evaluation_by_the_service_needs_the_checkpoint_service(tmp_path):
+    from services.trainer.actor import TrainerInfrastructureError
+
+    worker = TrainerWorker({"name": "t", "work_dir": str(tmp_path),
+                            "checkpoint_root": str(tmp_path / "shared"),
+                            "jax_cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(TrainerInfrastructureError, match="checkpoint service") as info:
+        worker.run(_assignment(evaluation=controller_pb2.EVALUATION_SERVICE).SerializeToString())
+    assert info.value.infrastructure

@@ -1,0 +1,309 @@
+"""Evaluation as a service: the controller has the evaluation service evaluate every point.
+
+Trainers in EVALUATION_SERVICE mode save a checkpoint at every evaluation point (held in the
+checkpoint service until evaluated) and report the point with training metrics only, marked
+as awaiting evaluation; they go on training. `EvaluationDriver` (its own threads) finds the
+points awaiting evaluation in storage, asks the evaluation service to evaluate each one
+(trial, exact step, the training loop's splits; the target metric is recorded with the
+checkpoint, so the checkpoint service keeps the best checkpoint by the evaluator's numbers),
+and merges the answer into the stored point. Evaluation thus runs concurrently with training,
+on the evaluator's own devices.
+
+An attempt whose training ended waits in state EVALUATING; `evaluated_result` turns its
+training result and the stored evaluations into the final result (curve points, final
+metrics and steps-to-target from the evaluator's numbers, ordered by step), or says what is
+still missing. Everything is read from storage, so a controller restart loses nothing: the
+next controller evaluates what is still awaiting.
+
+Transient failures of the evaluation service (UNAVAILABLE, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED, ABORTED) are retried with backoff; an evaluation that keeps failing, or
+fails for good (a corrupt checkpoint: DATA_LOSS), fails its attempt as an infrastructure
+failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from batchlab.proto.v1 import evaluation_pb2
+from batchlab.search import Study
+from batchlab.search.scoring import steps_to_target
+from services.controller.storage import (
+    AttemptRecord,
+    ExperimentState,
+    ExperimentStorage,
+    PointRecord,
+    TrialKey,
+)
+
+__all__ = ["EVALUATION_SPLITS", "EvaluationDriver", "Evaluated", "evaluated_result"]
+
+log = logging.getLogger(__name__)
+
+# What the training loop evaluates at every point (batchlab.train.evaluate.LOOP_SPLITS).
+EVALUATION_SPLITS = ("train", "validation")
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+    """What `evaluated_result` found for an EVALUATING attempt.
+
+    Attributes:
+      result: the final result (evaluations merged in), when every point is evaluated.
+      missing: curve steps with no stored point at all (their point must be added).
+      waiting: curve steps whose evaluation is still to come.
+      failed: step -> why its evaluation failed for good.
+    """
+
+    result: dict[str, Any] | None
+    missing: tuple[int, ...] = ()
+    waiting: tuple[int, ...] = ()
+    failed: Mapping[int, str] = dataclasses.field(default_factory=dict)
+
+
+def evaluated_result(attempt: AttemptRecord, study: Study, points: Sequence[PointRecord],
+                     failed: Callable[[TrialKey, int], str | None]) -> Evaluated:
+    """The final result of a trained attempt, from the evaluations stored for its points.
+
+    A checkpoint step is the same state whichever attempt of the trial saved it (a resumed
+    attempt is bit-identical), so an evaluation of any attempt's point at that step counts.
+
+    Args:
+      attempt: the EVALUATING attempt (its result is the trainer's).
+      study: its study (the target).
+      points: every point of the trial (storage.trial_points).
+      failed: (trial, step) -> why its evaluation failed for good, or None.
+    """
+    result = dict(attempt.result or {})
+    curve = sorted((dict(p) for p in result.get("curve") or []), key=lambda p: p["step"])
+    evaluated: dict[int, Mapping[str, float]] = {}
+    reported: set[int] = set()
+    for point in points:
+        reported.add(point.step)
+        if not point.awaiting_evaluation:
+            evaluated.setdefault(point.step, point.values)
+    missing, waiting, failures = [], [], {}
+    for point in curve:
+        step = int(point["step"])
+        if step in evaluated:
+            continue
+        why = failed(attempt.trial, step)
+        if why is not None:
+            failures[step] = why
+        elif step in reported:
+            waiting.append(step)
+        else:
+            missing.append(step)
+    if missing or waiting or failures:
+        return Evaluated(None, tuple(missing), tuple(waiting), failures)
+    for point in curve:
+        values = evaluated[int(point["step"])]
+        # The evaluator's metrics; the trainer's own (learning rate, training loss) stay.
+        point.update({k: v for k, v in values.items() if k.split("/", 1)[0] in
+                      EVALUATION_SPLITS and k != "train/batch_loss"})
+    target = study.target
+    stt = math.inf
+    if curve:
+        stt = steps_to_target([int(p["step"]) for p in curve],
+                              [p.get(target.metric, math.nan) for p in curve],
+                              target.value, target.goal)
+    result.update(curve=curve, final_metrics=dict(curve[-1]) if curve else {},
+                  steps_to_target=None if math.isinf(stt) else int(stt),
+                  evaluated_by="service")
+    return Evaluated(result)
+
+
+def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(dict(data))
+    return struct
+
+
+@dataclasses.dataclass
+class _Job:
+    trial: TrialKey
+    step: int
+    attempt: int
+    tries: int = 0
+    not_before: float = 0.0
+
+
+class EvaluationDriver:
+    """Sends the points awaiting evaluation to the evaluation service and stores the answers.
+
+    Args:
+      storage: the controller's storage.
+      stub: an EvaluationServiceStub.
+      studies: the StudyCache (a point's study gives its workload, batch size, budget and
+        target).
+      concurrency: evaluations in flight at once (the service runs one at a time per
+        replica; more help with several replicas).
+      interval_s: how often storage is read for new points (and at once on `wake`).
+      timeout_s: deadline of one Evaluate call.
+      max_tries: tries of one evaluation before its attempt fails.
+      backoff_s: the first wait after a retried failure (doubled each try, at most 60 s).
+      on_evaluated: called after each stored evaluation (the scheduler's wake).
+      metrics: batchlab.rpc.metrics ControllerMetrics (the trial's evaluation metrics are
+        exported there, as a trainer exports its own), or None.
+      clock: monotonic seconds.
+    """
+
+    def __init__(self, storage: ExperimentStorage, stub: Any, studies: Any, *,
+                 concurrency: int = 2, interval_s: float = 0.5, timeout_s: float = 1800.0,
+                 max_tries: int = 6, backoff_s: float = 1.0,
+                 on_evaluated: Callable[[], None] | None = None, metrics: Any = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.storage = storage
+        self._stub = stub
+        self.studies = studies
+        self.concurrency = max(1, concurrency)
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.max_tries = max(1, max_tries)
+        self.backoff_s = backoff_s
+        self._on_evaluated = on_evaluated
+        self._metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[TrialKey, int], _Job] = {}
+        self._in_flight: set[tuple[TrialKey, int]] = set()
+        self._failed: dict[tuple[TrialKey, int], str] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.evaluations = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Evaluate in the background until `stop`."""
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="evaluation")
+        self._thread = threading.Thread(target=self._loop, name="evaluations", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop sending; evaluations in flight are abandoned (the next controller redoes them)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """Look for new points now (a trainer reported one)."""
+        self._wake.set()
+
+    def failed(self, trial: TrialKey, step: int) -> str | None:
+        """Why the evaluation of (trial, step) failed for good, or None."""
+        with self._lock:
+            return self._failed.get((trial, step))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.dispatch()
+            except Exception:  # noqa: BLE001 - keep evaluating; the error is logged
+                log.exception("evaluation dispatch failed")
+            self._wake.wait(self.interval_s)
+
+    # -- one round --------------------------------------------------------------------------
+    def dispatch(self) -> int:
+        """Send every due point awaiting evaluation (oldest first); returns how many went."""
+        now = self._clock()
+        active = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
+        sent = 0
+        for experiment in active:
+            for point in self.storage.awaiting_points(experiment.id):
+                key = (point.trial, point.step)
+                with self._lock:
+                    if key in self._in_flight or key in self._failed:
+                        continue
+                    job = self._jobs.setdefault(key, _Job(point.trial, point.step,
+                                                          point.attempt))
+                    if job.not_before > now or len(self._in_flight) >= self.concurrency:
+                        continue
+                    self._in_flight.add(key)
+                sent += 1
+                if self._executor is None:
+                    self._run(job, experiment)
+                else:
+                    self._executor.submit(self._run, job, experiment)
+        return sent
+
+    def _request(self, job: _Job, experiment: Any) -> evaluation_pb2.EvaluateRequest:
+        attempt = self.storage.get_attempt(job.trial, job.attempt)
+        if attempt is None:
+            raise LookupError(f"{job.trial.name} attempt {job.attempt} is not stored")
+        study = next(s for s in self.studies.get(experiment) if s.id == job.trial.study_id)
+        return evaluation_pb2.EvaluateRequest(
+            trial=job.trial.name, step=job.step, workload=study.workload,
+            hyperparameters=_struct(attempt.hyperparameters), batch_size=study.batch_size,
+            step_budget=study.step_budget, splits=list(EVALUATION_SPLITS),
+            record_metric=study.target.metric,
+            maximize=int(study.target.goal) != 2)  # Goal.MINIMIZE
+
+    def _run(self, job: _Job, experiment: Any) -> None:
+        key = (job.trial, job.step)
+        try:
+            request = self._request(job, experiment)
+            response = self._stub.Evaluate(request, timeout=self.timeout_s)
+            if response.step != job.step:
+                raise RuntimeError(f"the evaluator evaluated step {response.step}, not "
+                                   f"{job.step}")
+            changed = self.storage.record_evaluation(job.trial, job.step,
+                                                     dict(response.metrics))
+            if self._metrics is not None:
+                self._metrics.report_eval(
+                    job.trial.experiment_id, job.trial.study_id,
+                    f"{job.trial.trial_index}-r{job.trial.replica}",
+                    {k: v for k, v in response.metrics.items() if k != "train/batch_loss"})
+            with self._lock:
+                self._jobs.pop(key, None)
+                self.evaluations += 1
+            log.info("%s step %d evaluated (%d point%s)%s", job.trial.name, job.step, changed,
+                     "" if changed == 1 else "s", " best so far" if response.is_best else "")
+            if self._on_evaluated is not None:
+                self._on_evaluated()
+        except Exception as error:  # noqa: BLE001 - retried, or the attempt fails
+            self._failure(job, error)
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
+            self._wake.set()
+
+    def _failure(self, job: _Job, error: Exception) -> None:
+        code = error.code() if isinstance(error, grpc.RpcError) and callable(
+            getattr(error, "code", None)) else None
+        details = error.details() if code is not None else str(error)
+        job.tries += 1
+        retried = code in _RETRIED and job.tries < self.max_tries
+        with self._lock:
+            if retried:
+                job.not_before = self._clock() + min(self.backoff_s * 2 ** (job.tries - 1), 60.0)
+            else:
+                self._failed[(job.trial, job.step)] = (
+                    f"evaluation of step {job.step} failed"
+                    f"{f' after {job.tries} tries' if job.tries > 1 else ''}: "
+                    f"{getattr(code, 'name', type(error).__name__)}: {details}")
+                self._jobs.pop((job.trial, job.step), None)
+        log_level = logging.WARNING if retried else logging.ERROR
+        log.log(log_level, "evaluating %s step %d failed (%s: %s)%s", job.trial.name, job.step,
+                getattr(code, "name", type(error).__name__), details,
+                "; trying again" if retried else "")
+        if not retried and self._on_evaluated is not None:
+            self._on_evaluated()

@@ -1,0 +1,174 @@
+"""`batchlab up` (issue 9, part 5): where the stack listens (flags, BATCHLAB_*_ADDR, defaults),
+a busy port refused with the way out, a bounded wait that says what it waits for, and a
+service whose start failed for a passing reason started again. Fake services stand in for the
+real ones (which need Ray): the same Stack code starts, watches and stops them."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import textwrap
+
+import pytest
+
+from batchlab.client import stack as stack_module
+from batchlab.client.stack import ServiceDef, Stack, StackError, listen_addresses
+from batchlab.rpc.client import free_ports
+
+FAKE_SERVICE = textwrap.dedent("""
+    import os, pathlib, sys, threading
+    from batchlab.rpc.server import build_server, serve
+
+    counter = pathlib.Path(os.environ["FAKE_COUNTER"])
+    attempt = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(attempt))
+    mode = os.environ["FAKE_MODE"]
+    print(f"fake service attempt {attempt}", flush=True)
+    if mode == "transient" and attempt == 1:
+        print("Timed out waiting for file /tmp/ray/session/gcs_server_port", flush=True)
+        sys.exit(1)
+    if mode == "broken":
+        print("BATCHLAB_SOMETHING must be a number", flush=True)
+        sys.exit(2)
+    if mode == "never":
+        print("still loading the model zoo", flush=True)
+        threading.Event().wait(600)
+    server = build_server([], host=os.environ["BATCHLAB_BIND_HOST"],
+                          port=int(os.environ["BATCHLAB_SHARDING_PORT"]))
+    if mode == "trainers_later":
+        server.start()
+        server.health.set("batchlab.trainers", 2)  # NOT_SERVING
+        print("connecting to Ray", flush=True)
+        threading.Timer(3.0, server.health.set, ("batchlab.trainers", 1)).start()
+    sys.exit(serve(server, grace=1))
+""")
+
+
+@pytest.fixture
+def fake_stack(tmp_path, monkeypatch):
+    """A Stack whose only service is a fake "sharding" server behaving as FAKE_MODE says."""
+    package = tmp_path / "fakes"
+    package.mkdir()
+    (package / "fake_service.py").write_text(FAKE_SERVICE)
+    def make(mode: str, ready: tuple[str, ...] = ("",)) -> Stack:
+        monkeypatch.setattr(stack_module, "SERVICES", (
+            ServiceDef("sharding", "fake_service", 50052, (), "pretending to start", ready),))
+        (port,) = free_ports(1)
+        metrics = dict(zip(["sharding", "trainer"], free_ports(2), strict=True))
+        return Stack(tmp_path / "state", ports={"sharding": port}, metrics_ports=metrics,
+                     environ={}, extra_env={
+                         "PYTHONPATH": f"{package}:{':'.join(sys.path)}",
+                         "FAKE_MODE": mode, "FAKE_COUNTER": str(tmp_path / "attempts")})
+
+    stacks = []
+    yield lambda *args: stacks.append(make(*args)) or stacks[-1]
+    for stack in stacks:
+        stack.down(timeout=5)
+
+
+def test_a_failed_start_is_retried(fake_stack):
+    stack = fake_stack("transient")
+    lines: list[str] = []
+    record = stack.up(timeout=60, retries=2, progress=lines.append)
+    assert record["services"]["sharding"]["address"] == stack.address("sharding")
+    assert any("exited with status 1 while starting" in line and "gcs_server_port" in line
+               for line in lines)
+    assert any("attempt 2 of 3" in line for line in lines)
+    assert lines[-1].startswith("sharding is SERVING on ")
+    assert stack.down() == ["sharding"]
+
+
+def test_retries_are_bounded(fake_stack, tmp_path):
+    stack = fake_stack("transient")
+    with pytest.raises(StackError) as info:
+        stack.up(timeout=60, retries=0)
+    assert "sharding exited with status 1" in str(info.value)
+    assert (tmp_path / "attempts").read_text() == "1"
+
+
+def test_a_configuration_error_is_not_retried(fake_stack, tmp_path):
+    with pytest.raises(StackError) as info:
+        fake_stack("broken").up(timeout=60, retries=3)
+    assert "exited with status 2" in str(info.value)
+    assert "BATCHLAB_SOMETHING must be a number" in str(info.value)
+    assert (tmp_path / "attempts").read_text() == "1"
+
+
+def test_the_wait_is_bounded_and_says_what_it_waits_for(fake_stack, monkeypatch):
+    monkeypatch.setattr(stack_module, "_PROGRESS_EVERY_S", 0.5)
+    stack = fake_stack("never")
+    lines: list[str] = []
+    with pytest.raises(StackError) as info:
+        stack.up(timeout=4, progress=lines.append)
+    assert "sharding not SERVING on" in str(info.value)
+    assert "--timeout" in str(info.value)
+    waiting = [line for line in lines if line.startswith("waiting for sharding")]
+    assert waiting and "pretending to start" in waiting[-1]
+    assert "still loading the model zoo" in waiting[-1]
+    assert stack.read_record() is None  # stopped again
+
+
+def test_a_busy_port_is_refused_with_the_way_out(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stack = Stack(tmp_path, ports={"controller": port}, environ={})
+        with pytest.raises(StackError) as info:
+            stack.up(timeout=5)
+    message = str(info.value)
+    assert f"port {port} on 127.0.0.1 (controller) is in use" in message
+    assert "--controller-port" in message and "BATCHLAB_CONTROLLER_ADDR" in message
+    assert not (tmp_path / "logs").exists()
+
+
+def test_busy_metrics_ports_are_replaced_by_free_ones(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4),
+                         strict=True))
+        stack = Stack(tmp_path, ports=ports, environ={})
+        stack.metrics_ports["sharding"] = taken
+        stack._check_ports()
+    assert stack.metrics_ports["sharding"] != taken
+    assert len(set(stack.metrics_ports.values())) == len(stack.metrics_ports)
+
+
+def test_addresses_come_from_flags_then_the_clients_variables_then_defaults(tmp_path):
+    environ = {"BATCHLAB_CONTROLLER_ADDR": "127.0.0.2:6051",
+               "BATCHLAB_CHECKPOINTS_ADDR": "[::1]:6053"}
+    assert listen_addresses(environ) == {"controller": ("127.0.0.2", 6051),
+                                         "checkpoints": ("::1", 6053)}
+    stack = Stack(tmp_path, environ=environ)
+    assert stack.address("controller") == "127.0.0.2:6051"
+    assert stack.address("checkpoints") == "::1:6053"
+    assert stack.address("sharding") == "127.0.0.1:50052"
+    flagged = Stack(tmp_path, environ=environ, host="127.0.0.3", ports={"controller": 7051})
+    assert flagged.address("controller") == "127.0.0.3:7051"
+    assert flagged.address("evaluator") == "127.0.0.3:50054"
+    # The controller tells its trainers the stack's address, whatever the user's shell says.
+    env = stack._env(stack_module.SERVICES[-1])
+    assert env["BATCHLAB_CONTROLLER_ADDR"] == "127.0.0.2:6051"
+    assert env["BATCHLAB_BIND_HOST"] == "127.0.0.2"
+    assert env["BATCHLAB_CONTROLLER_PORT"] == "6051"
+
+
+@pytest.mark.parametrize("value", ["localhost", "host:port", ":50051", "h:70000"])
+def test_a_malformed_address_variable_is_named(tmp_path, value):
+    with pytest.raises(StackError) as info:
+        Stack(tmp_path, environ={"BATCHLAB_SHARDING_ADDR": value})
+    assert "BATCHLAB_SHARDING_ADDR must be host:port" in str(info.value)
+
+
+def test_every_health_name_the_service_is_ready_under_is_awaited(fake_stack, monkeypatch):
+    monkeypatch.setattr(stack_module, "_PROGRESS_EVERY_S", 0.5)
+    stack = fake_stack("trainers_later", ("", "batchlab.trainers"))
+    lines: list[str] = []
+    stack.up(timeout=60, progress=lines.append)
+    waiting = [line for line in lines if line.startswith("waiting for sharding")]
+    assert waiting, lines
+    assert "health 'batchlab.trainers' SERVING" in waiting[-1]
+    assert "NOT_SERVING" in waiting[-1] and "connecting to Ray" in waiting[-1]
+    assert lines[-1].startswith("sharding is SERVING on ")

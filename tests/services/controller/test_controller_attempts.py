@@ -1,0 +1,413 @@
+"""Placement, attempts and evaluation by the service, on the scheduler with a fake pool.
+
+  - A run the cluster cannot hold stays QUEUED (its experiment PENDING) with the reason,
+    is never started, and fails as UNSCHEDULABLE after the timeout, failing its experiment;
+    waiting for a Ray connection is shown too, but never fails anything.
+  - Attempts lost with the controller do not count toward max_attempts; the run's own
+    failures do; failures are told apart in storage and in the API.
+  - With the evaluation service, a trained attempt waits (EVALUATING) for its points'
+    evaluations, and its curve, final metrics and steps-to-target are the evaluator's.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import subprocess
+
+import pytest
+from controller_fakes import FakePool, LostWorker, fake_result, spec_dict
+
+from batchlab.proto.v1 import controller_pb2
+from batchlab.rpc.testing import FakeContext
+from services.controller.pool import Dispatch, Finished, Lease, Placement, RayTrainerPool
+from services.controller.scheduler import Scheduler
+from services.controller.servicer import ExperimentServicer
+from services.controller.storage import (
+    AttemptState,
+    ExperimentState,
+    Failure,
+    InMemoryStorage,
+    SQLiteStorage,
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class PlacingPool(FakePool):
+    """A FakePool whose cluster cannot hold what `refused` says."""
+
+    def __init__(self, refused=None, **kwargs):
+        super().__init__(**kwargs)
+        self.refused = refused
+        self.requested = []
+
+    def placement(self, resources, hosts=1):
+        return self.refused or super().placement(resources, hosts)
+
+    def request_capacity(self, demands):
+        self.requested.append(list(demands))
+
+
+def _ticks(scheduler, n=5):
+    for _ in range(n):
+        scheduler.tick()
+
+
+def test_a_run_the_cluster_cannot_hold_waits_with_its_reason_then_fails_unschedulable():
+    clock = Clock()
+    storage = InMemoryStorage(clock=clock)
+    reason = "needs 1 host with CPU 1, GPU 99 each; the Ray cluster's 1 node cannot hold that"
+    pool = PlacingPool(Placement(reason, permanent=True))
+    scheduler = Scheduler(storage, pool, unschedulable_after_s=60, clock=clock)
+    storage.create_experiment("e1", "", spec_dict(resources={"gpus": 99}))
+    servicer = ExperimentServicer(storage, studies=scheduler.studies)
+    _ticks(scheduler)
+    experiment = servicer.GetExperiment(controller_pb2.GetExperimentRequest(name="experiments/e1"),
+                                        FakeContext())
+    assert experiment.state == controller_pb2.Experiment.PENDING
+    assert experiment.pending_reason == reason
+    assert experiment.trial_counts.pending == 2
+    assert not pool.started
+    assert pool.requested[-1] == [({"gpus": 99}, 1)]  # the autoscaler is asked
+    clock.now += 61
+    _ticks(scheduler, 2)
+    record = storage.get_experiment("e1")
+    assert record.state is ExperimentState.FAILED
+    assert record.error.startswith(f"unschedulable: {reason}; waited 61 s")
+    attempts = storage.attempts("e1")
+    assert {(a.outcome, a.failure) for a in attempts} >= {("FAILED", Failure.UNSCHEDULABLE)}
+    assert all(a.state is AttemptState.COMPLETED and not a.worker for a in attempts)
+    assert not pool.started
+
+
+def test_waiting_for_the_ray_cluster_is_shown_and_never_fails_the_run():
+    clock = Clock()
+    storage = InMemoryStorage(clock=clock)
+    pool = PlacingPool(Placement("waiting for the Ray cluster (connection refused)", False))
+    scheduler = Scheduler(storage, pool, unschedulable_after_s=1, clock=clock)
+    storage.create_experiment("e1", "", spec_dict())
+    _ticks(scheduler)
+    clock.now += 3600
+    _ticks(scheduler)
+    assert storage.get_experiment("e1").state is ExperimentState.PENDING
+    (first, *_) = storage.attempts("e1")
+    assert first.pending_reason.startswith("waiting for the Ray cluster")
+    assert pool.requested[-1] == []  # nothing for the autoscaler: the cluster is away
+    pool.refused = None
+    _ticks(scheduler, 30)
+    assert storage.get_experiment("e1").state is ExperimentState.SUCCEEDED
+    assert all(not a.pending_reason for a in storage.attempts("e1"))
+
+
+def test_attempts_lost_with_the_controller_do_not_count_toward_max_attempts():
+    lost = {"left": 2}
+
+    class ControllerLossPool(FakePool):
+        def poll(self, timeout=0.0):
+            finished = []
+            for item in super().poll(timeout):
+                if item.dispatch.refs[0]["trial_index"] == 0 and lost["left"]:
+                    lost["left"] -= 1
+                    item = Finished(item.dispatch, None, "the controller lost its Ray cluster",
+                                    lost=True, failure=Failure.CONTROLLER)
+                finished.append(item)
+            return finished
+
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(max_attempts=1))
+    scheduler = Scheduler(storage, ControllerLossPool())
+    _ticks(scheduler, 40)
+    assert storage.get_experiment("e1").state is ExperimentState.SUCCEEDED
+    trial0 = [a for a in storage.attempts("e1") if (a.trial.trial_index, a.trial.replica) == (0, 0)]
+    assert [(a.attempt, a.outcome, a.failure, a.counted) for a in trial0] == [
+        (1, "FAILED", Failure.CONTROLLER, False), (2, "FAILED", Failure.CONTROLLER, False),
+        (3, "SUCCEEDED", "", True)]
+    trials = ExperimentServicer(storage, studies=scheduler.studies).ListTrials(
+        controller_pb2.ListTrialsRequest(parent="experiments/e1"), FakeContext()).trials
+    (trial,) = [t for t in trials if t.name.endswith("/0-r0")]
+    assert [(a.failure, a.counted) for a in trial.attempts] == [
+        (controller_pb2.FAILURE_CONTROLLER, False), (controller_pb2.FAILURE_CONTROLLER, False),
+        (controller_pb2.FAILURE_UNSPECIFIED, True)]
+
+
+def test_the_runs_own_failures_and_lost_trainers_count_and_are_told_apart():
+    def run(request):
+        if request["trial_index"] == 0:
+            raise LostWorker("node lost")
+        if request["trial_index"] == 1:
+            return {**fake_result(request), "outcome": "FAILED", "error": "ValueError: nan",
+                    "failure": "run"}
+        return fake_result(request)
+
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(max_attempts=1, max_total_trials=3))
+    _ticks(Scheduler(storage, FakePool(run=run)), 40)
+    failures = {a.trial.trial_index: a.failure for a in storage.attempts("e1")
+                if a.outcome == "FAILED"}
+    assert failures == {0: Failure.INFRASTRUCTURE, 1: Failure.RUN}
+    # One attempt each: both counted, so neither was retried.
+    assert {a.trial.trial_index: a.attempt for a in storage.attempts("e1")
+            if a.trial.trial_index in (0, 1)} == {0: 1, 1: 1}
+
+
+class FakeEvaluations:
+    """What the scheduler needs of an EvaluationDriver; the test plays the evaluator."""
+
+    def __init__(self):
+        self.failures = {}
+        self.woken = 0
+
+    def wake(self):
+        self.woken += 1
+
+    def failed(self, trial, step):
+        return self.failures.get((trial, step))
+
+
+def _trained_only(request):
+    """A RunResult as a trainer evaluating by the service returns it: training metrics only."""
+    result = fake_result(request)
+    for point in result["curve"]:
+        for key in [k for k in point if k.startswith(("validation/", "train/"))
+                    and k != "train/batch_loss"]:
+            del point[key]
+    result["final_metrics"] = dict(result["curve"][-1])
+    result["steps_to_target"] = None
+    return result
+
+
+def test_a_trained_attempt_waits_for_its_evaluations_and_takes_the_evaluators_numbers():
+    storage = InMemoryStorage()
+    evaluations = FakeEvaluations()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=1, max_total_trials=1,
+                                                   seeds_per_best=0))
+    pool = FakePool(run=_trained_only)
+    scheduler = Scheduler(storage, pool, evaluations=evaluations)
+    _ticks(scheduler, 3)
+    (attempt,) = storage.attempts("e1")
+    assert pool.started[0]["evaluation"] == controller_pb2.EVALUATION_SERVICE
+    assert attempt.state is AttemptState.EVALUATING
+    # The trainer never reported (it died after uploading, say): the points are added.
+    awaiting = storage.awaiting_points("e1")
+    assert [p.step for p in awaiting] == [10, 20] and evaluations.woken
+    storage.record_evaluation(attempt.trial, 10, {"validation/accuracy": 0.2,
+                                                  "train/accuracy": 0.25})
+    _ticks(scheduler, 2)
+    assert storage.attempts("e1")[0].state is AttemptState.EVALUATING  # 20 still to come
+    storage.record_evaluation(attempt.trial, 20, {"validation/accuracy": 0.4,
+                                                  "train/accuracy": 0.5})
+    _ticks(scheduler, 3)
+    (attempt,) = storage.attempts("e1")
+    assert (attempt.state, attempt.outcome) == (AttemptState.COMPLETED, "SUCCEEDED")
+    curve = attempt.result["curve"]
+    assert [(p["step"], p["validation/accuracy"]) for p in curve] == [(10, 0.2), (20, 0.4)]
+    assert attempt.result["final_metrics"]["validation/accuracy"] == 0.4
+    assert attempt.result["steps_to_target"] == 20  # the target is 0.3
+    assert storage.get_experiment("e1").state is ExperimentState.SUCCEEDED
+    (study,) = storage.studies("e1").values()
+    assert study.score["seeds"]["metric"]["median"] == 0.4
+
+
+def test_an_evaluation_that_failed_for_good_fails_its_attempt_as_infrastructure():
+    storage = InMemoryStorage()
+    evaluations = FakeEvaluations()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=1, max_total_trials=1,
+                                                   seeds_per_best=0, max_attempts=1))
+    scheduler = Scheduler(storage, FakePool(run=_trained_only), evaluations=evaluations)
+    _ticks(scheduler, 3)
+    (attempt,) = storage.attempts("e1")
+    evaluations.failures[(attempt.trial, 10)] = "evaluation of step 10 failed: DATA_LOSS: x"
+    storage.record_evaluation(attempt.trial, 20, {"validation/accuracy": 0.4})
+    _ticks(scheduler, 3)
+    (attempt,) = storage.attempts("e1")
+    assert (attempt.outcome, attempt.failure) == ("FAILED", Failure.INFRASTRUCTURE)
+    assert "DATA_LOSS" in attempt.error
+
+
+def test_cancelling_ends_attempts_waiting_for_evaluations():
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=1, max_total_trials=1,
+                                                  seeds_per_best=0))
+    scheduler = Scheduler(storage, FakePool(run=_trained_only), evaluations=FakeEvaluations())
+    _ticks(scheduler, 3)
+    servicer = ExperimentServicer(storage, studies=scheduler.studies, scheduler=scheduler)
+    servicer.CancelExperiment(controller_pb2.CancelExperimentRequest(name="experiments/e1"),
+                              FakeContext())
+    (attempt,) = storage.attempts("e1")
+    assert (attempt.state, attempt.outcome) == (AttemptState.COMPLETED, "CANCELLED")
+
+
+def test_a_lost_ray_connection_ends_running_attempts_as_the_controllers():
+    pool = RayTrainerPool(2, connected=True)
+    lease = Lease(["t-0"], (), [None])
+    pool._dispatches["ref"] = Dispatch(7, "e1", "experiments/e1/studies/s/trials/0-r0", 1,  # noqa: SLF001 - no Ray here
+                                       lease, ["ref"], 0.0)
+    pool.connection_lost("ConnectionError: Ray Client is not connected")
+    (finished,) = pool.poll()
+    assert (finished.dispatch.attempt_id, finished.failure) == (7, Failure.CONTROLLER)
+    assert "lost its Ray cluster" in finished.error
+    assert pool.running() == [] and pool.acquire({}, 1) is None
+    refused = pool.placement({"cpus": 1}, 1)
+    assert not refused.permanent and "waiting for the Ray cluster" in refused.reason
+    assert pool.placement({}, 3).permanent  # more hosts than trainers: never placeable
+
+
+def test_placement_counts_hosts_on_the_nodes_that_can_hold_them():
+    from services.controller.pool import host_demand, hosts_that_fit
+
+    nodes = [{"CPU": 8.0, "GPU": 8.0}, {"CPU": 4.0}]
+    assert hosts_that_fit(host_demand({"cpus": 1, "gpus": 8}), nodes) == 1
+    assert hosts_that_fit(host_demand({"cpus": 1, "gpus": 1}), nodes) == 8
+    assert hosts_that_fit(host_demand({"cpus": 2}), nodes) == 6
+    assert hosts_that_fit(host_demand({"gpus": 99}), nodes) == 0
+    assert hosts_that_fit(host_demand({"memory_gib": 1}), [{"CPU": 4, "memory": 2**30}]) == 1
+
+
+def test_a_version_1_database_is_upgraded_and_keeps_its_attempts(tmp_path):
+    old = subprocess.run(["git", "show", "b6bbdae:services/controller/storage.py"],
+                         capture_output=True, text=True, check=True).stdout
+    namespace: dict = {}
+    exec(old.split("_ATTEMPT_COLUMNS")[0].split("_SCHEMA = ", 1)[1].join(["_SCHEMA = ", ""]),  # noqa: S102
+         namespace)
+    path = tmp_path / SQLiteStorage.FILENAME
+    conn = sqlite3.connect(path)
+    conn.executescript(namespace["_SCHEMA"])
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.execute("INSERT INTO experiments (id, spec, state, create_time) VALUES ('e1', '{}', "
+                 "'RUNNING', 1.0)")
+    conn.execute("INSERT INTO attempts (experiment_id, study_id, trial_index, replica, seed, "
+                 "attempt, kind, hyperparameters, state, create_time) VALUES ('e1', 's', 0, 0, "
+                 "1, 1, 'tuning', '{}', 'ACTIVE', 1.0)")
+    conn.commit()
+    conn.close()
+    storage = SQLiteStorage(tmp_path)
+    (attempt,) = storage.fail_active_attempts("restart", failure=Failure.CONTROLLER)
+    assert (attempt.failure, attempt.pending_reason) == ("", "")
+    assert storage.attempts("e1")[0].failure == Failure.CONTROLLER
+    assert storage.awaiting_points("e1") == []
+    storage.close()
+    assert math.isfinite(SQLiteStorage(tmp_path).attempts("e1")[0].end_time)
+
+
+@pytest.mark.parametrize("make", [InMemoryStorage, "sqlite"])
+def test_evaluations_merge_into_waiting_points_with_a_new_sequence_number(make, tmp_path):
+    from services.controller.storage import NewAttempt, PointRecord, TrialKey
+
+    storage = SQLiteStorage(tmp_path) if make == "sqlite" else make()
+    storage.create_experiment("e1", "", {})
+    key = TrialKey("e1", "s", 0, 0)
+    storage.add_attempts([NewAttempt(key, 1, 1, "tuning", {}), NewAttempt(key, 1, 2, "tuning", {})])
+    storage.add_points([PointRecord(key, 1, 10, {"train/batch_loss": 1.0},
+                                    awaiting_evaluation=True),
+                        PointRecord(key, 2, 10, {"train/batch_loss": 1.0},
+                                    awaiting_evaluation=True),
+                        PointRecord(key, 2, 20, {"train/batch_loss": 0.5})])
+    before = max(p.seq for p in storage.points("e1"))
+    assert storage.record_evaluation(key, 10, {"validation/accuracy": 0.5}) == 2
+    assert storage.awaiting_points("e1") == []
+    merged = [p for p in storage.points("e1", after_seq=before)]
+    assert [(p.attempt, p.step, dict(p.values)) for p in merged] == [
+        (1, 10, {"train/batch_loss": 1.0, "validation/accuracy": 0.5}),
+        (2, 10, {"train/batch_loss": 1.0, "validation/accuracy": 0.5})]
+    assert [p.step for p in storage.trial_points(key)] == [20, 10, 10]
+    assert storage.record_evaluation(key, 10, {"validation/accuracy": 0.9}) == 0
+
+
+class FakeEvaluatorStub:
+    """Evaluate answers from a script: a metrics dict, or a status code to fail with."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.requests = []
+
+    def Evaluate(self, request, timeout=None):
+        import grpc
+
+        from batchlab.proto.v1 import evaluation_pb2
+
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, grpc.StatusCode):
+            error = grpc.RpcError()
+            error.code = lambda: answer
+            error.details = lambda: f"{answer.name} from the fake"
+            raise error
+        step = answer.pop("_step", request.step)
+        return evaluation_pb2.EvaluateResponse(step=step, metrics=answer)
+
+
+def _awaiting_trial(storage, steps=(10,)):
+    from services.controller.storage import NewAttempt, PointRecord, TrialKey
+
+    storage.create_experiment("e1", "", spec_dict())
+    scheduler = Scheduler(storage, FakePool())
+    study = scheduler.studies.get(storage.get_experiment("e1"))[0]
+    key = TrialKey("e1", study.id, 0, 0)
+    storage.add_attempts([NewAttempt(key, 5, 1, "tuning", study.hyperparameters(0))])
+    storage.add_points([PointRecord(key, 1, step, {"train/batch_loss": 1.0},
+                                    awaiting_evaluation=True) for step in steps])
+    return scheduler.studies, key, study
+
+
+def test_the_driver_asks_for_each_point_exactly_and_stores_the_answer():
+    from prometheus_client import CollectorRegistry
+
+    from batchlab.rpc.metrics import make_metrics
+    from services.controller.evaluations import EvaluationDriver
+
+    storage = InMemoryStorage()
+    studies, key, study = _awaiting_trial(storage, steps=(10, 20))
+    stub = FakeEvaluatorStub({"validation/accuracy": 0.5}, {"validation/accuracy": 0.6})
+    metrics = make_metrics(CollectorRegistry(), roles=["controller"]).controller
+    woken = []
+    driver = EvaluationDriver(storage, stub, studies, on_evaluated=lambda: woken.append(1),
+                              metrics=metrics)
+    assert driver.dispatch() == 2  # no executor: evaluated in this thread
+    first = stub.requests[0]
+    assert (first.trial, first.step, list(first.splits)) == (key.name, 10,
+                                                             ["train", "validation"])
+    assert (first.record_metric, first.maximize) == ("validation/accuracy", True)
+    assert first.workload == study.workload and first.batch_size == study.batch_size
+    assert storage.awaiting_points("e1") == [] and len(woken) == 2
+    assert {p.step: p.values["validation/accuracy"] for p in storage.trial_points(key)} == {
+        10: 0.5, 20: 0.6}
+    assert metrics.eval_metric.labels(experiment="e1", study=study.id, trial="0-r0",
+                                      metric="validation/accuracy")._value.get() == 0.6  # noqa: SLF001
+
+
+def test_the_driver_retries_an_unavailable_evaluator_and_gives_up_on_a_corrupt_checkpoint():
+    import grpc
+
+    from services.controller.evaluations import EvaluationDriver
+
+    clock = Clock()
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage)
+    stub = FakeEvaluatorStub(grpc.StatusCode.UNAVAILABLE, {"validation/accuracy": 0.5})
+    driver = EvaluationDriver(storage, stub, studies, backoff_s=5.0, clock=clock)
+    driver.dispatch()
+    assert driver.failed(key, 10) is None and storage.awaiting_points("e1")
+    assert driver.dispatch() == 0  # backing off
+    clock.now += 5
+    assert driver.dispatch() == 1 and storage.awaiting_points("e1") == []
+
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage)
+    driver = EvaluationDriver(storage, FakeEvaluatorStub(grpc.StatusCode.DATA_LOSS), studies)
+    driver.dispatch()
+    assert "DATA_LOSS" in driver.failed(key, 10)
+    assert driver.dispatch() == 0  # not asked again
+
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage)
+    stub = FakeEvaluatorStub({"_step": 5, "validation/accuracy": 0.5})
+    driver = EvaluationDriver(storage, stub, studies)
+    driver.dispatch()
+    assert "evaluated step 5, not 10" in driver.failed(key, 10)

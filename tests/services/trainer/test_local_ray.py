@@ -1,0 +1,55 @@
+"""Starting a local Ray on a busy machine (issue 9, part 5): a node start that times out is
+tried again, whatever the case of Ray's message ("Timed out waiting for file
+.../gcs_server_port" was not retried before), and running out of attempts says so."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import ray
+
+from services.trainer.local_ray import RayStartTimeout, ensure_local_ray
+
+GCS_TIMEOUT = "Timed out waiting for file /tmp/ray/session_x/logs/gcs_server_port_abc. See logs"
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """ray.init fails with the queued errors, then succeeds; records the calls."""
+    calls = {"init": 0, "shutdown": 0, "errors": []}
+
+    def init(**kwargs):
+        calls["init"] += 1
+        if calls["errors"]:
+            raise calls["errors"].pop(0)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.__setitem__(
+        "shutdown", calls["shutdown"] + 1))
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: types.SimpleNamespace(gcs_address="127.0.0.1:6379"))
+    return calls
+
+
+def test_a_gcs_timeout_is_tried_again(fake_ray):
+    fake_ray["errors"] = [Exception(GCS_TIMEOUT), Exception("The current node timed out "
+                                                            "during startup")]
+    assert ensure_local_ray(attempts=3) == "127.0.0.1:6379"
+    assert fake_ray["init"] == 3 and fake_ray["shutdown"] == 2
+
+
+def test_running_out_of_attempts_says_so(fake_ray):
+    fake_ray["errors"] = [Exception(GCS_TIMEOUT)] * 3
+    with pytest.raises(RayStartTimeout) as info:
+        ensure_local_ray(attempts=3)
+    assert "did not start in 3 attempts" in str(info.value)
+    assert "gcs_server_port" in str(info.value)
+
+
+def test_other_failures_are_not_retried(fake_ray):
+    fake_ray["errors"] = [ValueError("num_cpus must be positive")]
+    with pytest.raises(ValueError):
+        ensure_local_ray(attempts=3)
+    assert fake_ray["init"] == 1
