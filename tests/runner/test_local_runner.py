@@ -68,7 +68,8 @@ def _fake_train(calls):
 
 def test_runner_resumes_from_stored_runs_and_refuses_another_spec(tmp_path):
     calls = []
-    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
     store = ResultStore(tmp_path)
     assert store.read_experiment()["status"] == "SUCCEEDED"
     first = list(calls)
@@ -76,18 +77,21 @@ def test_runner_resumes_from_stored_runs_and_refuses_another_spec(tmp_path):
     study_id = store.read_experiment()["studies"][0]["id"]
     assert store.study_path(study_id).exists()
     # Running again finds everything done: nothing is trained twice.
-    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
     assert calls == first
     # Deleting the study summary and one run: only that run is redone.
     store.study_path(study_id).unlink()
     victim = sorted((tmp_path / "runs" / study_id).glob("*.json"))[-1]
     victim.unlink()
-    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
     assert len(calls) == len(first) + 1
     other = json.loads(json.dumps(TINY))
     other["name"] = "tiny2"
     with pytest.raises(ValueError, match="different spec"):
-        run_experiment(other, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False)
+        run_experiment(other, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
 
 
 @pytest.mark.slow

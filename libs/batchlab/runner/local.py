@@ -1,13 +1,16 @@
-"""Run an experiment spec in this process: every study's tuning trials, then seed reruns.
+"""Run an experiment spec on this machine: every study's tuning trials, then seed reruns.
 
 The study protocol (:mod:`batchlab.search.protocol`) decides what runs next from the
 stored records alone, so stopping and rerunning the same command resumes where it
-stopped: finished runs are read back, not repeated.
+stopped: finished runs are read back, not repeated. Runs train in worker processes
+(:mod:`batchlab.runner.workers`), several at once, sized to the machine
+(:mod:`batchlab.runner.resources`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -16,7 +19,10 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from batchlab.runner.provenance import code_version
+from batchlab.runner.resources import ExecutionPlan, available_cpus, plan_execution
 from batchlab.runner.store import ResultStore
+from batchlab.runner.workers import WorkerPool, cache_root_of, function_reference
 from batchlab.search import expand_studies, load_spec, next_runs, score_study, spec_to_dict
 from batchlab.search.protocol import RunRequest
 from batchlab.search.study import Study
@@ -40,17 +46,22 @@ def study_summary(study: Study) -> dict[str, Any]:
         "batch_size": study.batch_size,
         "step_budget": study.step_budget,
         "eval_every_steps": study.eval_every_steps,
-        "target": {
-            "metric": study.target.metric,
-            "value": study.target.value,
-            "goal": study.target.goal.name,
-        },
+        "eval_every_examples": study.eval_every_examples,
+        "group_id": study.group_id,
+        "replicate": study.replicate,
+        "target": study.target.to_dict(),
     }
 
 
-def _train(request: RunRequest, study: Study, data_dir: str | None) -> dict[str, Any]:
+def _train(
+    request: RunRequest, study: Study, data_dir: str | None, *, store: ResultStore | None = None
+) -> dict[str, Any]:
+    from batchlab.runner.warm_start import run_states
     from batchlab.train import RunConfig, train_and_evaluate
 
+    # The warm start's source (if the workload names one) and whether this run's final state
+    # is kept for later warm starts, both read from the spec stored in `store`.
+    states = run_states(store, request, study)
     config = RunConfig.for_trial(
         study.workload,
         request.hyperparameters,
@@ -59,9 +70,17 @@ def _train(request: RunRequest, study: Study, data_dir: str | None) -> dict[str,
         eval_every_steps=request.eval_every_steps,
         seed=request.seed,
         target=study.target,
+        stop_at_target=study.stop_at_target,
         data_dir=data_dir,
+        init_checkpoint=states.init_checkpoint,
     )
-    return train_and_evaluate(config).to_dict()
+    result = train_and_evaluate(config, return_state=states.keep_dir is not None)
+    return states.finish(result)
+
+
+def _train_run(request: RunRequest, study: Study, data_dir: str | None, *, out_dir: str) -> dict[str, Any]:
+    """``_train`` in a worker process, which reads (never writes) the results folder's records."""
+    return _train(request, study, data_dir, store=ResultStore(out_dir))
 
 
 def run_experiment(
@@ -72,30 +91,45 @@ def run_experiment(
     progress: bool = True,
     train_fn: Callable[[RunRequest, Study, str | None], dict[str, Any]] | None = None,
     write_report: bool = True,
+    parallel: int | None = None,
+    threads_per_run: int | None = None,
+    in_process: bool = False,
 ) -> Path:
     """Run every study of ``spec`` and store results (and the report) under ``out_dir``.
+
+    Runs train in worker processes, up to P at once, each with a fixed number T of XLA:CPU
+    threads (:mod:`batchlab.runner.resources` says how P and T are chosen, and why T never
+    depends on P: results are the same whether runs go one at a time or several at once).
+    Runs of different studies run together; within a study the protocol decides what may start
+    (tuning trials concurrently, reruns once tuning is complete). Only this process writes the
+    results folder, one run file at a time as results arrive, so stopping at any moment and
+    running the same command again resumes exactly: finished runs are read back, unfinished
+    ones run again.
 
     Args:
       spec: a spec file path, its parsed mapping, or an ExperimentSpec message.
       out_dir: the results folder; an existing one for the same spec is resumed.
       data_dir: tfds data folder (default: batchlab.data.default_data_dir()).
       progress: show a progress bar on the terminal.
-      train_fn: runs one request and returns a RunResult dict (default: the training loop);
-        tests pass a fake.
+      train_fn: runs one request and returns a RunResult dict (default: the training loop).
+        In worker processes it must be a module-level function (workers import it by name).
       write_report: build the report when every study is done.
+      parallel: runs at once (default: sized to the machine and the model; 1: one at a time).
+      threads_per_run: XLA:CPU threads of every run (default: from the model size). Changes
+        results; a resumed folder keeps the count its runs used.
+      in_process: train in this process, one run at a time, with whatever threads this
+        process's JAX has (for fakes and debugging; nothing about threads is checked).
 
     Returns:
       ``out_dir``.
 
     Raises:
       batchlab.search.SpecError: for an invalid spec (naming the field path).
-      ValueError: when ``out_dir`` holds the results of a different spec.
+      ValueError: when ``out_dir`` holds the results of a different spec, or ``parallel`` /
+        ``threads_per_run`` / ``train_fn`` are invalid (naming the argument).
     """
-    from batchlab.train.compilation_cache import enable_compilation_cache
     from batchlab.train.workloads import workload_names
 
-    if train_fn is None:
-        enable_compilation_cache()
     spec = load_spec(spec, known_workloads=set(workload_names()))
     store = ResultStore(out_dir)
     studies = expand_studies(spec)
@@ -106,6 +140,20 @@ def run_experiment(
             f"out_dir: {out_dir} holds results of a different spec ({previous.get('name')!r}); "
             "use a new folder"
         )
+    execution = (previous or {}).get("execution")
+    if in_process:
+        if parallel not in (None, 1):
+            raise ValueError(f"parallel: in_process runs one at a time, got {parallel}")
+        plan = None
+        train_ref = None
+    else:
+        plan = plan_execution(
+            [s.workload for s in studies], parallel=parallel, threads_per_run=threads_per_run,
+            stored_threads=_stored_threads(store, studies, execution),
+        )
+        execution = plan.to_dict()
+        train_ref = function_reference(train_fn) if train_fn is not None else None
+        log.info("execution: %s", plan.reason)
     experiment = {
         "name": spec.name,
         "spec": spec_dict,
@@ -114,36 +162,32 @@ def run_experiment(
         "started_at": (previous or {}).get("started_at") or _now(),
         "finished_at": None,
         "command": " ".join(sys.argv),
+        "code": code_version(),
+        "execution": execution,
     }
     store.write_experiment(experiment)
-    train = train_fn or _train
-    planned = sum(s.trials_per_study + s.seeds_per_best for s in studies)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{spec.name}", total=planned)
-        for study in studies:
-            while True:
-                records = store.records(study.id)
-                decision = next_runs(study, records, parallelism=1)
-                bar.update(task, completed=_finished_runs(store, studies), total=max(planned, _finished_runs(store, studies)))
-                if decision.done:
-                    score = score_study(study, records)
-                    best = decision.best_trial
-                    store.write_study(
-                        study.id,
-                        {
-                            "study": study_summary(study),
-                            "best_trial": best,
-                            "best_hyperparameters": None if best is None else study.hyperparameters(best),
-                            "score": score.to_dict(),
-                        },
-                    )
-                    break
-                for request in decision.launch:
-                    bar.update(task, description=f"{study.id} {request.kind} t{request.trial_index} r{request.replica}")
-                    result = train(request, study, data_dir)
-                    store.write_run(request, result)
-                    log.info("%s: %s", request.name, result["outcome"])
+    if train_fn is None:
+        _prepare_datasets(studies, data_dir)
+    if plan is None:
+        if train_fn is None:
+            from batchlab.train.compilation_cache import enable_compilation_cache
+
+            enable_compilation_cache()
+        runner: _InProcess | WorkerPool = _InProcess(
+            train_fn or functools.partial(_train, store=store), studies, data_dir)
+        width, threads_label = 1, "in process"
+    else:
+        runner = WorkerPool(
+            plan.parallel, spec_dict, train_ref or f"{__name__}:_train_run",
+            train_kwargs={} if train_ref else {"out_dir": str(Path(out_dir).resolve())},
+            data_dir=data_dir, cache_root=_configured_cache_root(),
+        )
+        width = plan.parallel
+        counts = "/".join(str(t) for t in sorted(set(plan.threads_per_run.values())))
+        threads_label = f"{width} at once, {counts} XLA thread(s) per run"
+    with runner, _progress(progress) as bar:
+        task = bar.add_task(f"{spec.name} ({threads_label})", total=None)
+        _drive(studies, store, runner, plan, width, bar, task)
     experiment["status"] = "SUCCEEDED"
     experiment["finished_at"] = _now()
     store.write_experiment(experiment)
@@ -154,5 +198,121 @@ def run_experiment(
     return Path(out_dir)
 
 
-def _finished_runs(store: ResultStore, studies: list[Study]) -> int:
-    return sum(len(store.records(s.id)) for s in studies)
+def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | WorkerPool,
+           plan: ExecutionPlan | None, width: int, bar: Progress, task: Any) -> None:
+    """Launch what the protocol allows, up to ``width`` runs in flight, until every study is done.
+
+    Studies are visited in spec order, so with free slots an earlier study's runs start first
+    and the next study's runs fill what is left (e.g. while a study waits for its last tuning
+    trial before its reruns may start).
+    """
+    records = {s.id: store.records(s.id) for s in studies}
+    flying: dict[str, list[RunRequest]] = {s.id: [] for s in studies}
+    finished: set[str] = set()
+    planned = sum(s.trials_per_study + s.seeds_per_best for s in studies)
+    while True:
+        free = width - sum(len(v) for v in flying.values())
+        for study in studies:
+            if study.id in finished:
+                continue
+            # Asked even with no free slot: whether the study is done does not wait for one.
+            decision = next_runs(study, records[study.id], in_flight=flying[study.id],
+                                 parallelism=len(flying[study.id]) + max(free, 1))
+            if decision.done:
+                _write_study(store, study, records[study.id], decision.best_trial)
+                finished.add(study.id)
+                continue
+            for request in decision.launch[:max(free, 0)]:
+                runner.submit(request, threads=plan.threads_for(study.workload) if plan else 0)
+                flying[study.id].append(request)
+                free -= 1
+        done = sum(len(r) for r in records.values())
+        running = sum(len(v) for v in flying.values())
+        bar.update(task, completed=done, total=max(planned, done + running))
+        if len(finished) == len(studies):
+            return
+        if running == 0:
+            raise RuntimeError("the protocol launched nothing while studies are unfinished: "
+                               f"{sorted(set(records) - finished)}")
+        for request, result in runner.wait():
+            store.write_run(request, result)
+            flying[request.study_id].remove(request)
+            records[request.study_id] = store.records(request.study_id)
+            log.info("%s: %s", request.name, result["outcome"])
+
+
+def _write_study(store: ResultStore, study: Study, records: list, best: int | None) -> None:
+    score = score_study(study, records)
+    store.write_study(
+        study.id,
+        {
+            "study": study_summary(study),
+            "best_trial": best,
+            "best_hyperparameters": None if best is None else study.hyperparameters(best),
+            "score": score.to_dict(),
+        },
+    )
+
+
+def _stored_threads(store: ResultStore, studies: list[Study],
+                    execution: dict[str, Any] | None) -> dict[str, int]:
+    """The thread counts this folder's stored runs used, by workload (kept on resume).
+
+    A folder from before worker processes ran everything in one process with all its CPUs.
+    """
+    stored = dict((execution or {}).get("threads_per_run") or {})
+    with_runs = {s.workload for s in studies if store.records(s.id)}
+    legacy = sorted(w for w in with_runs if w not in stored)
+    if legacy and not execution:
+        log.warning("%s: runs stored without a thread count (an older batchlab trained them in "
+                    "one process on all its CPUs); the remaining runs of %s use %d thread(s) too",
+                    store.root, ", ".join(legacy), available_cpus())
+        stored.update({w: available_cpus() for w in legacy})
+    return {w: int(t) for w, t in stored.items()}
+
+
+def _prepare_datasets(studies: list[Study], data_dir: str | None) -> None:
+    """Build the offline datasets once here, before workers would race to build them."""
+    from batchlab import data as bdata
+    from batchlab.train.workloads import get_workload
+
+    for name in sorted({s.workload for s in studies}):
+        workload = get_workload(name)
+        if bdata.dataset_info(workload.dataset).offline:
+            bdata.prepare(workload.dataset, data_dir, config=workload.dataset_config)
+
+
+def _configured_cache_root() -> str | None:
+    """The compilation cache root this process configured (workers use the same one)."""
+    import jax
+
+    return cache_root_of(jax.config.jax_compilation_cache_dir)
+
+
+def _progress(enabled: bool) -> Progress:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, disable=not enabled, transient=False)
+
+
+class _InProcess:
+    """Runs requests in this process, one at a time, with the same interface as WorkerPool."""
+
+    def __init__(self, train: Callable[[RunRequest, Study, str | None], dict[str, Any]],
+                 studies: list[Study], data_dir: str | None):
+        self._train, self._data_dir = train, data_dir
+        self._studies = {s.id: s for s in studies}
+        self._queue: list[RunRequest] = []
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.clear()
+
+    def submit(self, request: RunRequest, *, threads: int) -> None:
+        del threads  # this process's own JAX threads
+        self._queue.append(request)
+
+    def wait(self) -> list[tuple[RunRequest, dict[str, Any]]]:
+        request = self._queue.pop(0)
+        return [(request, self._train(request, self._studies[request.study_id], self._data_dir))]

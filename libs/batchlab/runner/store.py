@@ -3,6 +3,9 @@
 OUT/experiment.json                      the spec, its studies, status and timestamps
 OUT/runs/<study_id>/t{T}_r{R}_a{A}.json  one file per run attempt: request + result
 OUT/studies/<study_id>.json              the study's best trial and score, once finished
+OUT/states/<study_id>/t{T}/              trial T's tuning run's final parameters (and batch
+                                         stats), an orbax checkpoint, when its workload sets
+                                         keep_final_state: what a warm start reads
 
 Every file is written atomically (temporary file + rename), so a run interrupted at any
 moment leaves either the old or the new file, never a torn one.
@@ -11,13 +14,12 @@ moment leaves either the old or the new file, never a torn one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from batchlab.search.protocol import Outcome, RunRecord, RunRequest
+from batchlab.search.protocol import RunRecord, RunRequest
 
 __all__ = ["ResultStore", "request_to_dict"]
 
@@ -72,6 +74,15 @@ class ResultStore:
     def study_path(self, study_id: str) -> Path:
         return self.root / "studies" / f"{study_id}.json"
 
+    def state_dir(self, study_id: str, trial_index: int) -> Path:
+        """Where the final state of a trial's tuning run is kept (see the module docstring)."""
+        return self.root / "states" / study_id / f"t{trial_index}"
+
+    def read_study(self, study_id: str) -> dict[str, Any] | None:
+        """A finished study's summary (best trial, score), or None while it is not finished."""
+        path = self.study_path(study_id)
+        return json.loads(path.read_text()) if path.exists() else None
+
     def write_experiment(self, payload: dict[str, Any]) -> None:
         _write_json(self.experiment_path(), payload)
 
@@ -93,20 +104,7 @@ class ResultStore:
             try:
                 payload = json.loads(path.read_text())
                 req, res = payload["request"], payload["result"]
-                stt = res.get("steps_to_target")
-                out.append(
-                    RunRecord(
-                        trial_index=int(req["trial_index"]),
-                        seed=int(req["seed"]),
-                        outcome=Outcome[res["outcome"]],
-                        final_metrics={
-                            k: (math.nan if v is None else float(v))
-                            for k, v in (res.get("final_metrics") or {}).items()
-                        },
-                        steps_to_target=math.inf if stt is None else float(stt),
-                        steps_run=int(res.get("steps_completed", 0)),
-                    )
-                )
+                out.append(RunRecord.from_result(req["trial_index"], req["seed"], res))
             except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{path}: malformed run record ({err})") from err
         return out

@@ -1,0 +1,45 @@
+"""The determinism contract, guarded: a small shipped study run end to end gives exactly the
+numbers committed in tests/runner/data/determinism_expected.json.
+
+Same code, spec, data and machine kind give the same numbers. A change that alters results
+fails here until the expected digest is regenerated on purpose (the commands are in
+experiments/examples/determinism.yaml and in the failure message), with the reason in the
+commit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from batchlab.runner import run_experiment
+from batchlab.runner.digest import compare_digests, digest
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = ROOT / "experiments" / "examples" / "determinism.yaml"
+EXPECTED = Path(__file__).parent / "data" / "determinism_expected.json"
+REGENERATE = (
+    "If the change is meant to alter results, regenerate the expected digest and give the "
+    "reason in the commit:\n"
+    f"  batchlab local run {SPEC.relative_to(ROOT)} --out /tmp/determinism\n"
+    f"  batchlab digest /tmp/determinism > {EXPECTED.relative_to(ROOT)}")
+
+
+def test_shipped_study_reproduces_its_committed_numbers(tmp_path, small_data_dir):
+    out = run_experiment(SPEC, tmp_path / "determinism", data_dir=small_data_dir,
+                         progress=False)
+    found = digest(out)
+    expected = json.loads(EXPECTED.read_text())
+    assert len(found["runs"]) == len(expected["runs"]) == 16
+    differences = compare_digests(found, expected)
+    assert not differences, "\n".join(differences) + "\n" + REGENERATE
+
+
+def test_digest_ignores_timings_and_sees_a_changed_number(tmp_path):
+    expected = json.loads(EXPECTED.read_text())
+    changed = json.loads(json.dumps(expected))
+    run = next(iter(changed["runs"].values()))
+    run["result"]["curve"][0]["validation/accuracy"] += 1e-7
+    differences = compare_digests(changed, expected)
+    assert len(differences) == 1 and "validation/accuracy" in differences[0]
+    assert "wall_time_s" not in json.dumps(expected)
