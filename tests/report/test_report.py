@@ -149,12 +149,13 @@ def test_best_hyperparameters_table_shows_the_searched_paths(synthetic: Syntheti
     table = best_hyperparameters_table(experiment, "lars_pipeline")
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     # Tuned paths only: the tied bias_bn path and the fixed momentum are left out.
-    assert header[4:] == ["weights.learning_rate.peak_value", "weights.weight_decay"]
+    assert header[3:5] == ["search", "best trial"]
+    assert header[5:] == ["weights.learning_rate.peak_value", "weights.weight_decay"]
     best = synthetic.studies["lars_pipeline.b128"].hyperparameters(2)
     row = _row(table, WORKLOAD)
-    assert row[3] == "2"
-    assert row[4] == f"{get_path(best, 'optimizer.weights.learning_rate.peak_value'):.4g}"
-    assert row[5] == f"{get_path(best, 'optimizer.weights.weight_decay'):.4g}"
+    assert row[3:5] == ["0", "2"]
+    assert row[5] == f"{get_path(best, 'optimizer.weights.learning_rate.peak_value'):.4g}"
+    assert row[6] == f"{get_path(best, 'optimizer.weights.weight_decay'):.4g}"
 
 
 def _arm(key: str, label: str, steps: list[float]) -> Arm:

@@ -334,7 +334,8 @@ def plot_expected_best(experiment: Experiment, workload: str, batch_size: int,
     For each study, E[best of k trials] and its standard deviation over the finished tuning
     trials that selection considered (a diverged trial at the target's worst value; where that
     is infinite, at the worst finite value seen at this point). A thin line per search
-    replicate, a thick line for their mean with the mean +-1 std band. Crossing curves mean the
+    replicate, a thick line for their mean with the mean +-1 std band (clipped to the range of the
+    tuning results, which the best of k draws cannot leave). Crossing curves mean the
     verdict depends on the tuning budget.
 
     Args:
@@ -357,11 +358,12 @@ def plot_expected_best(experiment: Experiment, workload: str, batch_size: int,
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     plotted = False
     for group in groups:
-        curves = []
+        curves, seen = [], []
         for study in group.studies:
             if study.score is None or not study.score.tuning:
                 continue
             values = [t.value if math.isfinite(t.value) else floor for t in study.score.tuning]
+            seen.extend(values)
             mean, std = expected_best(values, target.goal)
             curves.append((mean, std))
             k = np.arange(1, mean.size + 1)
@@ -374,7 +376,10 @@ def plot_expected_best(experiment: Experiment, workload: str, batch_size: int,
         std = np.mean([c[1][:n] for c in curves], axis=0)
         k = np.arange(1, n + 1)
         ax.plot(k, mean, color=colors[group.label], linewidth=2, label=group.label)
-        ax.fill_between(k, mean - std, mean + std, color=colors[group.label], alpha=0.12)
+        # The best of k draws never leaves the range of the values drawn from: clip the band.
+        low, high = min(seen), max(seen)
+        ax.fill_between(k, np.clip(mean - std, low, high), np.clip(mean + std, low, high),
+                        color=colors[group.label], alpha=0.12)
         plotted = True
     ax.axhline(target.value, color="red", linestyle=":", linewidth=1.2,
                label=f"target {target.value:g}")

@@ -312,7 +312,7 @@ def best_hyperparameters_table(experiment: Experiment, optimizer: str) -> str:
       The markdown table ("" when the label has no studies).
     """
     paths = experiment.search_paths(optimizer)
-    header = ["workload", "batch size", "step budget", "best trial",
+    header = ["workload", "batch size", "step budget", "search", "best trial",
               *(p.removeprefix("optimizer.") for p in paths)]
     rows = []
     for study in experiment.studies:
@@ -326,7 +326,7 @@ def best_hyperparameters_table(experiment: Experiment, optimizer: str) -> str:
                 trial = "in progress"
         else:
             values = [_format_value(get_path(best, p)) for p in paths]
-        rows.append([*_point_cells(study.info.point), trial, *values])
+        rows.append([*_point_cells(study.info.point), str(study.info.replicate), trial, *values])
     if not rows:
         return ""
-    return markdown_table(header, rows, ["l", "r", "r", "r"] + ["r"] * len(paths))
+    return markdown_table(header, rows, ["l", "r", "r", "r", "r"] + ["r"] * len(paths))

@@ -10,6 +10,8 @@ verdict built on a flagged study says so in words.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -109,6 +111,7 @@ def decide_point(experiment: Experiment, workload: str, batch_size: int,
     """
     decided = []
     groups = experiment.groups_at_point(workload, batch_size, step_budget)
+    context = f"{workload}|b{batch_size}|s{step_budget}"
     for a, b in comparison_pairs(experiment, groups):
         target = a.info.target
         if stops_at_target(experiment):
@@ -116,11 +119,13 @@ def decide_point(experiment: Experiment, workload: str, batch_size: int,
             # within one evaluation period (the measurement's resolution).
             verdict = compare_arms(a.arm(steps=True), b.arm(steps=True), goal=Goal.MINIMIZE,
                                    metric_margin=float(a.info.eval_every_steps),
-                                   fraction_margin=target.reaching_margin)
+                                   fraction_margin=target.reaching_margin,
+                                   context=context, worst=math.inf)
         else:
             verdict = compare_arms(a.arm(), b.arm(), goal=target.goal,
                                    metric_margin=target.metric_margin,
-                                   fraction_margin=target.reaching_margin)
+                                   fraction_margin=target.reaching_margin,
+                                   context=context, worst=target.worst_value())
         flags = study_flags(experiment, a) + study_flags(experiment, b)
         spread = replicate_spread_diagnostic(verdict)
         if spread is not None:
@@ -130,7 +135,8 @@ def decide_point(experiment: Experiment, workload: str, batch_size: int,
         if train_a is not None and train_b is not None and train_a.seeds and train_b.seeds:
             train = compare_arms(train_a, train_b, goal=target.goal,
                                  metric_margin=target.metric_margin,
-                                 fraction_margin=target.reaching_margin)
+                                 fraction_margin=target.reaching_margin,
+                                 context=f"{context}|train", worst=target.worst_value())
         decided.append(DecidedPair(a, b, verdict, tuple(flags), train))
     return decided
 

@@ -255,8 +255,8 @@ def _edges(study: Study, best_trial: int) -> list[Diagnostic]:
             where = (f"in the {side} {EDGE_FRACTION:.0%} of [{parameter.low:g}, "
                      f"{parameter.high:g}] ({scale} scale)")
         if edge:
-            shown = f"{_format(raw)}" + (f" (written as 1 - v = {_format(value)})"
-                                         if parameter.one_minus else "")
+            shown = _format(value) + (f" (searched as 1 - value = {_format(raw)})"
+                                      if parameter.one_minus else "")
             found.append(Diagnostic(
                 "best-at-edge", study.id,
                 f"the best trial's `{parameter.path}` = {shown} lies {where}: the optimum may "
