@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchlab.search.spec import resources_per_host
 from services.controller.storage import Failure
 
 __all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "TrainerPool",
@@ -44,14 +45,14 @@ __all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "Trai
 
 log = logging.getLogger(__name__)
 
-# Ray resource names of the spec's Resources (per host).
+# Ray resource names of the spec's Resources (of one host: resources_per_host).
 _RAY_RESOURCES = (("cpus", "CPU"), ("gpus", "GPU"), ("tpus", "TPU"), ("memory_gib", "memory"))
 
 
 def resource_shape(resources: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    """A hashable key of the resources a run's actor needs (num_hosts left out)."""
-    resources = dict(resources or {})
-    resources.pop("num_hosts", None)
+    """A hashable key of what each of a run's actors needs: one host's share of its Resources
+    (gpus and tpus divided by num_hosts; num_hosts left out)."""
+    resources = resources_per_host(resources)
     if resources.get("cpus") == 1:
         del resources["cpus"]  # what an actor gets by default: warm trainers fit such runs
     return tuple(sorted((k, v) for k, v in resources.items() if v))
@@ -59,7 +60,7 @@ def resource_shape(resources: Mapping[str, Any] | None) -> tuple[tuple[str, Any]
 
 def host_demand(resources: Mapping[str, Any] | None) -> dict[str, float]:
     """What one host of a run asks Ray for, by Ray resource name (CPU, GPU, TPU, memory)."""
-    resources = dict(resources or {})
+    resources = resources_per_host(resources)
     demand = {"CPU": float(resources.get("cpus") or 1.0)}
     for name, ray_name in _RAY_RESOURCES[1:]:
         value = float(resources.get(name) or 0)
@@ -248,14 +249,20 @@ class RayTrainerPool(TrainerPool):
       connected: whether Ray is connected already (else `connected()` is awaited: nothing is
         placed until then).
       nodes_ttl_s: how long the cluster's node list is reused for placement decisions.
+      warm_size: how many trainers `warm` starts (BATCHLAB_WARM_TRAINERS; None: `size`). A
+        pool sized for a multi-host run (128 hosts of a TPU slice) keeps only a few warm:
+        idle warm actors would hold CPU pods for nothing.
     """
 
     def __init__(self, size: int, settings: Mapping[str, Any] | None = None, *,
                  name_prefix: str = "trainer", connected: bool = True,
-                 nodes_ttl_s: float = 5.0):
+                 nodes_ttl_s: float = 5.0, warm_size: int | None = None):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
+        if warm_size is not None and not 0 <= warm_size <= size:
+            raise ValueError(f"warm_size must be in [0, size={size}], got {warm_size}")
         self._size = size
+        self._warm_size = size if warm_size is None else warm_size
         self._settings = dict(settings or {})
         # A token per pool, so trainers of successive controllers have distinct names.
         self._prefix = f"{name_prefix}-{uuid.uuid4().hex[:4]}"
@@ -371,7 +378,8 @@ class RayTrainerPool(TrainerPool):
         return member
 
     def warm(self, resources: Mapping[str, Any] | None = None, *, timeout: float = 300.0) -> int:
-        """Start the pool's trainers now, with their libraries imported, instead of on first use.
+        """Start the pool's warm trainers (`warm_size`) now, with their libraries imported,
+        instead of on first use.
 
         A long-running controller keeps warm trainers; starting them at launch keeps a Python
         process start and the JAX/flax imports (seconds each) out of the first runs. The
@@ -391,7 +399,7 @@ class RayTrainerPool(TrainerPool):
             if not self._connected:
                 return 0
             started = [self._create(shape, fresh=False)
-                       for _ in range(self._size - len(self._members))]
+                       for _ in range(self._warm_size - len(self._members))]
         if started:
             ray.get([m.actor.warm_up.remote() for m in started], timeout=timeout)
         return len(started)

@@ -19,7 +19,10 @@ Environment:
   BATCHLAB_STATE_DIR: where the database lives (default ./.batchlab/controller).
   BATCHLAB_RAY_ADDRESS: a Ray cluster to connect to (e.g. ray://head:10001 or host:6379);
     unset starts a local Ray with BATCHLAB_RAY_CPUS logical CPUs (default: all).
-  BATCHLAB_NUM_TRAINERS: trainer actors at most (default 2).
+  BATCHLAB_NUM_TRAINERS: trainer actors at most (default 2); a multi-host run needs one per
+    host (resources.num_hosts).
+  BATCHLAB_WARM_TRAINERS: trainer actors started when Ray connects, before any run asks for
+    them (default: BATCHLAB_NUM_TRAINERS; at most that).
   BATCHLAB_CHECKPOINTS_ADDR: the checkpoint service trainers upload to and resume from;
     unset: BATCHLAB_CHECKPOINT_DIR, a folder every trainer can read (default
     <state dir>/checkpoints with a local Ray; none with a remote one).
@@ -138,6 +141,7 @@ class ControllerConfig:
         initialised in this process already).
       ray_cpus: logical CPUs of a local Ray (None: all).
       num_trainers: trainer actors at most.
+      warm_trainers: trainer actors started at connection (None: num_trainers).
       checkpoints_address: the checkpoint service ("" = none).
       sharding_address: the sharding service ("" = none).
       checkpoint_dir: shared checkpoint folder when there is no service ("" = none).
@@ -171,6 +175,7 @@ class ControllerConfig:
     ray_address: str = ""
     ray_cpus: int | None = None
     num_trainers: int = 2
+    warm_trainers: int | None = None
     checkpoints_address: str = ""
     sharding_address: str = ""
     checkpoint_dir: str = ""
@@ -198,6 +203,9 @@ class ControllerConfig:
             raise StartupError("the evaluation service (BATCHLAB_EVALUATOR_ADDR) reads each "
                                "evaluation point's checkpoint from the checkpoint service: set "
                                "BATCHLAB_CHECKPOINTS_ADDR too, or BATCHLAB_EVALUATION=in-process")
+        if self.warm_trainers is not None and self.warm_trainers > self.num_trainers:
+            raise StartupError(f"BATCHLAB_WARM_TRAINERS ({self.warm_trainers}) must be at most "
+                               f"BATCHLAB_NUM_TRAINERS ({self.num_trainers})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ControllerConfig:
@@ -222,6 +230,8 @@ class ControllerConfig:
             ray_address=env.get("BATCHLAB_RAY_ADDRESS", "").strip(),
             ray_cpus=_int(env, "BATCHLAB_RAY_CPUS", 0) or None,
             num_trainers=_int(env, "BATCHLAB_NUM_TRAINERS", 2, 1),
+            warm_trainers=(_int(env, "BATCHLAB_WARM_TRAINERS", 0)
+                           if env.get("BATCHLAB_WARM_TRAINERS", "").strip() else None),
             checkpoints_address=env.get("BATCHLAB_CHECKPOINTS_ADDR", "").strip(),
             sharding_address=env.get("BATCHLAB_SHARDING_ADDR", "").strip(),
             checkpoint_dir=env.get("BATCHLAB_CHECKPOINT_DIR", "").strip(),
@@ -322,7 +332,7 @@ class Controller:
             # Serve first: Ray is connected (or started) and the trainers warmed afterwards,
             # in the background; nothing is placed until then.
             pool = RayTrainerPool(config.num_trainers, self.trainer_settings(),
-                                  connected=False)
+                                  connected=False, warm_size=config.warm_trainers)
             self.link = RayLink(lambda: connect_ray(config), pool, health=self.server.health,
                                 metrics=controller_metrics,
                                 probe_interval_s=config.ray_probe_interval_s,

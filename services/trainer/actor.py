@@ -58,6 +58,7 @@ import ray
 
 from batchlab.proto.v1 import controller_pb2
 from batchlab.rpc.client import free_ports
+from batchlab.search.spec import resources_per_host
 from services.trainer.checkpoint_sync import (
     CheckpointSync,
     DirectoryCheckpointSync,
@@ -147,14 +148,21 @@ class TrainerSettings:
 
 
 def actor_options(resources: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Ray actor options for one run's Resources (cpus, gpus, tpus, memory_gib).
+    """Ray actor options for ONE HOST of a run with these Resources.
 
-    TPUs are a custom resource ("TPU"), as KubeRay's TPU worker groups advertise them.
+    A run of `num_hosts` hosts has one actor per host, each asking for its share: gpus and
+    tpus count the whole run and are divided by num_hosts (batchlab.search.spec
+    .resources_per_host; experiment.proto says so); cpus and memory_gib are per host. TPUs are
+    a custom resource ("TPU", chips), as KubeRay's TPU worker groups advertise google.com/tpu.
 
     Args:
-      resources: the spec's Resources as a mapping (missing or 0 values: defaults).
+      resources: the spec's Resources as a mapping (missing or 0 values: defaults; without
+        num_hosts: one host, i.e. already a per-host shape).
+
+    Raises:
+      ValueError: gpus or tpus is not a multiple of num_hosts (naming the field).
     """
-    resources = dict(resources or {})
+    resources = resources_per_host(resources)
     options: dict[str, Any] = {"num_cpus": float(resources.get("cpus") or 1.0)}
     if resources.get("gpus"):
         options["num_gpus"] = int(resources["gpus"])

@@ -345,11 +345,15 @@ def test_tpu_image_runs_only_on_tpu_pods(rendered_text, rendered):
     assert "nvidia.com/gpu" not in rendered_text("tpu")
     objects = rendered("tpu")
     groups = _groups(objects)
-    assert set(groups) == {"cpu", "tpu-v5e-4"}
-    tpu = groups["tpu-v5e-4"]
-    assert int(_limits(tpu)["google.com/tpu"]) == 4 and tpu["minReplicas"] == 0
-    assert tpu["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "2x2"
-    assert tpu["template"]["spec"]["tolerations"][0]["key"] == "google.com/tpu"
+    # A single-host v5e group and the multi-host v5p slices of the paper's BERT runs.
+    topologies = {"tpu-v5e-4": "2x2", "tpu-v5p-4x4x8": "4x4x8", "tpu-v5p-8x8x8": "8x8x8"}
+    assert set(groups) == {"cpu", *topologies}
+    for name, topology in topologies.items():
+        tpu = groups[name]
+        assert int(_limits(tpu)["google.com/tpu"]) == 4 and tpu["minReplicas"] == 0, name
+        assert tpu["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == (
+            topology)
+        assert tpu["template"]["spec"]["tolerations"][0]["key"] == "google.com/tpu"
     for where, template in pod_templates(objects):
         on_tpu = "google.com/tpu" in json.dumps(template["spec"]["containers"][0]["resources"])
         for container in template["spec"]["containers"]:

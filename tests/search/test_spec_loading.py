@@ -169,6 +169,11 @@ _POINT = "workloads/0/points/0"
      "optimizers[0].config.learning_rate.schedule", "unknown schedule"),
     ("resources", {"cpus": -1}, "resources.cpus", ">= 0"),
     ("resources", {"gpu": 1}, "resources.gpu", "did you mean 'gpus'?"),
+    # gpus and tpus count the whole run, split evenly over its hosts.
+    ("resources", {"tpus": 10, "num_hosts": 4}, "resources.tpus",
+     "multiple of resources.num_hosts (4)"),
+    ("resources", {"gpus": 1, "num_hosts": 2}, "resources.gpus",
+     "multiple of resources.num_hosts (2)"),
 ])
 def test_bad_specs_name_the_field(base_spec, path, value, field_path, words):
     with pytest.raises(SpecError) as caught:

@@ -67,6 +67,7 @@ __all__ = [
     "load_spec",
     "parse_spec",
     "read_yaml",
+    "resources_per_host",
     "spec_to_dict",
     "study_id",
     "trial_hyperparameters",
@@ -74,6 +75,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ATTEMPTS = 3
+# Resources fields that count the whole run (split over its hosts); the others are per host.
+# protos/batchlab/v1/experiment.proto (Resources) states the same.
+PER_RUN_RESOURCES = ("gpus", "tpus")
 _WORKLOAD_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # The largest u below 1: the high corner of the search space.
 _U_MAX = math.nextafter(1.0, 0.0)
@@ -305,6 +309,38 @@ def load_spec(source: str | os.PathLike[str] | Mapping[str, Any] | experiment_pb
                       validate_optimizers=validate_optimizers)
 
 
+def resources_per_host(resources: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One host's share of a run's Resources: what each of its `num_hosts` trainers asks for.
+
+    gpus and tpus count the whole run and are split evenly over its hosts; cpus and memory_gib
+    are per host already. num_hosts itself is left out.
+
+    Args:
+      resources: a run's Resources as a mapping (field names as in the proto; missing or 0
+        values: none; num_hosts 0 or missing: 1).
+
+    Returns:
+      The per-host mapping, without num_hosts and without zero values.
+
+    Raises:
+      ValueError: an accelerator count is not a multiple of num_hosts (naming the field).
+        validate_spec refuses such specs; this guards other callers.
+
+    >>> resources_per_host({"tpus": 128, "num_hosts": 32, "cpus": 8})
+    {'tpus': 4, 'cpus': 8}
+    """
+    share = {k: v for k, v in dict(resources or {}).items() if v}
+    hosts = max(int(share.pop("num_hosts", 1) or 1), 1)
+    for name in PER_RUN_RESOURCES:
+        if name in share:
+            count = int(share[name])
+            if count % hosts:
+                raise ValueError(f"resources.{name}: must be a multiple of resources.num_hosts "
+                                 f"({hosts}), got {count}")
+            share[name] = count // hosts
+    return share
+
+
 def spec_to_dict(spec: experiment_pb2.ExperimentSpec) -> dict[str, Any]:
     """The protobuf JSON mapping of a spec with snake_case names (what a spec file holds).
 
@@ -399,6 +435,12 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
             value = getattr(spec.resources, name)
             if not math.isfinite(value) or value < 0:
                 add((f"resources.{name}", f"must be a finite number >= 0, got {value!r}"))
+        hosts = max(spec.resources.num_hosts, 1)
+        for name in PER_RUN_RESOURCES:
+            value = getattr(spec.resources, name)
+            if value % hosts:
+                add((f"resources.{name}", f"must be a multiple of resources.num_hosts ({hosts}): "
+                     f"{name} counts the whole run, split evenly over its hosts; got {value}"))
 
     if not spec.workloads:
         add(("workloads", "must list at least one workload"))

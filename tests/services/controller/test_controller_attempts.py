@@ -270,6 +270,37 @@ def test_placement_counts_hosts_on_the_nodes_that_can_hold_them():
     assert hosts_that_fit(host_demand({"memory_gib": 1}), [{"CPU": 4, "memory": 2**30}]) == 1
 
 
+def test_each_host_of_a_multi_host_run_asks_for_its_share_of_the_accelerators():
+    """gpus and tpus count the run, cpus and memory the host (experiment.proto, Resources): a
+    32-host run of 128 TPU chips fits the 32 pods of a 4-chip-per-host slice, not fewer."""
+    from services.controller.pool import host_demand, hosts_that_fit, resource_shape
+
+    run = {"cpus": 8, "tpus": 128, "num_hosts": 32, "memory_gib": 16}
+    assert host_demand(run) == {"CPU": 8.0, "TPU": 4.0, "memory": 16 * 2**30}
+    assert resource_shape(run) == (("cpus", 8), ("memory_gib", 16), ("tpus", 4))
+    slice_hosts = [{"CPU": 8.0, "TPU": 4.0, "memory": 32 * 2**30}] * 32
+    assert hosts_that_fit(host_demand(run), slice_hosts) == 32
+    assert hosts_that_fit(host_demand(run), slice_hosts[:31]) == 31  # one short of the run
+    assert host_demand({"gpus": 16, "num_hosts": 2}) == {"CPU": 1.0, "GPU": 8.0}
+    with pytest.raises(ValueError, match=r"resources\.gpus"):
+        host_demand({"gpus": 3, "num_hosts": 2})
+
+
+def test_a_pool_sized_for_many_hosts_keeps_only_its_warm_trainers_started():
+    """The tpu overlay's pool must hold a 128-host run but warm only a few trainers."""
+    from services.controller.server import ControllerConfig, StartupError
+
+    env = {"BATCHLAB_EVALUATION": "in-process", "BATCHLAB_NUM_TRAINERS": "136",
+           "BATCHLAB_WARM_TRAINERS": "8"}
+    config = ControllerConfig.from_env(env)
+    assert (config.num_trainers, config.warm_trainers) == (136, 8)
+    assert ControllerConfig.from_env({"BATCHLAB_EVALUATION": "in-process"}).warm_trainers is None
+    with pytest.raises(StartupError, match="BATCHLAB_WARM_TRAINERS"):
+        ControllerConfig.from_env({**env, "BATCHLAB_NUM_TRAINERS": "4"})
+    with pytest.raises(ValueError, match="warm_size"):
+        RayTrainerPool(4, connected=False, warm_size=5)
+
+
 def test_a_version_1_database_is_upgraded_and_keeps_its_attempts(tmp_path):
     old = subprocess.run(["git", "show", "b6bbdae:services/controller/storage.py"],
                          capture_output=True, text=True, check=True).stdout

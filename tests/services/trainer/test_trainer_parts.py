@@ -94,8 +94,15 @@ def test_directory_sync_uploads_atomically_keeps_the_newest_and_restores(tmp_pat
 
 def test_actor_options_from_resources():
     assert actor_options(None) == {"num_cpus": 1.0}
-    assert actor_options({"cpus": 4, "gpus": 1, "tpus": 8, "memory_gib": 2, "num_hosts": 2}) == {
-        "num_cpus": 4.0, "num_gpus": 1, "resources": {"TPU": 8}, "memory": 2 * 2**30}
+    # One host's share: gpus and tpus count the run (split over num_hosts), cpus and memory
+    # are per host (experiment.proto, Resources).
+    assert actor_options({"cpus": 4, "gpus": 2, "tpus": 8, "memory_gib": 2, "num_hosts": 2}) == {
+        "num_cpus": 4.0, "num_gpus": 1, "resources": {"TPU": 4}, "memory": 2 * 2**30}
+    assert actor_options({"tpus": 128, "num_hosts": 32}) == {"num_cpus": 1.0,
+                                                             "resources": {"TPU": 4}}
+    assert actor_options({"gpus": 8, "num_hosts": 1}) == {"num_cpus": 1.0, "num_gpus": 8}
+    with pytest.raises(ValueError, match=r"resources\.tpus"):
+        actor_options({"tpus": 6, "num_hosts": 4})
 
 
 def test_settings_refuse_unknown_keys():
