@@ -2,8 +2,9 @@
 
 The contract: the same code, spec, data and machine kind give the same numbers. `digest`
 collects every number a run or a study stored that the contract covers (curves, final metrics,
-outcomes, steps, seeds, hyperparameters, scores) and leaves out what legitimately varies
-between two executions (wall-clock timings, timestamps, the command line, the commit).
+outcomes, steps, seeds, hyperparameters, scores, verdicts with their bootstrap intervals) and
+leaves out what legitimately varies between two executions (wall-clock timings, timestamps, the
+command line, the commit).
 `compare_digests` lists every difference, so `batchlab digest DIR --compare EXPECTED` tells
 whether a rerun reproduced a result, and a test pins a small shipped study's numbers.
 """
@@ -41,7 +42,8 @@ def digest(results_dir: str | Path) -> dict[str, Any]:
 
     Returns:
       {"spec": ..., "runs": {"<study>/<file>": {"request", "result"}},
-       "studies": {"<study>": {...}}}, with timings removed and keys sorted.
+       "studies": {"<study>": {...}}, "verdicts": {"<workload>/b<B>/s<S>/<a> vs <b>": {...}}},
+      with timings removed and keys sorted.
 
     Raises:
       FileNotFoundError: no experiment.json in the folder.
@@ -53,7 +55,27 @@ def digest(results_dir: str | Path) -> dict[str, Any]:
         runs[f"{path.parent.name}/{path.name}"] = _clean(json.loads(path.read_text()))
     studies = {path.stem: _clean(json.loads(path.read_text()))
                for path in sorted((root / "studies").glob("*.json"))}
-    return {"spec": _clean(experiment.get("spec", {})), "runs": runs, "studies": studies}
+    return {"spec": _clean(experiment.get("spec", {})), "runs": runs, "studies": studies,
+            "verdicts": _verdicts(root)}
+
+
+def _verdicts(root: Path) -> dict[str, Any]:
+    """Every pre-registered comparison's decision, as the report computes it (bootstrap
+    intervals included: a change to the resampling or the rule changes the digest)."""
+    from batchlab.report.results import load_results  # The report stack loads only here.
+    from batchlab.report.verdicts import decide_point
+
+    experiment = load_results(root)
+    found: dict[str, Any] = {}
+    for workload, batch_size, step_budget in experiment.points():
+        for pair in decide_point(experiment, workload, batch_size, step_budget):
+            verdict = pair.verdict
+            found[f"{workload}/b{batch_size}/s{step_budget}/{verdict.a} vs {verdict.b}"] = _clean({
+                "verdict": verdict.verdict.value, "reason": verdict.reason,
+                "metric": [verdict.metric.estimate, verdict.metric.low, verdict.metric.high],
+                "fraction": [verdict.fraction.estimate, verdict.fraction.low,
+                             verdict.fraction.high]})
+    return found
 
 
 def compare_digests(actual: Mapping[str, Any], expected: Mapping[str, Any],
