@@ -8,6 +8,18 @@ serve and reused by later runs with the same resources; an idle actor of other r
 retired when its slot is needed. A multi-host attempt takes `num_hosts` fresh actors (a JAX
 process joins one distributed system in its life) that are retired when it ends.
 
+TPU runs take whole TPU slices (`TpuSliceType`). Ray gives every TPU host a custom resource
+named after its slice (the pod slice's name: TPU_NAME, which GKE's Ray TPU webhook sets to
+"<group>-<replica>") and worker 0 of each slice `TPU-<pod type>-head` (e.g. "TPU-v5p-256-head";
+ray._private.accelerators.tpu, get_current_node_additional_resources). A multi-host run first
+places its process-0 actor with the head of a slice of exactly its chips and hosts, reads that
+slice's name there, then places every other host with {<slice name>: 1}: all its hosts are on
+one slice, whichever slices are up. A single-host TPU run asks for a share of the head of a
+single-host slice type, so it never takes a host of a multi-host slice (their heads are of
+another pod type, and their other hosts have no head at all). JAX process ids are the hosts'
+TPU_WORKER_ID (the slice's own numbering, which libtpu expects); without it (CPU, GPU) they
+follow the lease's order.
+
 Placement is honoured: a run is placed only where the Ray cluster's nodes can hold it. A run
 that no node (or not enough nodes) can hold is not started anywhere: `placement` says why,
 the scheduler shows that reason while the run waits, and asks the Ray autoscaler (when the
@@ -31,6 +43,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -40,13 +53,17 @@ from typing import Any
 from batchlab.search.spec import resources_per_host
 from services.controller.storage import Failure
 
-__all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "TrainerPool",
-           "resource_shape"]
+__all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "TpuSliceType",
+           "TrainerPool", "process_ids", "resource_shape", "tpu_slice_types"]
 
 log = logging.getLogger(__name__)
 
 # Ray resource names of the spec's Resources (of one host: resources_per_host).
 _RAY_RESOURCES = (("cpus", "CPU"), ("gpus", "GPU"), ("tpus", "TPU"), ("memory_gib", "memory"))
+# The resource Ray gives worker 0 of a TPU slice (ray._private.accelerators.tpu).
+_TPU_HEAD = re.compile(r"^TPU-(?P<pod_type>v\w+-\d+)-head$")
+# How long `start` waits for a multi-host run's actors to answer (placed and started).
+START_TIMEOUT_S = 120.0
 
 
 def resource_shape(resources: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -75,6 +92,107 @@ def hosts_that_fit(demand: Mapping[str, float], nodes: Sequence[Mapping[str, flo
     for node in nodes:
         fit += min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in demand.items())
     return fit
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSliceType:
+    """TPU slices of one pod type that the Ray cluster has up.
+
+    Attributes:
+      pod_type: Ray's TPU pod type, e.g. "v5p-256" (a 4x4x8 v5p slice: 128 chips, 2 cores each).
+      chips: the TPU chips of one slice.
+      chips_per_host: the chips of one host (Ray's "TPU" resource of the slice's worker 0).
+      count: how many such slices are up (nodes advertising the head resource).
+    """
+
+    pod_type: str
+    chips: int
+    chips_per_host: int
+    count: int
+
+    @property
+    def head(self) -> str:
+        """The resource only worker 0 of each such slice has, one unit per slice."""
+        return f"TPU-{self.pod_type}-head"
+
+    @property
+    def hosts(self) -> int:
+        """Hosts of one slice."""
+        return max(self.chips // max(self.chips_per_host, 1), 1)
+
+    def describe(self) -> str:
+        return (f"{self.pod_type} ({self.chips} chips on {self.hosts} "
+                f"host{'s' if self.hosts > 1 else ''}, {self.count} up)")
+
+
+def tpu_slice_types(nodes: Sequence[Mapping[str, float]]) -> list[TpuSliceType]:
+    """The TPU slice types of a Ray cluster, from its nodes' total resources (sorted by pod
+    type); empty when no node advertises a slice head (no TPU, or TPU hosts without the slice
+    name and worker id: GKE's Ray TPU webhook not installed)."""
+    from ray._private.accelerators.tpu import get_total_chips_from_accelerator_type
+
+    found: dict[str, TpuSliceType] = {}
+    for node in nodes:
+        for key, value in node.items():
+            match = _TPU_HEAD.match(key)
+            if match is None or value < 1:
+                continue
+            pod_type = match["pod_type"]
+            try:
+                chips = get_total_chips_from_accelerator_type(pod_type)
+            except ValueError:
+                log.debug("unknown TPU pod type %r on a node; ignored", pod_type)
+                continue
+            known = found.get(pod_type)
+            found[pod_type] = TpuSliceType(pod_type, chips, int(node.get("TPU", 0)),
+                                           (known.count if known else 0) + int(value))
+    return [found[k] for k in sorted(found)]
+
+
+def slices_for(resources: Mapping[str, Any] | None, hosts: int,
+               slice_types: Sequence[TpuSliceType]) -> list[TpuSliceType]:
+    """The slice types a TPU run can take, best first.
+
+    A multi-host run takes one whole slice of exactly its chips and hosts: JAX on a TPU slice
+    spans all of the slice's hosts, and the hosts of two slices share no interconnect. A
+    single-host run takes (a share of) a single-host slice with at least its chips, the
+    smallest first.
+    """
+    per_host = int(resources_per_host(resources).get("tpus") or 0)
+    if hosts > 1:
+        return [s for s in slice_types
+                if s.hosts == hosts and s.chips_per_host == per_host]
+    return sorted((s for s in slice_types if s.hosts == 1 and s.chips_per_host >= per_host),
+                  key=lambda s: (s.chips_per_host, s.pod_type))
+
+
+def process_ids(hosts: Sequence[Mapping[str, Any]], slice_name: str | None = None) -> list[int]:
+    """The JAX process id of each actor of a multi-host lease, in the lease's order.
+
+    Args:
+      hosts: what each actor's `tpu_host` answered ({"worker_id": int | None, "slice": ...}).
+      slice_name: the slice the lease reserved (None: not a TPU slice lease).
+
+    Returns:
+      The actors' TPU_WORKER_IDs when they all have one (a TPU slice's JAX processes must be
+      numbered as the slice numbers its hosts), else 0..n-1 in the lease's order.
+
+    Raises:
+      RuntimeError: the hosts are on several slices, only some have a worker id, or the ids
+        are not 0..n-1 (each once).
+    """
+    if slice_name is not None:
+        slices = sorted({str(h.get("slice")) for h in hosts})
+        if slices != [slice_name]:
+            raise RuntimeError(f"the hosts of a run reserved on TPU slice {slice_name!r} are on "
+                               f"slices {slices}")
+    ids = [h.get("worker_id") for h in hosts]
+    if all(i is None for i in ids):
+        return list(range(len(hosts)))
+    if any(i is None for i in ids) or sorted(ids) != list(range(len(hosts))):
+        raise RuntimeError(f"the hosts' TPU_WORKER_IDs {ids} are not 0..{len(hosts) - 1}, one "
+                           "each: the run's hosts are not one whole TPU slice")
+    return [int(i) for i in ids]
 
 
 def _describe(resources: Mapping[str, float]) -> str:
@@ -110,12 +228,15 @@ class Lease:
       shape: their resource shape.
       actors: the actor handles (pool-specific).
       fresh: the actors are retired after the attempt (multi-host).
+      tpu_slice: the TPU slice type whose head the first actor holds (a multi-host TPU run:
+        `start` places the other hosts on that slice).
     """
 
     workers: list[str]
     shape: tuple[tuple[str, Any], ...]
     actors: list[Any]
     fresh: bool = False
+    tpu_slice: TpuSliceType | None = None
 
     @property
     def worker(self) -> str:
@@ -232,10 +353,11 @@ class TrainerPool(abc.ABC):
 @dataclasses.dataclass
 class _Member:
     name: str
-    actor: Any
+    actor: Any  # None until `_spawn` (the hosts of a TPU slice after its head)
     shape: tuple[tuple[str, Any], ...]
     busy: bool = False
     fresh: bool = False
+    pins: dict[str, float] = dataclasses.field(default_factory=dict)  # Ray resources beyond shape
 
 
 class RayTrainerPool(TrainerPool):
@@ -337,13 +459,36 @@ class RayTrainerPool(TrainerPool):
         demand = host_demand(resources)
         hosts = max(int(hosts or 1), 1)
         if hosts_that_fit(demand, nodes) >= hosts:
-            return None
+            return self._tpu_placement(resources, hosts, demand, nodes)
         largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("TPU", 0),
                                             n.get("CPU", 0)), default={})
         return Placement(
             f"needs {hosts} host{'s' if hosts > 1 else ''} with {_describe(demand)} each; the "
             f"Ray cluster's {len(nodes)} node{'s' if len(nodes) != 1 else ''} cannot hold that "
             f"(largest: {_describe(largest)})", permanent=True)
+
+    @staticmethod
+    def _tpu_placement(resources: Mapping[str, Any] | None, hosts: int,
+                       demand: Mapping[str, float],
+                       nodes: Sequence[Mapping[str, float]]) -> Placement | None:
+        """Why a TPU run that the nodes' totals can hold has no slice of its shape, or None."""
+        if not demand.get("TPU"):
+            return None
+        types = tpu_slice_types(nodes)
+        if not types and hosts == 1:
+            # No slice heads at all: nothing to pin to, and no multi-host slice to take from.
+            return None
+        if not types:
+            return Placement(
+                f"needs one TPU slice of {hosts} hosts, but no Ray node advertises a TPU slice "
+                "(TPU-<type>-head and the slice's name: GKE's Ray TPU webhook sets TPU_NAME and "
+                "TPU_WORKER_ID on TPU pods)", permanent=True)
+        if slices_for(resources, hosts, types):
+            return None
+        want = (f"one TPU slice of {hosts} hosts with {demand['TPU']:g} chips each" if hosts > 1
+                else f"a single-host TPU slice with at least {demand['TPU']:g} chips")
+        return Placement(f"needs {want}; the Ray cluster's TPU slices: "
+                         f"{', '.join(t.describe() for t in types)}", permanent=True)
 
     def request_capacity(self, demands: Sequence[tuple[Mapping[str, Any], int]]) -> None:
         bundles = [host_demand(resources) for resources, hosts in demands
@@ -366,16 +511,51 @@ class RayTrainerPool(TrainerPool):
             log.debug("request_resources failed: %s", error)
 
     # -- trainers ---------------------------------------------------------------------------
-    def _create(self, shape: tuple[tuple[str, Any], ...], *, fresh: bool) -> _Member:
+    def _create(self, shape: tuple[tuple[str, Any], ...], *, fresh: bool,
+                pins: Mapping[str, float] | None = None, spawn: bool = True) -> _Member:
+        """A new member; its actor is started now unless `spawn` is False (`_spawn` later)."""
+        member = _Member(f"{self._prefix}-{next(self._counter)}", None, shape, fresh=fresh,
+                         pins=dict(pins or {}))
+        self._members.append(member)
+        if spawn:
+            self._spawn(member)
+        return member
+
+    def _spawn(self, member: _Member) -> None:
         from services.trainer.actor import TrainerActor, actor_options
 
-        name = f"{self._prefix}-{next(self._counter)}"
-        settings = {**self._settings, "name": name}
-        actor = TrainerActor.options(**actor_options(dict(shape))).remote(settings)
-        member = _Member(name, actor, shape, fresh=fresh)
-        self._members.append(member)
-        log.info("created %s with %s", name, dict(shape) or "default resources")
-        return member
+        options = actor_options(dict(member.shape))
+        if member.pins:
+            options["resources"] = {**options.get("resources", {}), **member.pins}
+        settings = {**self._settings, "name": member.name}
+        member.actor = TrainerActor.options(**options).remote(settings)
+        log.info("created %s with %s", member.name,
+                 {**dict(member.shape), **member.pins} or "default resources")
+
+    def _tpu_pins(self, resources: Mapping[str, Any] | None, hosts: int,
+                  slice_types: Sequence[TpuSliceType] | None
+                  ) -> tuple[TpuSliceType | None, dict[str, float]] | None:
+        """The slice type a TPU run takes and what its first actor asks for beyond its shape:
+        (None, {}) when there is nothing to pin (no TPU, or no slice heads in the cluster);
+        None when every slice of its type is held by this pool's runs (it waits), or the
+        cluster's slices are unknown (`slice_types` None)."""
+        per_host = float(resources_per_host(resources).get("tpus") or 0)
+        if not per_host:
+            return None, {}
+        if slice_types is None:
+            return None
+        types = slices_for(resources, hosts, slice_types)
+        if not types:
+            return (None, {}) if hosts == 1 else None
+        if hosts == 1:
+            # A share of a single-host slice's head: never a host of a multi-host slice.
+            best = types[0]
+            return None, {best.head: per_host / best.chips_per_host}
+        for slice_type in types:
+            held = sum(m.pins.get(slice_type.head, 0.0) for m in self._members)
+            if held + 1 <= slice_type.count:
+                return slice_type, {slice_type.head: 1.0}
+        return None
 
     def warm(self, resources: Mapping[str, Any] | None = None, *, timeout: float = 300.0) -> int:
         """Start the pool's warm trainers (`warm_size`) now, with their libraries imported,
@@ -408,6 +588,8 @@ class RayTrainerPool(TrainerPool):
         import ray
 
         self._members.remove(member)
+        if member.actor is None:
+            return  # never started
         try:
             ray.kill(member.actor)
         except Exception:  # noqa: BLE001 - it may be dead already
@@ -419,6 +601,13 @@ class RayTrainerPool(TrainerPool):
         hosts = max(int(hosts or 1), 1)
         if hosts > self._size:
             raise ValueError(f"a run needs {hosts} hosts but the pool holds {self._size}")
+        slice_types: list[TpuSliceType] | None = []
+        if shape and dict(shape).get("tpus"):
+            try:  # outside the lock: against a vanished cluster ray.nodes() can block for long
+                slice_types = tpu_slice_types(self.cluster_nodes())
+            except Exception:  # noqa: BLE001 - a lost cluster: the link notices; nothing placed
+                log.debug("reading the cluster's TPU slices failed", exc_info=True)
+                slice_types = None
         with self._lock:
             if not self._connected:
                 return None
@@ -432,12 +621,21 @@ class RayTrainerPool(TrainerPool):
             free = self._size - len(self._members)
             if free + len(idle_other) < hosts:
                 return None
+            pinned = self._tpu_pins(resources, hosts, slice_types)
+            if pinned is None:
+                return None  # every slice of the run's type is busy with this pool's runs
+            tpu_slice, pins = pinned
             for member in idle_other[: max(hosts - free, 0)]:
                 self._retire(member)
-            members = [self._create(shape, fresh=hosts > 1) for _ in range(hosts)]
+            # A TPU slice run's other hosts are started by `start`, once the first one (on the
+            # slice's worker 0) says which slice it reserved.
+            members = [self._create(shape, fresh=hosts > 1, pins=pins)]
+            members += [self._create(shape, fresh=True, spawn=tpu_slice is None)
+                        for _ in range(hosts - 1)]
             for member in members:
                 member.busy = True
-            return Lease([m.name for m in members], shape, members, fresh=hosts > 1)
+            return Lease([m.name for m in members], shape, members, fresh=hosts > 1,
+                         tpu_slice=tpu_slice)
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -455,16 +653,49 @@ class RayTrainerPool(TrainerPool):
             if len(lease.actors) == 1:
                 refs = [lease.actors[0].actor.run.remote(data)]
             else:
+                ids = self._gang(lease)
                 coordinator = ray.get(lease.actors[0].actor.coordinator_address.remote(),
-                                      timeout=120)
+                                      timeout=START_TIMEOUT_S)
                 n = len(lease.actors)
                 refs = [m.actor.run_distributed.remote(data, i, n, coordinator)
-                        for i, m in enumerate(lease.actors)]
+                        for i, m in zip(ids, lease.actors, strict=True)]
             dispatch = Dispatch(attempt_id, experiment_id, assignment.trial,
                                 int(assignment.attempt), lease, refs, time.monotonic())
             self._dispatches[refs[0]] = dispatch
         log.info("%s attempt %d started on %s", dispatch.trial, dispatch.attempt, lease.worker)
         return dispatch
+
+    def _gang(self, lease: Lease) -> list[int]:
+        """Start a multi-host lease's remaining hosts and number its processes.
+
+        For a TPU slice lease, the first actor holds the slice's head (worker 0): its slice's
+        name pins every other host to that slice. The lease's actors are then reordered by
+        process id (process 0, whose trainer hosts the coordinator, first).
+
+        Returns:
+          The process ids, in the (new) order of lease.actors: 0..n-1.
+        """
+        import ray
+
+        slice_name = None
+        if lease.tpu_slice is not None:
+            head = lease.actors[0]
+            slice_name = ray.get(head.actor.tpu_host.remote(True), timeout=START_TIMEOUT_S)["slice"]
+            if not slice_name:
+                raise RuntimeError(f"{head.name} holds {lease.tpu_slice.head} but its host "
+                                   "names no TPU slice (TPU_NAME)")
+            for member in lease.actors[1:]:
+                member.pins = {slice_name: 1.0}
+                self._spawn(member)
+            log.info("%s reserved TPU slice %s (%s)", lease.worker, slice_name,
+                     lease.tpu_slice.pod_type)
+        hosts = ray.get([m.actor.tpu_host.remote(slice_name is not None) for m in lease.actors],
+                        timeout=START_TIMEOUT_S)
+        ids = process_ids(hosts, slice_name)
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        lease.actors[:] = [lease.actors[i] for i in order]
+        lease.workers[:] = [lease.workers[i] for i in order]
+        return sorted(ids)
 
     def poll(self, timeout: float = 0.0) -> list[Finished]:
         import ray

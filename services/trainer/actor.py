@@ -29,7 +29,8 @@ process each (`run_distributed`): jax.distributed connects them (gloo collective
 DataParallel spans every process's devices, and each process feeds its shard of each batch.
 It checkpoints and resumes like a single-host one: process 0 saves and uploads the
 (replicated) state, every host records its data position, and on resume every process
-restores the same checkpoint from the store.
+restores the same checkpoint from the store. On a multi-host TPU slice a process's id is its
+host's TPU_WORKER_ID (`tpu_host` tells the controller; `run_distributed` refuses another).
 
 Failures a trainer raises itself carry ``infrastructure = True`` when they are the
 infrastructure's (`TrainerInfrastructureError`, batchlab.rpc.sharding_client.ShardingError),
@@ -75,6 +76,7 @@ __all__ = [
     "build_run_config",
     "parse_assignment",
     "state_digest",
+    "tpu_worker_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,23 @@ def actor_options(resources: Mapping[str, Any] | None) -> dict[str, Any]:
     if resources.get("memory_gib"):
         options["memory"] = int(float(resources["memory_gib"]) * 2**30)
     return options
+
+
+def tpu_worker_id(environ: Mapping[str, str] | None = None) -> int | None:
+    """This host's index in its TPU slice, TPU_WORKER_ID (GKE's Ray TPU webhook sets it on each
+    pod of a slice, in the order of TPU_WORKER_HOSTNAMES); None when unset (CPU, GPU).
+
+    libtpu numbers a multi-host slice's hosts so; JAX's process ids must follow it.
+
+    Raises:
+      ValueError: TPU_WORKER_ID is not a non-negative integer (naming it).
+    """
+    value = (os.environ if environ is None else environ).get("TPU_WORKER_ID", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"TPU_WORKER_ID: must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def parse_assignment(assignment: bytes | controller_pb2.TrialAssignment
@@ -461,6 +480,22 @@ class TrainerWorker:
             host = "127.0.0.1"
         return f"{host}:{free_ports()[0]}"
 
+    def tpu_host(self, slice_name: bool = False) -> dict[str, Any]:
+        """Where this trainer is in a TPU slice: {"worker_id": TPU_WORKER_ID or None,
+        "slice": the slice's name or None}.
+
+        Args:
+          slice_name: also read the slice's name, as Ray names the slice's resource
+            (ray.util.tpu.get_current_pod_name: TPU_NAME, else the TPU VM's metadata server,
+            which only a TPU host should ask).
+        """
+        name = None
+        if slice_name:
+            from ray.util.tpu import get_current_pod_name
+
+            name = get_current_pod_name()
+        return {"worker_id": tpu_worker_id(), "slice": name}
+
     # -- runs -------------------------------------------------------------------------------
     def run(self, assignment: bytes) -> dict[str, Any]:
         """Run one attempt of a trial; returns RunResult.to_dict() plus "worker".
@@ -478,17 +513,25 @@ class TrainerWorker:
         address process 0's trainer gave from `coordinator_address`). Process 0 reports
         progress and uploads checkpoints; all return the same RunResult dict. A JAX process
         joins one distributed system in its life, so the controller uses fresh actors for
-        each multi-host attempt.
+        each multi-host attempt. On a TPU slice host (TPU_WORKER_ID set), `process_id` must
+        be that id.
 
         Args:
           assignment: a serialized batchlab.v1.TrialAssignment.
           process_id: this process's index, 0..num_processes-1.
           num_processes: how many JAX processes the trial spans.
           coordinator: host:port of jax.distributed's coordinator.
+
+        Raises:
+          ValueError: process_id is not this TPU host's TPU_WORKER_ID.
         """
         import jax
 
         assignment = parse_assignment(assignment)
+        worker_id = tpu_worker_id()
+        if worker_id is not None and worker_id != int(process_id):
+            raise ValueError(f"process_id: {process_id} is not this TPU host's TPU_WORKER_ID "
+                             f"{worker_id}; a slice's JAX processes follow its host numbering")
         if self._distributed:
             raise RuntimeError("this trainer already joined a distributed run; use a new one")
         if not self._busy.acquire(blocking=False):

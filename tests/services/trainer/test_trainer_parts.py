@@ -190,3 +190,25 @@ def test_evaluation_by_the_service_needs_the_checkpoint_service(tmp_path):
     with pytest.raises(TrainerInfrastructureError, match="checkpoint service") as info:
         worker.run(_assignment(evaluation=controller_pb2.EVALUATION_SERVICE).SerializeToString())
     assert info.value.infrastructure
+
+
+def test_a_tpu_host_says_its_slice_and_worker_id_and_runs_only_as_that_process(
+        tmp_path, monkeypatch):
+    """GKE's Ray TPU webhook numbers a slice's pods (TPU_WORKER_ID) and names the slice
+    (TPU_NAME, "<group>-<replica>"); JAX's process id on that host must be its worker id."""
+    from services.trainer.actor import tpu_worker_id
+
+    assert tpu_worker_id({}) is None
+    assert tpu_worker_id({"TPU_WORKER_ID": "31"}) == 31
+    with pytest.raises(ValueError, match="TPU_WORKER_ID"):
+        tpu_worker_id({"TPU_WORKER_ID": "-1"})
+    worker = TrainerWorker({"name": "t", "work_dir": str(tmp_path),
+                            "jax_cache_dir": str(tmp_path / "cache")})
+    monkeypatch.delenv("TPU_WORKER_ID", raising=False)
+    assert worker.tpu_host() == {"worker_id": None, "slice": None}
+    monkeypatch.setenv("TPU_WORKER_ID", "5")
+    monkeypatch.setenv("TPU_NAME", "tpu-v5p-4x4x8-1")
+    assert worker.tpu_host(True) == {"worker_id": 5, "slice": "tpu-v5p-4x4x8-1"}
+    with pytest.raises(ValueError, match="TPU_WORKER_ID 5"):
+        worker.run_distributed(_assignment().SerializeToString(), 4, 32, "127.0.0.1:1")
+    assert not worker._distributed  # refused before joining any distributed system
