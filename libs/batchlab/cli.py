@@ -203,8 +203,12 @@ def _start_stack(stack, args: argparse.Namespace) -> bool:
 
 def _up(args: argparse.Namespace) -> int:
     """Start the embedded stack (every service and a local Ray cluster; loopback by default)."""
+    import os
+    import shlex
+
     from batchlab.client.experiments import DEFAULT_CONTROLLER_ADDR, default_controller_address
     from batchlab.client.stack import StackError
+    from batchlab.rpc.server import AUTH_TOKEN_ENV
 
     try:
         stack = _stack(args, token=args.token, num_trainers=args.trainers)
@@ -220,6 +224,14 @@ def _up(args: argparse.Namespace) -> int:
     controller = stack.address("controller")
     if controller not in (DEFAULT_CONTROLLER_ADDR, default_controller_address()):
         console.print(f"clients: export BATCHLAB_CONTROLLER_ADDR={controller}", highlight=False)
+    if args.token:
+        # Given on the command line, the token is already in the shell's history; a token from
+        # the environment stays out of the terminal.
+        console.print(escape(f"clients: export {AUTH_TOKEN_ENV}={shlex.quote(args.token)}"),
+                      highlight=False, soft_wrap=True)
+    elif os.environ.get(AUTH_TOKEN_ENV):
+        console.print(f"clients: the servers require the token in ${AUTH_TOKEN_ENV}; keep it "
+                      "exported where you run batchlab", highlight=False)
     console.print(f"state in {stack.state_dir}; stop with `batchlab down`", highlight=False)
     return 0
 
@@ -299,7 +311,14 @@ def _status(args: argparse.Namespace) -> int:
         c = exp.trial_counts
         table.add_row(exp.name, exp.spec.name, state_name(exp.state), str(c.pending), str(c.running),
                       str(c.succeeded), str(c.diverged), str(c.failed))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    # Below the table, not in it: the reason is a sentence (what no node of the cluster can
+    # hold), and a column would wrap it into a tall, narrow block.
+    for exp in experiments:
+        if exp.pending_reason:
+            console.print(escape(f"{exp.name} waits: {exp.pending_reason}"), highlight=False,
+                          soft_wrap=True)
     return 0
 
 

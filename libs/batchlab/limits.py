@@ -18,8 +18,10 @@ __all__ = [
     "MAX_ATTEMPTS",
     "MAX_BATCH_SIZE",
     "MAX_CHECKPOINT_BYTES",
+    "MAX_CPUS_PER_HOST",
     "MAX_DESCRIPTION_CHARS",
     "MAX_DISCRETE_VALUES",
+    "MAX_MEMORY_GIB_PER_HOST",
     "MAX_METRIC_NAME_CHARS",
     "MAX_OPTIMIZERS",
     "MAX_POINTS_PER_REPORT",
@@ -57,6 +59,11 @@ MAX_WORKLOADS = 32
 MAX_OPTIMIZERS = 32
 MAX_POINTS_PER_WORKLOAD = 64
 MAX_STUDIES = 1_024
+#: What one host of a run asks for (``resources.cpus`` and ``resources.memory_gib`` count per
+#: host): past the largest single machines sold (a few hundred cores, 24 TiB), so a typo such
+#: as 1e300 is refused at submit rather than left pending forever.
+MAX_CPUS_PER_HOST = 4_096
+MAX_MEMORY_GIB_PER_HOST = 65_536
 #: Characters of a spec's or an optimizer's ``description``.
 MAX_DESCRIPTION_CHARS = 4_096
 #: Characters of a submission's idempotency key (``request_id``).

@@ -52,9 +52,23 @@ def latest_backup(database: str | os.PathLike[str]) -> Path | None:
 
 def _way_out(path: Path) -> str:
     newest = latest_backup(path)
-    restore = (f"restore the newest backup (cp {newest} {path}, and delete {path}-wal and "
-               f"{path}-shm)" if newest is not None else "no backup exists yet")
-    return f"stop the controller and {restore}, or move {path} away to start with an empty one"
+    if newest is None:
+        return (f"no backup exists yet (they go to {backup_dir(path)}), so stop the controller "
+                f"and move {path} away to start with an empty database")
+    return (f"stop the controller and restore the newest backup (cp {newest} {path}, then "
+            f"delete {path}-wal and {path}-shm), or move {path} away to start with an empty "
+            "database")
+
+
+# The heading SQLite puts before a database's problems; not a problem itself.
+_HEADING = "*** in database "
+
+
+def _problem_lines(rows: list[tuple]) -> list[str]:
+    """integrity_check's problems, one per line: one row may hold many, newline-separated."""
+    lines = (line.strip() for row in rows if row and row[0] != "ok"
+             for line in str(row[0]).splitlines())
+    return [line for line in lines if line and not line.startswith(_HEADING)]
 
 
 def check_database(path: str | os.PathLike[str]) -> None:
@@ -77,11 +91,13 @@ def check_database(path: str | os.PathLike[str]) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as error:
-        raise DatabaseDamaged(f"the controller database {path} cannot be read ({error}); "
+        reason = " ".join(str(error).split())
+        raise DatabaseDamaged(f"the controller database {path} cannot be read ({reason}); "
                               f"{_way_out(path)}") from None
-    problems = [row[0] for row in rows if row and row[0] != "ok"]
-    if problems:
-        more = f" and {len(problems) - 1} more problems" if len(problems) > 1 else ""
+    if any(row and row[0] != "ok" for row in rows):
+        problems = _problem_lines(rows) or ["no detail given"]
+        more = (f" and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}"
+                if len(problems) > 1 else "")
         raise DatabaseDamaged(f"the controller database {path} is damaged (integrity_check: "
                               f"{problems[0]}{more}); {_way_out(path)}")
 

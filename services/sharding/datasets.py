@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 from batchlab import data
+from batchlab.limits import shorten
 from batchlab.rpc.errors import FailedPrecondition, InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class TfdsCatalog(DatasetCatalog):
         """Returns the canonical config name; see :meth:`DatasetCatalog.resolve_config`."""
         if not data.dataset_info(dataset).offline:
             if config:
-                raise InvalidArgument("config", f"{dataset} takes no config; got {config!r}")
+                raise InvalidArgument("config", f"{dataset} takes no config; got {shorten(config)}")
             return ""
         from batchlab.data import builders
 

@@ -26,6 +26,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from batchlab import data, limits
+from batchlab.limits import shorten
 from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
 from batchlab.rpc.errors import FailedPrecondition, InvalidArgument, handle_errors, status_for
 from services.sharding.datasets import DatasetCatalog
@@ -92,7 +93,7 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
     def _dataset(self, name: str) -> str:
         names = self._catalog.names()
         if name not in names:
-            raise InvalidArgument("dataset", f"must be one of {names}; got {name!r}")
+            raise InvalidArgument("dataset", f"must be one of {names}; got {shorten(name)}")
         return name
 
     def _key(self, dataset: str, config: str) -> tuple[str, str]:
@@ -180,7 +181,7 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
         sizes = self._split_sizes(key)
         if request.split not in sizes:
             raise InvalidArgument("split", f"must be one of {sorted(sizes)}; "
-                                           f"got {request.split!r}")
+                                           f"got {shorten(request.split)}")
         num_examples = sizes[request.split]
         if request.HasField("num_examples"):
             most = min(MAX_DERIVED_EXAMPLES, MAX_DERIVED_PER_RECORD * num_examples)

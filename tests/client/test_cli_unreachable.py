@@ -43,3 +43,20 @@ def test_the_address_from_the_environment_is_the_one_named(capsys, monkeypatch):
     line = _one_error_line(capsys)
     assert line.startswith("error: cannot reach the controller at no-such-host.invalid:50051 "
                            "(its host name does not resolve): start the embedded stack")
+
+
+def test_another_service_at_the_address_is_named_as_not_the_controller(capsys):
+    from batchlab.rpc.server import build_server
+
+    server = build_server([], host="127.0.0.1", port=0)  # answers (health), no ExperimentService
+    server.start()
+    try:
+        address = f"127.0.0.1:{server.port}"
+        assert main(["status", "--controller", address]) == 1
+    finally:
+        server.stop(grace=0)
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {address} answers but is not the batchlab controller "
+                           "(UNIMPLEMENTED: ")
+    assert line.endswith("point BATCHLAB_CONTROLLER_ADDR (or --controller) at the controller, "
+                         "not another batchlab service")

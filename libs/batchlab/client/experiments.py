@@ -160,6 +160,10 @@ def describe_error(err: grpc.RpcError, address: str | None = None) -> str:
             return (f"cannot reach the controller at {address} ({reason}): start the embedded "
                     f"stack with `batchlab up`, or point {CONTROLLER_ADDR_ENV} (or --controller) "
                     "at a running controller")
+    if address is not None and code == grpc.StatusCode.UNIMPLEMENTED:
+        return (f"{address} answers but is not the batchlab controller (UNIMPLEMENTED: "
+                f"{details}): point {CONTROLLER_ADDR_ENV} (or --controller) at the controller, "
+                "not another batchlab service")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return (f"UNAUTHENTICATED: {details}; pass the stack's token with --token or "
                 "BATCHLAB_AUTH_TOKEN")

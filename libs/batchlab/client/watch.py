@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from batchlab.proto.v1 import controller_pb2
 
@@ -24,7 +25,7 @@ def _fmt(x: float | None) -> str:
 
 
 def render(experiment: controller_pb2.Experiment, best: dict[str, float]) -> Group:
-    """One frame: a header line, the trial counts, and a table of studies with progress bars."""
+    """One frame: header, trial counts, why trials wait (if they do), studies with progress."""
     spec = experiment.spec
     counts = experiment.trial_counts
     head = Table.grid(padding=(0, 2))
@@ -52,6 +53,9 @@ def render(experiment: controller_pb2.Experiment, best: dict[str, float]) -> Gro
             _fmt(median),
             f"{agg.fraction_reaching_target:.0%}" if agg.seeds else "-",
         )
+    if experiment.pending_reason:
+        waits = Text.assemble(("waits: ", "yellow"), experiment.pending_reason)
+        return Group(head, waits, table)
     return Group(head, table)
 
 

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from batchlab.data import mlm_corpus
 from batchlab.data.paths import default_data_dir
+from batchlab.limits import shorten
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ _CONFIG_CLASSES: dict[str, type[tfds.core.BuilderConfig]] = {
 
 def _check_name(name: str) -> None:
     if name not in BUILDERS:
-        raise ValueError(f"name must be one of {sorted(BUILDERS)}; got {name!r}")
+        raise ValueError(f"name must be one of {sorted(BUILDERS)}; got {shorten(name)}")
 
 
 def make_config(name: str, **overrides: Any) -> tfds.core.BuilderConfig:
@@ -247,7 +248,7 @@ def builder(
     if isinstance(config, str):
         known = [c.name for c in BUILDERS[name].BUILDER_CONFIGS]
         if config not in known:
-            raise ValueError(f"config of {name} must be one of {known}; got {config!r}")
+            raise ValueError(f"config of {name} must be one of {known}; got {shorten(config)}")
     data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     return BUILDERS[name](data_dir=os.fspath(data_dir), config=config, file_format=FILE_FORMAT)
 

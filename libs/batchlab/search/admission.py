@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -97,10 +98,12 @@ def _check_strings(spec: Message, problems: Problems) -> None:
                                              f"{shorten(value)}"))
 
 
-def _at_most(problems: Problems, path: str, value: int, bound: int, what: str = "") -> None:
+def _at_most(problems: Problems, path: str, value: float, bound: int, what: str = "") -> None:
+    # A float is shown as %g: 1e300 written out with separators would be 400 characters.
     if value > bound:
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:g}"
         problems.append((path, f"must be at most {bound:,}{what} (batchlab.limits), got "
-                               f"{value:,}"))
+                               f"{shown}"))
 
 
 def _check_limits(spec: experiment_pb2.ExperimentSpec, problems: Problems) -> None:
@@ -113,6 +116,14 @@ def _check_limits(spec: experiment_pb2.ExperimentSpec, problems: Problems) -> No
                  limits.MAX_SEARCH_REPLICATES)
     _at_most(problems, "description", len(spec.description), limits.MAX_DESCRIPTION_CHARS,
              " characters")
+    if spec.HasField("resources"):
+        # NaN and infinities are validate_spec's to refuse ("must be a finite number").
+        for name, bound, unit in (("cpus", limits.MAX_CPUS_PER_HOST, " CPUs per host"),
+                                  ("memory_gib", limits.MAX_MEMORY_GIB_PER_HOST,
+                                   " GiB per host")):
+            value = getattr(spec.resources, name)
+            if math.isfinite(value):
+                _at_most(problems, f"resources.{name}", value, bound, unit)
     _at_most(problems, "workloads", len(spec.workloads), limits.MAX_WORKLOADS, " workloads")
     _at_most(problems, "optimizers", len(spec.optimizers), limits.MAX_OPTIMIZERS, " optimizers")
     studies = len(spec.optimizers) * sum(len(w.points) for w in spec.workloads)

@@ -16,8 +16,8 @@ from batchlab import limits
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY, MAX_MESSAGE_CHARS
 from batchlab.rpc.testing import Aborted, FakeContext
-from batchlab.workloads import DECLARATIONS
 from batchlab.search.admission import check_spec
+from batchlab.workloads import DECLARATIONS
 from services.controller.servicer import ExperimentServicer
 from services.controller.storage import InMemoryStorage
 
@@ -136,6 +136,10 @@ def test_page_tokens_with_out_of_range_keys_are_refused(servicer, after):
      "spec.trials_per_study"),
     (lambda s: s.update(seeds_per_best=limits.MAX_SEEDS_PER_BEST + 1), "spec.seeds_per_best"),
     (lambda s: s.update(max_attempts=limits.MAX_ATTEMPTS + 1), "spec.max_attempts"),
+    (lambda s: s.update(resources={"memory_gib": 1e300}), "spec.resources.memory_gib"),
+    (lambda s: s.update(resources={"memory_gib": limits.MAX_MEMORY_GIB_PER_HOST + 0.5}),
+     "spec.resources.memory_gib"),
+    (lambda s: s.update(resources={"cpus": 1e300}), "spec.resources.cpus"),
     (lambda s: s.update(description="d" * (limits.MAX_DESCRIPTION_CHARS + 1)),
      "spec.description"),
     (lambda s: s["optimizers"][0]["search_space"]["parameters"].extend(
@@ -155,6 +159,12 @@ def test_values_past_the_documented_maxima_are_refused(servicer, mutate, field):
     assert "batchlab.limits" in error.details
 
 
+def test_a_huge_memory_request_is_refused_in_one_short_line(servicer):
+    error = _submit_refused(servicer, spec_dict(resources={"memory_gib": 1e300}))
+    assert error.details.endswith("resources.memory_gib: must be at most 65,536 GiB per host "
+                                  "(batchlab.limits), got 1e+300"), error.details
+
+
 def test_the_maxima_themselves_are_accepted():
     spec = spec_dict(trials_per_study=limits.MAX_TRIALS_PER_STUDY,
                      max_total_trials=limits.MAX_TRIALS_PER_STUDY,
@@ -162,6 +172,8 @@ def test_the_maxima_themselves_are_accepted():
                      description="d" * limits.MAX_DESCRIPTION_CHARS)
     spec["workloads"][0]["points"][0].update(batch_size=limits.MAX_BATCH_SIZE,
                                              step_budget=limits.MAX_STEPS)
+    spec["resources"] = {"cpus": limits.MAX_CPUS_PER_HOST,
+                         "memory_gib": limits.MAX_MEMORY_GIB_PER_HOST}
     assert check_spec(json_format.ParseDict(spec, experiment_pb2.ExperimentSpec())) == []
 
 

@@ -53,6 +53,25 @@ def _break_an_index(path) -> None:
     conn.close()
 
 
+def _overlap_cells(path) -> None:
+    """A file SQLite still opens whose integrity check returns one row of eight lines: the
+    cell pointers of one table leaf all point at the first cell."""
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='experiments'").fetchone()[0]
+    conn.close()
+    data = bytearray(path.read_bytes())
+    interior = (root - 1) * page_size
+    assert data[interior] == 5  # an interior table page: its right-most child is a leaf
+    leaf = (int.from_bytes(data[interior + 8:interior + 12], "big") - 1) * page_size
+    cells = int.from_bytes(data[leaf + 3:leaf + 5], "big")
+    assert data[leaf] == 13 and cells > 2
+    first = data[leaf + 8:leaf + 10]
+    for k in range(1, cells):
+        data[leaf + 8 + 2 * k:leaf + 10 + 2 * k] = first
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, says", [
     (_truncate, "cannot be read"),
     (_scribble, "cannot be read"),
@@ -69,6 +88,25 @@ def test_a_damaged_database_is_refused_with_the_way_out(tmp_path, damage, says):
     assert says in message and str(path) in message
     assert "\n" not in message
     assert f"move {path} away" in message and "no backup exists yet" in message
+    assert "stop the controller and no backup" not in message
+
+
+def test_a_multi_line_integrity_report_becomes_one_line_with_the_count_of_the_rest(tmp_path):
+    _filled(tmp_path).close()
+    path = tmp_path / SQLiteStorage.FILENAME
+    _overlap_cells(path)
+    rows = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True).execute(
+        "PRAGMA integrity_check").fetchall()
+    lines = [line for row in rows for line in row[0].splitlines()]
+    assert lines[0] == "*** in database main ***" and len(lines) > 3  # what SQLite says
+    with pytest.raises(DatabaseDamaged) as info:
+        check_database(path)
+    message = str(info.value)
+    assert "\n" not in message and "***" not in message
+    assert f"(integrity_check: {lines[1]} and {len(lines) - 2} more problems); " in message
+    assert message.endswith(f"no backup exists yet (they go to {tmp_path / 'backups'}), so "
+                            f"stop the controller and move {path} away to start with an "
+                            "empty database")
 
 
 def test_an_intact_database_passes_and_a_new_one_is_created(tmp_path):

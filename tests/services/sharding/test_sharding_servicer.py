@@ -15,7 +15,7 @@ from batchlab.proto.v1 import sharding_pb2 as pb
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY, InvalidArgument
 from batchlab.rpc.metrics import make_metrics
 from batchlab.rpc.testing import Aborted, FakeContext
-from services.sharding.datasets import DatasetCatalog
+from services.sharding.datasets import DatasetCatalog, TfdsCatalog
 from services.sharding.servicer import ShardingServicer
 
 Code = grpc.StatusCode
@@ -113,6 +113,32 @@ def test_prepare_errors(request_, code, field, text, metrics):
     label = "unknown" if request_.dataset == "cifar10" else request_.dataset
     assert metrics.registry.get_sample_value(
         "batchlab_sharding_errors_total", {"dataset": label, "reason": "invalid_argument"}) == 1
+
+
+HUGE = "a" * (1 << 20)
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda s: s.PrepareDataset(pb.PrepareDatasetRequest(dataset=HUGE), FakeContext()),
+     "dataset"),
+    (lambda s: s.GetShard(pb.GetShardRequest(dataset=HUGE, split="train", shard_count=1),
+                          FakeContext()), "dataset"),
+    (lambda s: s.GetShard(pb.GetShardRequest(dataset="digits", split=HUGE, shard_count=1),
+                          FakeContext()), "split"),
+])
+def test_a_huge_bad_value_is_quoted_by_a_short_prefix(call, field):
+    servicer = ShardingServicer(FakeCatalog(built=[("digits", "default")]))
+    aborted = _abort(lambda: call(servicer))
+    assert aborted.trailing_metadata[FIELD_PATH_METADATA_KEY] == field
+    assert "got 'aaaa" in aborted.details and "... (1048576 characters)" in aborted.details
+    assert len(aborted.details) < 200, len(aborted.details)
+
+
+@pytest.mark.parametrize("dataset", ["imagenet2012", "digits"])
+def test_a_huge_config_is_quoted_by_a_short_prefix(tmp_path, dataset):
+    with pytest.raises(InvalidArgument) as info:
+        TfdsCatalog(tmp_path).resolve_config(dataset, HUGE)
+    assert "... (1048576 characters)" in str(info.value) and len(str(info.value)) < 200
 
 
 def _shard(**fields):

@@ -1,0 +1,108 @@
+"""What the client commands print beyond counts: why an experiment waits (`status`, `status
+EXP`, `watch`), and how clients pass the token `batchlab up --token` started the stack with.
+A fake client stands in for the controller; the CLI code that prints is the real one."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from rich.console import Console
+
+from batchlab import cli
+from batchlab.client import stack as stack_module
+from batchlab.client.watch import render
+from batchlab.proto.v1 import controller_pb2
+
+# What the controller's scheduler writes when no node can hold a run (services/controller).
+REASON = ("needs 1 host with CPU 1, GPU 99 each; the Ray cluster's 1 node cannot hold that "
+          "(largest: CPU 2, GPU 0)")
+
+
+def _experiment(name: str, reason: str = "") -> controller_pb2.Experiment:
+    exp = controller_pb2.Experiment(name=name, state=controller_pb2.Experiment.PENDING,
+                                    pending_reason=reason)
+    exp.spec.name = "demo"
+    exp.trial_counts.pending = 2
+    return exp
+
+
+class _FakeClient:
+    def __init__(self, experiments):
+        self.experiments = {e.name: e for e in experiments}
+
+    def get(self, name):
+        return self.experiments[_full_name(name)]
+
+    def list(self):
+        return iter(self.experiments.values())
+
+    def watch(self, name):
+        yield controller_pb2.WatchExperimentResponse(experiment=self.get(name))
+
+
+def _full_name(name: str) -> str:
+    return name if "/" in name else f"experiments/{name}"
+
+
+@pytest.fixture
+def controller(monkeypatch):
+    fake = _FakeClient([_experiment("experiments/waiting", REASON),
+                        _experiment("experiments/other")])
+    monkeypatch.setattr(cli, "_client", lambda args: contextlib.nullcontext(fake))
+    return fake
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "experiments/waiting"]])
+def test_status_says_why_an_experiment_waits(controller, command, capsys):
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    assert f"experiments/waiting waits: {REASON}" in " ".join(out.split())
+    assert "experiments/other waits" not in out
+
+
+def test_watch_says_why_an_experiment_waits(controller, capsys):
+    assert cli.main(["watch", "waiting"]) == 1  # it ended PENDING, not SUCCEEDED
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"waits: {REASON}" in out
+
+
+def test_a_frame_without_a_reason_has_no_waits_line():
+    console = Console(record=True, width=200)
+    console.print(render(_experiment("experiments/other"), {}))
+    assert "waits" not in console.export_text()
+    console.print(render(_experiment("experiments/waiting", REASON), {}))
+    assert f"waits: {REASON}" in console.export_text()
+
+
+@pytest.fixture
+def started_stack(monkeypatch, tmp_path):
+    """`batchlab up` with Stack.up replaced: only what `up` prints afterwards is tested."""
+    record = {"services": {"controller": {"address": "127.0.0.1:50051", "pid": 1,
+                                          "log": str(tmp_path / "controller.log")}}}
+    monkeypatch.setattr(stack_module.Stack, "up", lambda self, **kwargs: record)
+    monkeypatch.setattr(stack_module.Stack, "read_record", lambda self: record)
+    monkeypatch.delenv("BATCHLAB_CONTROLLER_ADDR", raising=False)
+    return ["up", "--state-dir", str(tmp_path)]
+
+
+def test_up_with_a_token_prints_how_clients_pass_it(started_stack, monkeypatch, capsys):
+    monkeypatch.delenv("BATCHLAB_AUTH_TOKEN", raising=False)
+    assert cli.main([*started_stack, "--token", "s3cret [x]"]) == 0
+    out = capsys.readouterr().out
+    assert "clients: export BATCHLAB_AUTH_TOKEN='s3cret [x]'" in out.splitlines()
+
+
+def test_up_with_a_token_from_the_environment_names_the_variable_only(started_stack,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setenv("BATCHLAB_AUTH_TOKEN", "from-env-token")
+    assert cli.main(started_stack) == 0
+    out = capsys.readouterr().out
+    assert "from-env-token" not in out
+    assert "$BATCHLAB_AUTH_TOKEN" in out
+
+
+def test_up_without_a_token_says_nothing_of_tokens(started_stack, monkeypatch, capsys):
+    monkeypatch.delenv("BATCHLAB_AUTH_TOKEN", raising=False)
+    assert cli.main(started_stack) == 0
+    assert "TOKEN" not in capsys.readouterr().out
