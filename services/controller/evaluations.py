@@ -15,6 +15,15 @@ metrics and steps-to-target from the evaluator's numbers, ordered by step), or s
 still missing. Everything is read from storage, so a controller restart loses nothing: the
 next controller evaluates what is still awaiting.
 
+The checkpoint's evaluation hold is released only after the answer is stored: with
+`checkpoints` the evaluator is asked not to record (recording releases the hold, and
+retention may then delete the checkpoint at once), and the driver records the target
+metric with the checkpoint service itself once the answer is in storage. A controller that
+dies, or an Evaluate call that fails, between the evaluation and the stored answer thus
+finds the checkpoint still there and asks again; a release that did not happen (a crash
+after storing) is done by the next controller's first round, which releases every held
+checkpoint whose step already has a stored evaluation.
+
 Transient failures of the evaluation service (UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED, ABORTED) are retried with backoff; an evaluation that keeps failing, or
 fails for good (a corrupt checkpoint: DATA_LOSS), fails its attempt as an infrastructure
@@ -35,7 +44,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from batchlab.proto.v1 import evaluation_pb2
+from batchlab.proto.v1 import checkpoints_pb2, evaluation_pb2
 from batchlab.search import Study
 from batchlab.search.scoring import steps_to_target
 from services.controller.storage import (
@@ -46,7 +55,8 @@ from services.controller.storage import (
     TrialKey,
 )
 
-__all__ = ["EVALUATION_SPLITS", "EvaluationDriver", "Evaluated", "evaluated_result"]
+__all__ = ["EVALUATION_SPLITS", "EvaluationDriver", "Evaluated", "evaluated_result",
+           "evaluation_steps", "target_result"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +135,64 @@ def evaluated_result(attempt: AttemptRecord, study: Study, points: Sequence[Poin
     return Evaluated(result)
 
 
+def evaluation_steps(study: Study) -> list[int]:
+    """The steps the training loop evaluates at: every eval_every_steps, and the last step."""
+    every, last = int(study.eval_every_steps), int(study.step_budget)
+    return sorted({*range(every, last + 1, every), last})
+
+
+def target_result(attempt: AttemptRecord, study: Study,
+                  points: Sequence[PointRecord]) -> dict[str, Any] | None:
+    """A stop_at_target attempt's final result, once the evaluator's numbers meet the target.
+
+    The training loop (batchlab.train.loop, ``stop_at_target``) ends a run SUCCEEDED right
+    after the first evaluation meeting the target: its curve, steps completed, final metrics
+    and steps-to-target stop there. A trainer evaluated by the service cannot tell, so it
+    trains on; this gives the result the loop would have given, from the stored evaluations:
+    the first evaluation step (in step order) meeting the target, once every earlier step is
+    evaluated and none of them meets it. Later points are left out.
+
+    Args:
+      attempt: the ACTIVE or EVALUATING attempt (its trainer's result, if any, gives the
+        fields evaluation does not: wall time, throughput, resumed-from step).
+      study: its study; nothing is decided unless ``study.stop_at_target``.
+      points: every point of the trial (storage.trial_points); a step's evaluation counts
+        whichever attempt reported it, as in `evaluated_result`.
+
+    Returns:
+      The result (a RunResult dict, ``evaluated_by: "service"``), or None while no evaluated
+      step meets the target or an earlier step is not evaluated yet.
+    """
+    if not study.stop_at_target:
+        return None
+    evaluated: dict[int, Mapping[str, float]] = {}
+    for point in points:
+        if not point.awaiting_evaluation:
+            evaluated.setdefault(point.step, point.values)
+    target = study.target
+    curve: list[dict[str, float]] = []
+    for step in evaluation_steps(study):
+        values = evaluated.get(step)
+        if values is None:
+            return None  # not reported or not evaluated yet: an earlier step decides first
+        curve.append({**dict(values), "step": float(step)})
+        if target.is_met(float(values.get(target.metric, math.nan))):
+            break
+    else:
+        return None  # every step evaluated, none met: the trainer's own result stands
+    result = dict(attempt.result or {})
+    # The trainer's final state is a later step's: no digest of the state this result ends at.
+    result.pop("state_sha256", None)
+    result.update(outcome="SUCCEEDED", steps_completed=step, curve=curve,
+                  final_metrics=dict(curve[-1]), steps_to_target=step, diverged_step=None,
+                  error=None, failure=None, evaluated_by="service")
+    return result
+
+
+def _maximize(study: Study) -> bool:
+    return int(study.target.goal) != 2  # Goal.MINIMIZE
+
+
 def _struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(dict(data))
@@ -155,6 +223,9 @@ class EvaluationDriver:
       max_tries: tries of one evaluation before its attempt fails.
       backoff_s: the first wait after a retried failure (doubled each try, at most 60 s).
       on_evaluated: called after each stored evaluation (the scheduler's wake).
+      checkpoints: a CheckpointServiceStub: the driver records the target metric (and so
+        releases the hold) after storing the answer. None: the evaluator records it, and a
+        crash between its release and the stored answer can lose the checkpoint.
       metrics: batchlab.rpc.metrics ControllerMetrics (the trial's evaluation metrics are
         exported there, as a trainer exports its own), or None.
       clock: monotonic seconds.
@@ -164,7 +235,7 @@ class EvaluationDriver:
                  concurrency: int = 2, interval_s: float = 0.5, timeout_s: float = 1800.0,
                  max_tries: int = 6, backoff_s: float = 1.0,
                  on_evaluated: Callable[[], None] | None = None, metrics: Any = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 checkpoints: Any = None, clock: Callable[[], float] = time.monotonic):
         self.storage = storage
         self._stub = stub
         self.studies = studies
@@ -174,6 +245,10 @@ class EvaluationDriver:
         self.max_tries = max(1, max_tries)
         self.backoff_s = backoff_s
         self._on_evaluated = on_evaluated
+        self._checkpoints = checkpoints
+        # (trial, step) -> (metric name, maximize, metrics): stored, hold not released yet.
+        self._unreleased: dict[tuple[TrialKey, int], tuple[str, bool, dict[str, float]]] = {}
+        self._swept = False
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
@@ -226,6 +301,11 @@ class EvaluationDriver:
         """Send every due point awaiting evaluation (oldest first); returns how many went."""
         now = self._clock()
         active = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
+        if self._checkpoints is not None:
+            if not self._swept:
+                self._sweep(active)
+                self._swept = True
+            self._release_pending()
         sent = 0
         for experiment in active:
             for point in self.storage.awaiting_points(experiment.id):
@@ -245,17 +325,75 @@ class EvaluationDriver:
                     self._executor.submit(self._run, job, experiment)
         return sent
 
+    def _study(self, experiment: Any, trial: TrialKey) -> Study:
+        return next(s for s in self.studies.get(experiment) if s.id == trial.study_id)
+
     def _request(self, job: _Job, experiment: Any) -> evaluation_pb2.EvaluateRequest:
         attempt = self.storage.get_attempt(job.trial, job.attempt)
         if attempt is None:
             raise LookupError(f"{job.trial.name} attempt {job.attempt} is not stored")
-        study = next(s for s in self.studies.get(experiment) if s.id == job.trial.study_id)
+        study = self._study(experiment, job.trial)
         return evaluation_pb2.EvaluateRequest(
             trial=job.trial.name, step=job.step, workload=study.workload,
             hyperparameters=_struct(attempt.hyperparameters), batch_size=study.batch_size,
             step_budget=study.step_budget, splits=list(EVALUATION_SPLITS),
-            record_metric=study.target.metric,
-            maximize=int(study.target.goal) != 2)  # Goal.MINIMIZE
+            # With a checkpoint service the driver records (and releases) after storing.
+            record_metric="" if self._checkpoints is not None else study.target.metric,
+            maximize=_maximize(study))
+
+    # -- releasing evaluation holds ---------------------------------------------------------
+    def _release(self, trial: TrialKey, step: int, metric_name: str, maximize: bool,
+                 metrics: Mapping[str, float]) -> bool:
+        """Records the target metric of a stored evaluation (releasing the hold).
+
+        Returns whether the checkpoint service answered (a checkpoint already gone counts).
+        """
+        request = checkpoints_pb2.RecordEvaluationRequest(trial=trial.name, step=step,
+                                                          maximize=maximize)
+        value = metrics.get(metric_name)
+        # A diverged run's NaN must not become the best checkpoint: only release then.
+        if value is not None and math.isfinite(value):
+            request.metric = value
+        try:
+            self._checkpoints.RecordEvaluation(request, timeout=60.0)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return True
+            log.warning("releasing %s step %d failed (%s: %s); trying again", trial.name, step,
+                        error.code().name, error.details())
+            return False
+        return True
+
+    def _release_pending(self) -> None:
+        with self._lock:
+            pending = list(self._unreleased.items())
+        for (trial, step), (metric_name, maximize, metrics) in pending:
+            if self._release(trial, step, metric_name, maximize, metrics):
+                with self._lock:
+                    self._unreleased.pop((trial, step), None)
+
+    def _sweep(self, active: Sequence[Any]) -> None:
+        """Releases held checkpoints whose evaluation is already stored (a crash in between)."""
+        for experiment in active:
+            evaluated: dict[TrialKey, dict[int, Mapping[str, float]]] = {}
+            for point in self.storage.points(experiment.id):
+                if not point.awaiting_evaluation:
+                    evaluated.setdefault(point.trial, {}).setdefault(point.step, point.values)
+            for trial, steps in evaluated.items():
+                try:
+                    listed = self._checkpoints.ListCheckpoints(
+                        checkpoints_pb2.ListCheckpointsRequest(trial=trial.name), timeout=60.0)
+                except grpc.RpcError as error:
+                    log.warning("listing %s's checkpoints failed (%s); its held checkpoints "
+                                "stay held", trial.name, error.code().name)
+                    continue
+                study = self._study(experiment, trial)
+                for info in listed.checkpoints:
+                    if info.held_for_evaluation and int(info.step) in steps:
+                        with self._lock:
+                            self._unreleased[(trial, int(info.step))] = (
+                                study.target.metric, _maximize(study),
+                                dict(steps[int(info.step)]))
 
     def _run(self, job: _Job, experiment: Any) -> None:
         key = (job.trial, job.step)
@@ -267,6 +405,13 @@ class EvaluationDriver:
                                    f"{job.step}")
             changed = self.storage.record_evaluation(job.trial, job.step,
                                                      dict(response.metrics))
+            if self._checkpoints is not None:
+                # Stored: only now may retention delete the checkpoint.
+                study = self._study(experiment, job.trial)
+                released = (study.target.metric, _maximize(study), dict(response.metrics))
+                if not self._release(job.trial, job.step, *released):
+                    with self._lock:
+                        self._unreleased[key] = released
             if self._metrics is not None:
                 self._metrics.report_eval(
                     job.trial.experiment_id, job.trial.study_id,

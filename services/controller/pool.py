@@ -20,6 +20,19 @@ another pod type, and their other hosts have no head at all). JAX process ids ar
 TPU_WORKER_ID (the slice's own numbering, which libtpu expects); without it (CPU, GPU) they
 follow the lease's order.
 
+TPU groups scale from zero, so the pool also knows the slice types the cluster can add
+(`parse_tpu_slice_types`, BATCHLAB_TPU_SLICE_TYPES): Ray 2.60 does not publish a KubeRay
+cluster's node types to its drivers (nothing reports the GCS ClusterConfig that
+ray._private.state.get_cluster_config reads, and the autoscaler's ClusterStatus lists nodes, not
+node types). A TPU run with no live slice of its shape, whose shape is such a type, waits for it
+("waiting for a v5p-256 slice to scale up"), and the autoscaler is asked for bundles that only
+that type's worker group holds: the slice head resource `TPU-<pod type>-head: 1`, which the
+KubeRay autoscaler gives every node of a TPU group (ray.autoscaler._private.kuberay.
+autoscaling_config, _get_ray_resources_from_group_spec). How many: autoscaler v1's KubeRay
+provider turns each node it launches into a replica of the group (a whole slice), so one bundle
+per slice; v2's divides the nodes it launches by numOfHosts (kuberay cloud_provider,
+_submit_scale_request), so one bundle per host.
+
 Placement is honoured: a run is placed only where the Ray cluster's nodes can hold it. A run
 that no node (or not enough nodes) can hold is not started anywhere: `placement` says why,
 the scheduler shows that reason while the run waits, and asks the Ray autoscaler (when the
@@ -54,7 +67,8 @@ from batchlab.search.spec import resources_per_host
 from services.controller.storage import Failure
 
 __all__ = ["Dispatch", "Finished", "Lease", "Placement", "RayTrainerPool", "TpuSliceType",
-           "TrainerPool", "process_ids", "resource_shape", "tpu_slice_types"]
+           "TrainerPool", "parse_tpu_slice_types", "process_ids", "resource_shape",
+           "tpu_slice_types"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +76,9 @@ log = logging.getLogger(__name__)
 _RAY_RESOURCES = (("cpus", "CPU"), ("gpus", "GPU"), ("tpus", "TPU"), ("memory_gib", "memory"))
 # The resource Ray gives worker 0 of a TPU slice (ray._private.accelerators.tpu).
 _TPU_HEAD = re.compile(r"^TPU-(?P<pod_type>v\w+-\d+)-head$")
+# One entry of BATCHLAB_TPU_SLICE_TYPES: "<pod type>:<hosts>x<chips per host>".
+_SLICE_ENTRY = re.compile(r"^(?P<pod_type>v\w+-\d+):(?P<hosts>\d+)x(?P<per_host>\d+)$")
+TPU_SLICE_TYPES_ENV = "BATCHLAB_TPU_SLICE_TYPES"
 # How long `start` waits for a multi-host run's actors to answer (placed and started).
 START_TIMEOUT_S = 120.0
 
@@ -102,7 +119,8 @@ class TpuSliceType:
       pod_type: Ray's TPU pod type, e.g. "v5p-256" (a 4x4x8 v5p slice: 128 chips, 2 cores each).
       chips: the TPU chips of one slice.
       chips_per_host: the chips of one host (Ray's "TPU" resource of the slice's worker 0).
-      count: how many such slices are up (nodes advertising the head resource).
+      count: how many such slices are up (nodes advertising the head resource); 0 for a
+        type the cluster can add (`parse_tpu_slice_types`).
     """
 
     pod_type: str
@@ -146,6 +164,47 @@ def tpu_slice_types(nodes: Sequence[Mapping[str, float]]) -> list[TpuSliceType]:
             known = found.get(pod_type)
             found[pod_type] = TpuSliceType(pod_type, chips, int(node.get("TPU", 0)),
                                            (known.count if known else 0) + int(value))
+    return [found[k] for k in sorted(found)]
+
+
+def parse_tpu_slice_types(text: str, variable: str = TPU_SLICE_TYPES_ENV) -> list[TpuSliceType]:
+    """The TPU slice types the cluster's worker groups can add, from a setting such as
+    "v5p-256:32x4,v5p-1024:128x4,v5litepod-4:1x4" (Ray's pod type: hosts x chips per host).
+
+    Args:
+      text: the setting ("" or blanks: none).
+      variable: its name, for errors.
+
+    Returns:
+      The types (count 0), sorted by pod type.
+
+    Raises:
+      ValueError: naming `variable` and the entry: not "<pod type>:<hosts>x<chips>", a pod
+        type Ray does not know, hosts x chips that is not the pod type's chip count, or a type
+        listed twice.
+    """
+    from ray._private.accelerators.tpu import get_total_chips_from_accelerator_type
+
+    found: dict[str, TpuSliceType] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        match = _SLICE_ENTRY.match(entry)
+        if match is None:
+            raise ValueError(f"{variable}: {entry!r} is not <pod type>:<hosts>x<chips per host> "
+                             "(e.g. v5p-256:32x4)")
+        pod_type, hosts, per_host = match["pod_type"], int(match["hosts"]), int(match["per_host"])
+        try:
+            chips = get_total_chips_from_accelerator_type(pod_type)
+        except ValueError as error:
+            raise ValueError(f"{variable}: {entry!r}: unknown TPU pod type {pod_type!r} "
+                             f"({error})") from None
+        if hosts < 1 or per_host < 1 or hosts * per_host != chips:
+            raise ValueError(f"{variable}: {entry!r}: a {pod_type} slice has {chips} chips, not "
+                             f"{hosts} hosts x {per_host}")
+        if pod_type in found:
+            raise ValueError(f"{variable}: {pod_type} is listed twice")
+        found[pod_type] = TpuSliceType(pod_type, chips, per_host, 0)
     return [found[k] for k in sorted(found)]
 
 
@@ -374,11 +433,15 @@ class RayTrainerPool(TrainerPool):
       warm_size: how many trainers `warm` starts (BATCHLAB_WARM_TRAINERS; None: `size`). A
         pool sized for a multi-host run (128 hosts of a TPU slice) keeps only a few warm:
         idle warm actors would hold CPU pods for nothing.
+      tpu_slice_types: the TPU slice types the cluster's worker groups can add
+        (BATCHLAB_TPU_SLICE_TYPES, `parse_tpu_slice_types`): a TPU run of such a shape waits
+        for its slice to scale up, and the autoscaler is asked for that slice.
     """
 
     def __init__(self, size: int, settings: Mapping[str, Any] | None = None, *,
                  name_prefix: str = "trainer", connected: bool = True,
-                 nodes_ttl_s: float = 5.0, warm_size: int | None = None):
+                 nodes_ttl_s: float = 5.0, warm_size: int | None = None,
+                 tpu_slice_types: Sequence[TpuSliceType] = ()):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if warm_size is not None and not 0 <= warm_size <= size:
@@ -398,6 +461,9 @@ class RayTrainerPool(TrainerPool):
         self._nodes: tuple[float, list[dict[str, float]]] = (-math.inf, [])
         self._nodes_ttl_s = nodes_ttl_s
         self._requested: tuple = ()
+        self._slice_types = list(tpu_slice_types)
+        self._autoscaler_v2: bool | None = None  # read from the cluster once per connection
+        self._request_ref: Any = None  # the in-cluster request_resources of a Ray Client
 
     @property
     def size(self) -> int:
@@ -416,6 +482,8 @@ class RayTrainerPool(TrainerPool):
             self._lost_reason = ""
             self._nodes = (-math.inf, [])
             self._requested = ()
+            self._autoscaler_v2 = None
+            self._request_ref = None
 
     def connection_lost(self, reason: str) -> None:
         """Ray is gone: every running attempt ends lost to the controller's infrastructure
@@ -460,15 +528,17 @@ class RayTrainerPool(TrainerPool):
         hosts = max(int(hosts or 1), 1)
         if hosts_that_fit(demand, nodes) >= hosts:
             return self._tpu_placement(resources, hosts, demand, nodes)
+        coming = self._scaling_slice(resources, hosts)
+        if coming is not None:
+            return coming
         largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("TPU", 0),
                                             n.get("CPU", 0)), default={})
         return Placement(
             f"needs {hosts} host{'s' if hosts > 1 else ''} with {_describe(demand)} each; the "
             f"Ray cluster's {len(nodes)} node{'s' if len(nodes) != 1 else ''} cannot hold that "
-            f"(largest: {_describe(largest)})", permanent=True)
+            f"(largest: {_describe(largest)}){self._configured_note(demand)}", permanent=True)
 
-    @staticmethod
-    def _tpu_placement(resources: Mapping[str, Any] | None, hosts: int,
+    def _tpu_placement(self, resources: Mapping[str, Any] | None, hosts: int,
                        demand: Mapping[str, float],
                        nodes: Sequence[Mapping[str, float]]) -> Placement | None:
         """Why a TPU run that the nodes' totals can hold has no slice of its shape, or None."""
@@ -479,36 +549,135 @@ class RayTrainerPool(TrainerPool):
             # No slice heads at all: nothing to pin to, and no multi-host slice to take from.
             return None
         if not types:
+            # Enough TPU hosts are up but none is a slice's worker 0: the slices are there
+            # without their names, so waiting for another one would not help.
             return Placement(
                 f"needs one TPU slice of {hosts} hosts, but no Ray node advertises a TPU slice "
                 "(TPU-<type>-head and the slice's name: GKE's Ray TPU webhook sets TPU_NAME and "
                 "TPU_WORKER_ID on TPU pods)", permanent=True)
         if slices_for(resources, hosts, types):
             return None
+        coming = self._scaling_slice(resources, hosts)
+        if coming is not None:
+            return coming
         want = (f"one TPU slice of {hosts} hosts with {demand['TPU']:g} chips each" if hosts > 1
                 else f"a single-host TPU slice with at least {demand['TPU']:g} chips")
         return Placement(f"needs {want}; the Ray cluster's TPU slices: "
-                         f"{', '.join(t.describe() for t in types)}", permanent=True)
+                         f"{', '.join(t.describe() for t in types)}"
+                         f"{self._configured_note(demand)}", permanent=True)
+
+    def _scaling_slice(self, resources: Mapping[str, Any] | None,
+                       hosts: int) -> Placement | None:
+        """The wait of a TPU run whose slice type the cluster can add (none of it is up)."""
+        types = slices_for(resources, hosts, self._slice_types)
+        if not types:
+            return None
+        coming = types[0]
+        # Permanent: the autoscaler is asked for the slice (request_capacity), and a slice
+        # that never comes fails the run after the unschedulable timeout, as other waits do.
+        return Placement(f"waiting for a {coming.pod_type} slice to scale up ({coming.chips} "
+                         f"chips on {coming.hosts} host{'s' if coming.hosts > 1 else ''}; the "
+                         "Ray autoscaler is asked for it)", permanent=True)
+
+    def _configured_note(self, demand: Mapping[str, float]) -> str:
+        """What a TPU run's refusal adds about the slice types the cluster can add."""
+        if not demand.get("TPU"):
+            return ""
+        if not self._slice_types:
+            return f"; no TPU slice type can be added ({TPU_SLICE_TYPES_ENV} is not set)"
+        listed = ", ".join(f"{t.pod_type} ({t.hosts}x{t.chips_per_host})"
+                           for t in self._slice_types)
+        return f"; nor can one be added ({TPU_SLICE_TYPES_ENV}: {listed})"
 
     def request_capacity(self, demands: Sequence[tuple[Mapping[str, Any], int]]) -> None:
-        bundles = [host_demand(resources) for resources, hosts in demands
-                   for _ in range(max(int(hosts or 1), 1))]
+        with self._lock:
+            if not self._connected:
+                return
+        self._check_request()
+        bundles = [b for resources, hosts in demands
+                   for b in self._capacity_bundles(resources, max(int(hosts or 1), 1))]
         key = tuple(tuple(sorted(b.items())) for b in bundles)
         with self._lock:
             if key == self._requested or not self._connected:
                 return
             self._requested = key
         try:
-            from ray.autoscaler.sdk import request_resources
-
-            # Without an autoscaler this only records the request; with one (KubeRay), it
-            # starts the nodes a waiting run needs (GPU groups that scaled to zero).
-            request_resources(bundles=[{k: v for k, v in b.items() if k != "memory"}
-                                       for b in bundles])
+            self._request_resources(bundles)
             if bundles:
                 log.info("asked the Ray autoscaler for %d host(s): %s", len(bundles), bundles)
         except Exception as error:  # noqa: BLE001 - best effort: the run waits either way
-            log.debug("request_resources failed: %s", error)
+            log.warning("asking the Ray autoscaler for %d host(s) failed: %s", len(bundles),
+                        error)
+
+    def _capacity_bundles(self, resources: Mapping[str, Any] | None,
+                          hosts: int) -> list[dict[str, float]]:
+        """What the autoscaler is asked for so that a run can be placed.
+
+        A TPU run whose slice type the cluster can add asks for that type's slice head (see
+        the module's docstring): every host's share of `TPU-<pod type>-head` under
+        autoscaler v2, one whole head per slice under v1; plain {"CPU", "TPU"} bundles
+        could be met by another TPU group's nodes, or not start a multi-host group at all.
+        """
+        demand = {k: v for k, v in host_demand(resources).items() if k != "memory"}
+        types = slices_for(resources, hosts, self._slice_types) if demand.get("TPU") else []
+        if not types:
+            return [demand] * hosts
+        slice_type = types[0]
+        if hosts == 1:
+            return [{**demand, slice_type.head: demand["TPU"] / slice_type.chips_per_host}]
+        return [{**demand, slice_type.head: 1.0}] * (hosts if self._is_autoscaler_v2() else 1)
+
+    def _is_autoscaler_v2(self) -> bool:
+        """Whether the cluster runs Ray's autoscaler v2 (the flag its GCS keeps; the call
+        goes through Ray Client too)."""
+        if self._autoscaler_v2 is None:
+            import ray._raylet
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            try:
+                self._autoscaler_v2 = _internal_kv_get(
+                    ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY,
+                    namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE) == b"1"
+            except Exception as error:  # noqa: BLE001 - asked again after a reconnect
+                # v2's request (a bundle per host) also starts the slice under v1, where it
+                # may start more slices than needed (up to the group's maxReplicas); v1's
+                # (one bundle) starts nothing under v2.
+                log.warning("cannot tell the Ray autoscaler's version (%s); asking as for v2",
+                            error)
+                self._autoscaler_v2 = True
+                return True
+            log.info("the Ray cluster's autoscaler is %s", "v2" if self._autoscaler_v2 else "v1")
+        return self._autoscaler_v2
+
+    def _request_resources(self, bundles: list[dict[str, float]]) -> None:
+        """ray.autoscaler.sdk.request_resources, run in the cluster under Ray Client: there
+        it needs a GCS client, which a Ray Client driver does not have (it raises)."""
+        import ray
+        from ray.autoscaler.sdk import request_resources
+        from ray.util.client import ray as client_ray
+
+        # Without an autoscaler this only records the request; with one (KubeRay), it starts
+        # the nodes a waiting run needs (GPU and TPU groups that scaled to zero).
+        if client_ray.is_connected():
+            self._request_ref = ray.remote(num_cpus=0)(request_resources).remote(bundles=bundles)
+        else:
+            request_resources(bundles=bundles)
+
+    def _check_request(self) -> None:
+        """Log how the last in-cluster request_resources ended (it is not waited for)."""
+        import ray
+
+        ref = self._request_ref
+        if ref is None:
+            return
+        try:
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                self._request_ref = None
+                ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - best effort: the run waits either way
+            self._request_ref = None
+            log.warning("asking the Ray autoscaler for capacity failed: %s", error)
 
     # -- trainers ---------------------------------------------------------------------------
     def _create(self, shape: tuple[tuple[str, Any], ...], *, fresh: bool,
@@ -736,6 +905,7 @@ class RayTrainerPool(TrainerPool):
         results: dict[int, dict[str, Any]] = {}
         failure: Finished | None = None
         lost_members: list[_Member] = []
+        retired: list[_Member] = []
         for ref in done:
             index = dispatch.refs.index(ref)
             member = dispatch.lease.actors[index]
@@ -748,6 +918,9 @@ class RayTrainerPool(TrainerPool):
             except Exception as error:  # noqa: BLE001 - the run raised: a FAILED attempt
                 cause = error.cause if isinstance(error, RayTaskError) else error
                 infrastructure = bool(getattr(cause, "infrastructure", False))
+                if getattr(cause, "retire_trainer", False):
+                    # E.g. its JAX runs with another XLA:CPU thread count than the run needs.
+                    retired.append(member)
                 failure = failure or Finished(
                     dispatch, None, f"trainer {member.name} raised "
                     f"{type(cause).__name__}: {cause}",
@@ -763,7 +936,8 @@ class RayTrainerPool(TrainerPool):
             member.busy = False
             # The processes of a multi-host run cannot join another one; after a failure the
             # survivors may be stuck in a collective: retire them all.
-            if member in self._members and (dispatch.lease.fresh or failure is not None and
+            if member in self._members and (dispatch.lease.fresh or member in retired or
+                                            failure is not None and
                                             len(dispatch.lease.actors) > 1):
                 self._retire(member)
         if failure is not None:

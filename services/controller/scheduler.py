@@ -44,7 +44,7 @@ from google.protobuf import json_format
 
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
 from batchlab.search import Study, expand_studies, next_runs, score_study
-from services.controller.evaluations import evaluated_result
+from services.controller.evaluations import evaluated_result, target_result
 from services.controller.pool import Finished, TrainerPool
 from services.controller.results import run_record
 from services.controller.storage import (
@@ -279,8 +279,13 @@ class Scheduler:
             self.metrics.end_trial(experiment_id, study, trial_label)
 
     def _complete_evaluated(self, experiment: ExperimentRecord) -> None:
-        """Complete the experiment's EVALUATING attempts whose evaluations are all in."""
-        evaluating = self.storage.attempts(experiment.id, states=[AttemptState.EVALUATING])
+        """Complete the experiment's EVALUATING attempts whose evaluations are all in, and,
+        with evaluation by the service, the attempts of stop_at_target studies whose
+        evaluations met the target (ACTIVE ones: their trainers are stopped)."""
+        states = [AttemptState.EVALUATING]
+        if self.evaluations is not None:
+            states.append(AttemptState.ACTIVE)
+        evaluating = self.storage.attempts(experiment.id, states=states)
         if not evaluating:
             return
         studies = {s.id: s for s in self.studies.get(experiment)}
@@ -288,8 +293,13 @@ class Scheduler:
                   else (lambda trial, step: None))
         for attempt in evaluating:
             study = studies[attempt.trial.study_id]
-            found = evaluated_result(attempt, study, self.storage.trial_points(attempt.trial),
-                                     failed)
+            # Read once: the target check and the full result must see the same evaluations.
+            points = self.storage.trial_points(attempt.trial)
+            if self._complete_at_target(experiment, attempt, study, points):
+                continue
+            if attempt.state is not AttemptState.EVALUATING:
+                continue
+            found = evaluated_result(attempt, study, points, failed)
             if found.missing:
                 # Saved and uploaded by an attempt that died before reporting the point: the
                 # resumed attempt's curve has it, so it is evaluated now.
@@ -321,6 +331,31 @@ class Scheduler:
                 # The evaluation metrics exported since training ended go too.
                 self._end_trial_metrics(experiment.id, attempt.trial.name)
                 self._wake.set()
+
+    def _complete_at_target(self, experiment: ExperimentRecord, attempt: AttemptRecord,
+                            study: Study, points: Sequence[PointRecord]) -> bool:
+        """End a stop_at_target attempt at its first evaluation meeting the target, as the
+        training loop does in process (services.controller.evaluations.target_result), and
+        stop its trainer if it still trains; returns whether the attempt was completed."""
+        result = target_result(attempt, study, points)
+        if result is None:
+            return False
+        if not self.storage.complete_attempt(
+                attempt.id, "SUCCEEDED", result=result,
+                expected=[AttemptState.ACTIVE, AttemptState.EVALUATING]):
+            return False
+        log.info("%s attempt %d ended SUCCEEDED at step %d: the evaluation service's numbers "
+                 "met the target (stop_at_target)", attempt.trial.name, attempt.attempt,
+                 result["steps_completed"])
+        if attempt.state is AttemptState.ACTIVE:
+            # Its result arrives later as CANCELLED and is ignored (completed already).
+            for dispatch in self.pool.running():
+                if dispatch.attempt_id == attempt.id:
+                    self.pool.stop(dispatch)
+        self._count_outcome(experiment.id, "SUCCEEDED")
+        self._end_trial_metrics(experiment.id, attempt.trial.name)
+        self._wake.set()
+        return True
 
     def _plan(self, experiment: ExperimentRecord) -> None:
         if self.metrics is not None:
@@ -383,10 +418,24 @@ class Scheduler:
             last = next((a.error for a in reversed(attempts) if a.error), "")
             self._fail(experiment, f"every run failed; last error: {last}")
             return
+        # A run that failed for good (a best trial's rerun seed, say) is missing from the
+        # results: the experiment still succeeds with the others, but says which are missing.
+        ended = {a.trial for a in results}
+        lost = sorted({a.trial.name for a in attempts if a.trial not in ended})
+        error = ""
+        if lost:
+            last = next((a.error for a in reversed(attempts)
+                         if a.error and a.trial.name in lost), "")
+            error = (f"{len(lost)} run{'s' if len(lost) > 1 else ''} failed for good and "
+                     f"{'are' if len(lost) > 1 else 'is'} missing from the results: "
+                     f"{', '.join(lost)}; last error: {last}")
         if self.storage.set_experiment_state(experiment.id, ExperimentState.SUCCEEDED,
                                              expected=[ExperimentState.PENDING,
-                                                       ExperimentState.RUNNING]):
-            log.info("experiment %s SUCCEEDED", experiment.id)
+                                                       ExperimentState.RUNNING], error=error):
+            if error:
+                log.warning("experiment %s SUCCEEDED, but %s", experiment.id, error)
+            else:
+                log.info("experiment %s SUCCEEDED", experiment.id)
 
     def _fail(self, experiment: ExperimentRecord, error: str) -> None:
         if self.storage.set_experiment_state(

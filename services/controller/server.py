@@ -38,6 +38,9 @@ Environment:
   BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS: how long a run may wait for resources that no node
     of the Ray cluster provides (the autoscaler is asked for them meanwhile) before it and
     its experiment fail as unschedulable (default 600).
+  BATCHLAB_TPU_SLICE_TYPES: the TPU slice types the Ray cluster's worker groups add from zero,
+    "<pod type>:<hosts>x<chips per host>" comma separated (e.g. "v5p-256:32x4,v5litepod-4:1x4"):
+    a TPU run of such a shape waits for its slice to scale up and the autoscaler is asked for it.
   BATCHLAB_RAY_PROBE_SECONDS: how often the Ray link is checked (default 5); a probe that
     gets no answer in BATCHLAB_RAY_PROBE_TIMEOUT_SECONDS (default 30) means it is lost.
   BATCHLAB_EXAMPLE_LOG_DIR: trainers append the example indices of every step they train
@@ -81,12 +84,23 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, evaluation_pb2_grpc
+from batchlab.proto.v1 import (
+    checkpoints_pb2_grpc,
+    controller_pb2,
+    controller_pb2_grpc,
+    evaluation_pb2_grpc,
+)
 from batchlab.rpc.client import StartupError, channel, peer_address
 from batchlab.rpc.server import Registration, build_server, configure_logging
 from services.controller.backups import BackupScheduler
 from services.controller.evaluations import EvaluationDriver
-from services.controller.pool import RayTrainerPool, TrainerPool
+from services.controller.pool import (
+    TPU_SLICE_TYPES_ENV,
+    RayTrainerPool,
+    TpuSliceType,
+    TrainerPool,
+    parse_tpu_slice_types,
+)
 from services.controller.ray_link import RayLink
 from services.controller.reconciler import start_experiment_reconciler
 from services.controller.scheduler import DEFAULT_UNSCHEDULABLE_AFTER_S, Scheduler, StudyCache
@@ -165,6 +179,8 @@ class ControllerConfig:
       ray_probe_interval_s: time between two checks of the Ray link.
       ray_probe_timeout_s: a check without an answer in this time means the link is lost.
       example_log_dir: where trainers log the examples each step read ("" = off).
+      tpu_slice_types: the TPU slice types the Ray cluster's worker groups can add, scaled
+        from zero (BATCHLAB_TPU_SLICE_TYPES; services.controller.pool.parse_tpu_slice_types).
     """
 
     host: str = "127.0.0.1"
@@ -197,6 +213,7 @@ class ControllerConfig:
     ray_probe_interval_s: float = 5.0
     ray_probe_timeout_s: float = 30.0
     example_log_dir: str = ""
+    tpu_slice_types: tuple[TpuSliceType, ...] = ()
 
     def __post_init__(self) -> None:
         if self.evaluator_address and not self.checkpoints_address:
@@ -254,6 +271,7 @@ class ControllerConfig:
             ray_probe_interval_s=_float(env, "BATCHLAB_RAY_PROBE_SECONDS", 5.0),
             ray_probe_timeout_s=_float(env, "BATCHLAB_RAY_PROBE_TIMEOUT_SECONDS", 30.0),
             example_log_dir=env.get("BATCHLAB_EXAMPLE_LOG_DIR", "").strip(),
+            tpu_slice_types=tuple(parse_tpu_slice_types(env.get(TPU_SLICE_TYPES_ENV, ""))),
         )
 
 
@@ -332,7 +350,8 @@ class Controller:
             # Serve first: Ray is connected (or started) and the trainers warmed afterwards,
             # in the background; nothing is placed until then.
             pool = RayTrainerPool(config.num_trainers, self.trainer_settings(),
-                                  connected=False, warm_size=config.warm_trainers)
+                                  connected=False, warm_size=config.warm_trainers,
+                                  tpu_slice_types=config.tpu_slice_types)
             self.link = RayLink(lambda: connect_ray(config), pool, health=self.server.health,
                                 metrics=controller_metrics,
                                 probe_interval_s=config.ray_probe_interval_s,
@@ -340,14 +359,20 @@ class Controller:
                                 on_change=lambda: self.scheduler.wake())
         self.pool = pool
         self._evaluator_channel = None
+        self._checkpoints_channel = None
         self.evaluations = None
         if config.evaluator_address:
             self._evaluator_channel = channel(config.evaluator_address,
                                               token=config.auth_token or None)
+            # The driver releases each evaluation hold itself, once the answer is stored.
+            self._checkpoints_channel = channel(config.checkpoints_address,
+                                                token=config.auth_token or None)
             self.evaluations = EvaluationDriver(
                 self.storage, evaluation_pb2_grpc.EvaluationServiceStub(self._evaluator_channel),
                 self.studies, concurrency=config.evaluation_concurrency,
-                on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics)
+                on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics,
+                checkpoints=checkpoints_pb2_grpc.CheckpointServiceStub(
+                    self._checkpoints_channel))
         self.scheduler = Scheduler(self.storage, pool, studies=self.studies,
                                    interval_s=config.poll_interval_s,
                                    metrics=controller_metrics, evaluations=self.evaluations,
@@ -423,6 +448,8 @@ class Controller:
             self.link.close()
         if self._evaluator_channel is not None:
             self._evaluator_channel.close()
+        if self._checkpoints_channel is not None:
+            self._checkpoints_channel.close()
         if self.backups is not None:
             self.backups.stop()
         self.storage.close()

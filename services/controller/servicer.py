@@ -563,6 +563,15 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
                     raise InvalidArgument(f"points[{i}].values", "metric names must be "
                                           f"printable, at most {limits.MAX_METRIC_NAME_CHARS} "
                                           f"characters, got {shorten(name)}")
+            if (not point.awaiting_evaluation
+                    and getattr(self.scheduler, "evaluations", None) is not None):
+                # With the evaluation service an evaluation point's metrics come from the
+                # evaluator only; a trainer's own point would claim the (trial, attempt,
+                # step) key ahead of the real one and stand in for the evaluator's numbers.
+                raise InvalidArgument(f"points[{i}].awaiting_evaluation",
+                                      "must be true: this controller evaluates with the "
+                                      "evaluation service, which gives every point's "
+                                      "evaluation metrics")
             if (key, point.attempt) not in attempts:
                 attempt = self.storage.get_attempt(key, point.attempt)
                 if attempt is None:

@@ -335,6 +335,19 @@ class ProgressReporter:
         return self.cancelled
 
 
+_UNPINNED = 0  # TrainerWorker._threads when JAX was started before the trainer
+
+
+def _ray_cpus() -> float:
+    """The CPUs Ray gave this actor (0 outside a Ray actor: decided by the first run)."""
+    if not ray.is_initialized():  # get_runtime_context would start a local Ray instance
+        return 0.0
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - outside Ray (a plain TrainerWorker)
+        return 0.0
+
+
 def _safe_name(trial: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", trial)
 
@@ -376,18 +389,73 @@ class TrainerWorker:
         self._metrics_server = None
         self._metrics_writer = None
         self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
-        self._configure_jax()
+        self._threads: int | None = None  # XLA:CPU threads, fixed when JAX starts here
+        if 0 < _ray_cpus() <= 1:
+            # A 1-CPU trainer runs every model with 1 thread (batchlab.runner.resources): start
+            # JAX now, so warm_up can compile.
+            self._start_jax(1)
         self._start_metrics()
         log.info("trainer %s ready (pid %d)", self.settings.name, os.getpid())
 
     # -- setup ------------------------------------------------------------------------------
-    def _configure_jax(self) -> None:
+    def _start_jax(self, threads: int) -> None:
+        """Start JAX here with `threads` XLA:CPU threads, and its compilation cache for that
+        count; a trainer whose JAX already runs with another count refuses (results differ
+        with it, batchlab.runner.resources), and the pool replaces it.
+
+        Raises:
+          TrainerInfrastructureError: JAX runs here with another count (``retire_trainer``).
+        """
+        if self._threads in (threads, _UNPINNED):
+            return
+        if self._threads is not None:
+            error = TrainerInfrastructureError(
+                f"trainer {self.settings.name}: JAX runs here with {self._threads} XLA:CPU "
+                f"thread(s) and this run needs {threads} (results depend on the count); the "
+                "run goes to a fresh trainer")
+            error.retire_trainer = True
+            raise error
+        from jax._src import xla_bridge
+
+        from batchlab.runner.resources import start_jax_with_threads
         from batchlab.train.compilation_cache import enable_compilation_cache
 
+        if xla_bridge.backends_are_initialized():
+            # Started before this trainer (a TrainerWorker inside another program, e.g. a
+            # test): its count is whatever that start made it, and cannot change now.
+            log.warning("%s: JAX was started in this process before the trainer; its XLA:CPU "
+                        "thread count is not pinned to the run's %d", self.settings.name,
+                        threads)
+            self._threads = _UNPINNED
+            return
+        start_jax_with_threads(threads)
+        self._threads = threads
         try:
-            enable_compilation_cache(self.settings.jax_cache_dir or None)
+            enable_compilation_cache(self.settings.jax_cache_dir or None, cpu_threads=threads)
         except OSError as error:  # e.g. a read-only home folder: compile every time
             log.warning("no JAX compilation cache: %s", error)
+
+    def _start_jax_for(self, assignment: controller_pb2.TrialAssignment) -> None:
+        """Start JAX with the XLA:CPU threads local run gives this run (runner.resources):
+        1 for a small model on CPU, else the run's Resources.cpus (at most this process's
+        CPUs)."""
+        from batchlab.runner.resources import (
+            accelerator_backend,
+            available_cpus,
+            model_parameters,
+            run_threads,
+        )
+
+        cpus = max(1, int(resources_per_host(
+            {"cpus": assignment.resources.cpus}).get("cpus") or 1))
+        if cpus > available_cpus():
+            log.warning("%s: Resources.cpus %d but this process may use %d CPUs; using %d "
+                        "XLA:CPU threads", assignment.trial, cpus, available_cpus(),
+                        available_cpus())
+            cpus = available_cpus()
+        threads = 1 if cpus == 1 else run_threads(model_parameters(assignment.workload), cpus,
+                                                  accelerator_backend())
+        self._start_jax(threads)
 
     def _prepare_data(self, client: Any, workload: Any) -> Any:
         """The workload's dataset from the sharding service, built there once; its info.
@@ -457,7 +525,9 @@ class TrainerWorker:
         import jax
         import jax.numpy as jnp
 
-        jax.jit(lambda x: x + 1)(jnp.zeros(())).block_until_ready()
+        if self._threads is not None:
+            jax.jit(lambda x: x + 1)(jnp.zeros(())).block_until_ready()
+        # Otherwise the first run starts JAX, with its model's thread count: imports only.
         return self.workloads()
 
     def workloads(self) -> list[str]:
@@ -503,7 +573,9 @@ class TrainerWorker:
         Args:
           assignment: a serialized batchlab.v1.TrialAssignment.
         """
-        return self._run(parse_assignment(assignment), process_id=0, num_processes=1)
+        assignment = parse_assignment(assignment)
+        self._start_jax_for(assignment)
+        return self._run(assignment, process_id=0, num_processes=1)
 
     def run_distributed(self, assignment: bytes, process_id: int, num_processes: int,
                         coordinator: str) -> dict[str, Any]:
@@ -542,6 +614,7 @@ class TrainerWorker:
             jax.distributed.initialize(coordinator_address=coordinator,
                                        num_processes=int(num_processes),
                                        process_id=int(process_id))
+            self._start_jax_for(assignment)
             self._distributed = True
             log.info("%s joined %s as process %d of %d (%d global devices)", self.settings.name,
                      coordinator, process_id, num_processes, jax.device_count())

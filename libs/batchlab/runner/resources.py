@@ -71,6 +71,7 @@ __all__ = [
     "available_memory_bytes",
     "model_parameters",
     "plan_execution",
+    "run_threads",
     "start_jax_with_threads",
 ]
 
@@ -157,6 +158,19 @@ def model_parameters(workload_name: str) -> int:
                               d["masked_lm_positions"], train=False)["params"]
 
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(jax.eval_shape(init)))
+
+
+def run_threads(parameters: int, cpus: int, accelerator: str | None) -> int:
+    """T, the XLA:CPU threads of one run of a model (the rule in the module docstring).
+
+    Args:
+      parameters: the model's parameter count (:func:`model_parameters`).
+      cpus: the CPUs a run may use (the local runner: its affinity; a trainer: the run's
+        Resources.cpus).
+      accelerator: "gpu"/"tpu", or None for CPU only.
+    """
+    small = parameters < SMALL_MODEL_PARAMETERS and accelerator is None
+    return 1 if small else cpus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +265,7 @@ def plan_execution(
             continue
         if name not in counts:
             counts[name] = model_parameters(name)
-        small = counts[name] < SMALL_MODEL_PARAMETERS and accelerator is None
-        threads[name] = 1 if small else cpus
+        threads[name] = run_threads(counts[name], cpus, accelerator)
         reasons.append(f"{name}: {counts[name]:,} parameters -> {threads[name]} thread(s)")
     if parallel is None:
         if accelerator is not None:

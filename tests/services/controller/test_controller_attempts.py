@@ -442,3 +442,167 @@ def test_the_driver_retries_an_unavailable_evaluator_and_gives_up_on_a_corrupt_c
     driver = EvaluationDriver(storage, stub, studies)
     driver.dispatch()
     assert "evaluated step 5, not 10" in driver.failed(key, 10)
+
+
+class _InProcess:
+    """A gRPC stub over a servicer in this process: an abort is raised as a grpc.RpcError."""
+
+    def __init__(self, servicer, fail=()):
+        self._servicer = servicer
+        self.fail = list(fail)  # status codes the next calls fail with, before reaching it
+
+    def __getattr__(self, method):
+        import grpc
+
+        from batchlab.rpc.testing import Aborted
+
+        def call(request, timeout=None):
+            error = grpc.RpcError()
+            if self.fail:
+                code = self.fail.pop(0)
+                error.code, error.details = (lambda: code), (lambda: "from the test")
+                raise error
+            try:
+                return getattr(self._servicer, method)(request, FakeContext())
+            except Aborted as aborted:
+                code, details = aborted.code, aborted.details
+                error.code, error.details = (lambda: code), (lambda: details)
+                raise error from None
+
+        return call
+
+
+class _CrashingStorage(InMemoryStorage):
+    """The controller dies after the evaluator answered and before the answer is stored."""
+
+    crash = True
+
+    def record_evaluation(self, trial, step, values):
+        if self.crash:
+            raise RuntimeError("the controller was killed")
+        return super().record_evaluation(trial, step, values)
+
+
+def _evaluation_services(trial_name):
+    """A real evaluator over a real checkpoint service (keep_latest=1), steps 100-300 held,
+    100 evaluated (0.9, the best); the evaluation itself is faked (0.5 at every step)."""
+    import hashlib
+
+    from batchlab.proto.v1 import checkpoints_pb2
+    from services.checkpoints.memory_storage import InMemoryCheckpointStore
+    from services.checkpoints.servicer import CheckpointServicer
+    from services.evaluator.servicer import EvaluationServicer
+
+    store = InMemoryCheckpointStore(keep_latest=1)
+    for step in (100, 200, 300):
+        content = bytes([step % 256]) * 64
+        store.save(trial_name, step, [content], sha256=hashlib.sha256(content).hexdigest(),
+                   size_bytes=len(content), hold=True)
+    store.record_evaluation(trial_name, 100, metric=0.9, maximize=True)
+    checkpoints = _InProcess(CheckpointServicer(store))
+
+    def load(trial, step, folder):
+        with store.open(trial, step) as opened:
+            folder.mkdir(parents=True)
+            return opened.record
+
+    def record(trial, step, metric, maximize):
+        request = checkpoints_pb2.RecordEvaluationRequest(trial=trial, step=step,
+                                                          maximize=maximize)
+        if metric is not None:
+            request.metric = metric
+        return checkpoints.RecordEvaluation(request)
+
+    def evaluate(config, checkpoint_dir, splits):
+        (folder,) = checkpoint_dir.iterdir()
+        return int(folder.name), {"train/accuracy": 0.6, "validation/accuracy": 0.5}
+
+    evaluator = _InProcess(EvaluationServicer(load, evaluate=evaluate, record=record))
+    return store, checkpoints, evaluator
+
+
+def test_a_controller_killed_mid_evaluation_loses_no_trained_step():
+    # The evaluator evaluated step 200 and the controller died before storing the answer.
+    # The hold must outlive that: the next controller asks again and gets the answer, not
+    # NOT_FOUND for a checkpoint retention deleted meanwhile.
+    from services.controller.evaluations import EvaluationDriver
+
+    storage = _CrashingStorage()
+    studies, key, _ = _awaiting_trial(storage, steps=(200,))
+    store, checkpoints, evaluator = _evaluation_services(key.name)
+    first = EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints)
+    first.dispatch()
+    assert [p.step for p in storage.awaiting_points("e1")] == [200]
+    assert {r.step: r.held for r in store.list(key.name)}[200]  # not released unstored
+
+    storage.crash = False
+    restarted = EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints)
+    assert restarted.dispatch() == 1
+    assert restarted.failed(key, 200) is None and storage.awaiting_points("e1") == []
+    assert storage.trial_points(key)[0].values["validation/accuracy"] == 0.5
+    # Stored, then released with its metric: 200 is neither the best nor the latest.
+    assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
+
+
+def test_a_hold_not_released_before_a_crash_is_released_by_the_next_controller():
+    import grpc
+
+    from services.controller.evaluations import EvaluationDriver
+
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage, steps=(200,))
+    store, checkpoints, evaluator = _evaluation_services(key.name)
+    checkpoints.fail = [grpc.StatusCode.UNAVAILABLE]
+    EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
+    assert storage.awaiting_points("e1") == []  # stored; its release failed (then it died)
+    assert {r.step: r.held for r in store.list(key.name)}[200]
+    EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
+    assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
+
+
+def test_with_the_evaluation_service_a_trainer_cannot_report_evaluation_metrics():
+    # A point not awaiting evaluation would take the (trial, attempt, step) key and stand in
+    # for the evaluator's numbers (a spoofed 0.999 became a trial's final point).
+    import grpc
+
+    from batchlab.rpc.testing import Aborted
+
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=1, max_total_trials=1,
+                                                   seeds_per_best=0))
+    scheduler = Scheduler(storage, FakePool(run=_trained_only), evaluations=FakeEvaluations())
+    servicer = ExperimentServicer(storage, studies=scheduler.studies, scheduler=scheduler)
+    _ticks(scheduler, 1)
+    (attempt,) = storage.attempts("e1")
+    trial = attempt.trial.name
+    spoof = controller_pb2.MetricPoint(trial=trial, attempt=1, step=10,
+                                       values={"validation/accuracy": 0.999})
+    context = FakeContext()
+    with pytest.raises(Aborted) as refused:
+        servicer.ReportProgress(controller_pb2.ReportProgressRequest(points=[spoof]), context)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details.startswith("points[0].awaiting_evaluation")
+    real = controller_pb2.MetricPoint(trial=trial, attempt=1, step=10, awaiting_evaluation=True,
+                                      values={"train/batch_loss": 1.0})
+    servicer.ReportProgress(controller_pb2.ReportProgressRequest(points=[real]), FakeContext())
+    assert [(p.step, p.awaiting_evaluation, p.values) for p in storage.trial_points(
+        attempt.trial)] == [(10, True, {"train/batch_loss": 1.0})]
+
+
+def test_an_experiment_that_succeeds_without_a_run_that_failed_for_good_says_so():
+    storage = InMemoryStorage()
+    evaluations = FakeEvaluations()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=2, max_total_trials=2,
+                                                   seeds_per_best=0, max_attempts=1))
+    scheduler = Scheduler(storage, FakePool(run=_trained_only), evaluations=evaluations)
+    _ticks(scheduler, 3)
+    attempts = {a.trial.trial_index: a for a in storage.attempts("e1")}
+    assert sorted(attempts) == [0, 1]
+    evaluations.failures[(attempts[1].trial, 10)] = "evaluation of step 10 failed: NOT_FOUND: x"
+    for index, step in ((0, 10), (0, 20), (1, 20)):
+        storage.record_evaluation(attempts[index].trial, step, {"validation/accuracy": 0.4})
+    _ticks(scheduler, 5)
+    experiment = storage.get_experiment("e1")
+    assert experiment.state is ExperimentState.SUCCEEDED
+    assert "1 run failed for good" in experiment.error
+    assert attempts[1].trial.name in experiment.error and "NOT_FOUND" in experiment.error

@@ -14,6 +14,7 @@ import pytest
 from services.controller.pool import (
     RayTrainerPool,
     TpuSliceType,
+    parse_tpu_slice_types,
     process_ids,
     tpu_slice_types,
 )
@@ -281,3 +282,150 @@ def test_process_ids_follow_the_slices_worker_ids():
         process_ids([{"worker_id": 1}, {"worker_id": 1}])
     with pytest.raises(RuntimeError, match="not 0..1"):
         process_ids([{"worker_id": 1}, {"worker_id": 2}])  # part of a larger slice
+
+
+# -- TPU groups that scale from zero ------------------------------------------------------------
+# The slice types of the tpu overlay (k8s/components/tpu/controller-trainers.yaml).
+SLICE_TYPES = "v5litepod-4:1x4,v5p-256:32x4,v5p-1024:128x4"
+# The node types Ray's KubeRay autoscaler makes of those groups (autoscaling_config.py,
+# _get_ray_resources_from_group_spec): EVERY node of a TPU group carries its slice's head
+# resource there, though only worker 0 of a live slice advertises it.
+NODE_TYPES = {
+    "tpu-v5e-4": {"CPU": 20.0, "TPU": 4.0, V5E_HEAD: 1.0},
+    "tpu-v5p-4x4x8": {"CPU": 180.0, "TPU": 4.0, V5P_HEAD: 1.0},
+    "tpu-v5p-8x8x8": {"CPU": 180.0, "TPU": 4.0, "TPU-v5p-1024-head": 1.0},
+    "cpu": {"CPU": 8.0},
+}
+HOSTS_PER_REPLICA = {"tpu-v5e-4": 1, "tpu-v5p-4x4x8": 32, "tpu-v5p-8x8x8": 128, "cpu": 1}
+
+
+def groups_that_hold(bundle: dict[str, float]) -> list[str]:
+    return [name for name, node in NODE_TYPES.items()
+            if all(node.get(k, 0.0) >= v for k, v in bundle.items())]
+
+
+def slices_started(bundles: list[dict[str, float]], v2: bool) -> dict[str, int]:
+    """The replicas (slices) KubeRay is asked for when each bundle takes one node of the one
+    group that can hold it: v1's provider makes a replica of each node launched
+    (batching_node_provider.create_node), v2's divides them by numOfHosts (kuberay
+    cloud_provider._submit_scale_request)."""
+    nodes: dict[str, int] = {}
+    for bundle in bundles:
+        (group,) = groups_that_hold(bundle)
+        nodes[group] = nodes.get(group, 0) + 1
+    return {g: n // HOSTS_PER_REPLICA[g] if v2 else n for g, n in nodes.items()}
+
+
+@pytest.fixture
+def autoscaler(monkeypatch):
+    """request_resources recorded; the cluster's autoscaler version as its GCS flag says."""
+    import ray.autoscaler.sdk
+    import ray.experimental.internal_kv
+
+    requests: list[list[dict[str, float]]] = []
+    version = {"v2": False}
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources",
+                        lambda bundles=None: requests.append(list(bundles or [])))
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
+                        lambda key, namespace=None: b"1" if version["v2"] else None)
+
+    def use(v2: bool):
+        version["v2"] = v2
+        return requests
+
+    return use
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["autoscaler-v1", "autoscaler-v2"])
+def test_a_multi_host_run_waits_for_its_slice_and_the_autoscaler_is_asked_for_that_group(
+        cluster, autoscaler, v2):
+    requests = autoscaler(v2)
+    fake = cluster([Node({"CPU": 8.0})])  # every TPU group at zero
+    pool = RayTrainerPool(136, connected=True, nodes_ttl_s=0.0,
+                          tpu_slice_types=parse_tpu_slice_types(SLICE_TYPES))
+    refused = pool.placement(B32K, 32)
+    assert refused.reason.startswith("waiting for a v5p-256 slice to scale up (128 chips on "
+                                     "32 hosts")
+    assert refused.permanent  # it fails as unschedulable if the slice never comes
+    assert pool.acquire(B32K, 32) is None and fake.created == []
+
+    pool.request_capacity([(B32K, 32)])  # what the scheduler does with the refused run
+    (bundles,) = requests
+    assert bundles[0] == {"CPU": 1.0, "TPU": 4.0, V5P_HEAD: 1.0}
+    assert len(bundles) == (32 if v2 else 1)
+    assert slices_started(bundles, v2) == {"tpu-v5p-4x4x8": 1}  # one whole slice, nothing else
+    # The plain host bundle the pool used to ask for: any TPU group could take it.
+    assert groups_that_hold({"CPU": 1.0, "TPU": 4.0}) == ["tpu-v5e-4", "tpu-v5p-4x4x8",
+                                                           "tpu-v5p-8x8x8"]
+    pool.request_capacity([(B32K, 32)])
+    assert len(requests) == 1  # the same request is not sent again
+
+    # Part of the slice is up (worker 0 among them): still waiting, nothing placed.
+    slice_nodes = v5p_slice(0)
+    fake.nodes.extend(slice_nodes[:10])
+    assert pool.placement(B32K, 32).reason.startswith("waiting for a v5p-256 slice")
+    fake.nodes.extend(slice_nodes[10:])
+    assert pool.placement(B32K, 32) is None
+    pool.request_capacity([])  # placed: the request is withdrawn
+    assert requests[-1] == []
+    lease = pool.acquire(B32K, 32)
+    dispatch = pool.start(lease, 1, "e", assignment())
+    actors = [m.actor for m in dispatch.lease.actors]
+    assert slices_of(actors) == {"tpu-v5p-4x4x8-0"} and len({id(a.node) for a in actors}) == 32
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["autoscaler-v1", "autoscaler-v2"])
+def test_a_single_host_run_asks_for_a_single_host_slice_not_a_v5p_host(cluster, autoscaler, v2):
+    requests = autoscaler(v2)
+    cluster([*v5p_slice(0)])  # a v5p slice is up, the v5e group is at zero
+    pool = RayTrainerPool(8, connected=True, nodes_ttl_s=0.0,
+                          tpu_slice_types=parse_tpu_slice_types(SLICE_TYPES))
+    refused = pool.placement({"tpus": 4}, 1)
+    assert refused.permanent and refused.reason.startswith(
+        "waiting for a v5litepod-4 slice to scale up (4 chips on 1 host;")
+    pool.request_capacity([({"tpus": 4}, 1), ({"tpus": 1}, 1)])
+    assert requests == [[{"CPU": 1.0, "TPU": 4.0, V5E_HEAD: 1.0},
+                         {"CPU": 1.0, "TPU": 1.0, V5E_HEAD: 0.25}]]
+    assert slices_started(requests[0], v2) == {"tpu-v5e-4": 2}
+
+
+def test_a_run_no_configured_slice_type_fits_is_refused_naming_the_types(cluster, autoscaler):
+    requests = autoscaler(True)
+    cluster([Node({"CPU": 8.0})])
+    pool = RayTrainerPool(136, connected=True, nodes_ttl_s=0.0,
+                          tpu_slice_types=parse_tpu_slice_types(SLICE_TYPES))
+    refused = pool.placement({"tpus": 64, "num_hosts": 16}, 16)  # a v5p-128: no group has it
+    assert refused.permanent and "cannot hold that" in refused.reason
+    assert ("nor can one be added (BATCHLAB_TPU_SLICE_TYPES: v5litepod-4 (1x4), v5p-1024 "
+            "(128x4), v5p-256 (32x4))") in refused.reason
+    # GPU and CPU runs ask as before.
+    pool.request_capacity([({"gpus": 8, "cpus": 4}, 1), ({"cpus": 2, "num_hosts": 2}, 2)])
+    assert requests == [[{"CPU": 4.0, "GPU": 8.0}, {"CPU": 2.0}, {"CPU": 2.0}]]
+    unset = RayTrainerPool(136, connected=True, nodes_ttl_s=0.0)
+    assert "BATCHLAB_TPU_SLICE_TYPES is not set" in unset.placement(B32K, 32).reason
+
+
+def test_slice_types_setting_is_parsed_and_checked_against_rays_chip_counts():
+    assert parse_tpu_slice_types(" v5p-256:32x4 , v5litepod-4:1x4,") == [
+        TpuSliceType("v5litepod-4", 4, 4, 0), TpuSliceType("v5p-256", 128, 4, 0)]
+    assert [t.hosts for t in parse_tpu_slice_types(SLICE_TYPES)] == [1, 128, 32]
+    assert parse_tpu_slice_types("") == []
+    for text, why in [("v5p-256", "is not <pod type>:<hosts>x<chips per host>"),
+                      ("v5p-256:32*4", "is not <pod type>"),
+                      ("v9z-8:1x4", "unknown TPU pod type 'v9z-8'"),
+                      ("v5p-256:16x4", "a v5p-256 slice has 128 chips, not 16 hosts x 4"),
+                      ("v5p-256:32x4,v5p-256:32x4", "v5p-256 is listed twice")]:
+        with pytest.raises(ValueError, match="^BATCHLAB_TPU_SLICE_TYPES: ") as error:
+            parse_tpu_slice_types(text)
+        assert why in str(error.value), text
+
+
+def test_the_controller_reads_the_slice_types_from_its_environment():
+    from services.controller.server import ControllerConfig
+
+    env = {"BATCHLAB_EVALUATION": "in-process", "BATCHLAB_TPU_SLICE_TYPES": SLICE_TYPES}
+    config = ControllerConfig.from_env(env)
+    assert [t.pod_type for t in config.tpu_slice_types] == ["v5litepod-4", "v5p-1024", "v5p-256"]
+    assert ControllerConfig.from_env({"BATCHLAB_EVALUATION": "in-process"}).tpu_slice_types == ()
+    with pytest.raises(ValueError, match="BATCHLAB_TPU_SLICE_TYPES: 'v5p-256:32x8'"):
+        ControllerConfig.from_env({**env, "BATCHLAB_TPU_SLICE_TYPES": "v5p-256:32x8"})
