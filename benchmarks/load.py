@@ -97,10 +97,13 @@ def _client_calls(addresses: dict[str, str], names: dict[str, Any]):
             controller_pb2.ListTrialsRequest(parent=experiment), timeout=30),
         "SubmitExperiment(validate_only)": lambda: controller.SubmitExperiment(
             controller_pb2.SubmitExperimentRequest(spec=spec, validate_only=True), timeout=30),
-        # A trainer's report for a finished attempt: stored, and answered cancel=true.
+        # A trainer's report for a finished attempt: stored, and answered cancel=true. With the
+        # evaluation service a trainer's points await the evaluator's numbers (the controller
+        # refuses any other point from a trainer in that mode).
         "ReportProgress": lambda: controller.ReportProgress(controller_pb2.ReportProgressRequest(
             points=[controller_pb2.MetricPoint(trial=trial, attempt=1, step=1000 + next(step),
-                                               values={"train/batch_loss": 1.0})]), timeout=30),
+                                               values={"train/batch_loss": 1.0},
+                                               awaiting_evaluation=True)]), timeout=30),
         "ListCheckpoints": lambda: checkpoints.ListCheckpoints(
             checkpoints_pb2.ListCheckpointsRequest(trial=trial), timeout=30),
         "GetShard": lambda: sharding.GetShard(sharding_pb2.GetShardRequest(

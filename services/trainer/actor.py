@@ -338,16 +338,6 @@ class ProgressReporter:
 _UNPINNED = 0  # TrainerWorker._threads when JAX was started before the trainer
 
 
-def _ray_cpus() -> float:
-    """The CPUs Ray gave this actor (0 outside a Ray actor: decided by the first run)."""
-    if not ray.is_initialized():  # get_runtime_context would start a local Ray instance
-        return 0.0
-    try:
-        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
-    except Exception:  # noqa: BLE001 - outside Ray (a plain TrainerWorker)
-        return 0.0
-
-
 def _safe_name(trial: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", trial)
 
@@ -389,11 +379,9 @@ class TrainerWorker:
         self._metrics_server = None
         self._metrics_writer = None
         self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
-        self._threads: int | None = None  # XLA:CPU threads, fixed when JAX starts here
-        if 0 < _ray_cpus() <= 1:
-            # A 1-CPU trainer runs every model with 1 thread (batchlab.runner.resources): start
-            # JAX now, so warm_up can compile.
-            self._start_jax(1)
+        # XLA:CPU threads, fixed when JAX starts here: on the first run, never earlier, because
+        # a multi-host run must call jax.distributed.initialize before JAX's backend starts.
+        self._threads: int | None = None
         self._start_metrics()
         log.info("trainer %s ready (pid %d)", self.settings.name, os.getpid())
 
