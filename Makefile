@@ -13,7 +13,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup protos run test bench lint lock images images-smoke k8s-check clean
+.PHONY: help setup protos run test bench bench-gpu lint lock images images-smoke k8s-check clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ test: setup ## run the test suite
 
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/
 	$(PY) -m benchmarks.run --out benchmarks/results
+
+bench-gpu: $(STAMP) ## GPU figures (CUDA plugin from the lock; reduced on a CPU): benchmarks/gpu.sh
+	benchmarks/gpu.sh
 
 images: ## build the images (docker, podman or buildah): batchlab/control, batchlab/trainer (-tpu, -cpu)
 	VERSION=$(VERSION) scripts/build_images.sh

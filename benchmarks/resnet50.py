@@ -20,12 +20,16 @@ from batchlab import optim
 from batchlab.models import ResNet50
 from batchlab.train.workloads import classification_loss
 
-__all__ = ["run", "to_markdown"]
+__all__ = ["PEAK_BF16", "measured_matmul_peak", "peak_flops", "run", "to_markdown"]
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets.
 PEAK_BF16 = {
     "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
     "NVIDIA H100 80GB HBM3": 989e12,
+    # Matched by prefix in this order: the PCIe and NVL cards before the plain "NVIDIA H100".
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H100": 989e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
@@ -34,7 +38,8 @@ PEAK_BF16 = {
 }
 
 
-def _measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+def measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """float32 FLOP/s of an n x n matmul on the default device, timed over ``reps`` products."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -45,13 +50,14 @@ def _measured_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _peak(device) -> tuple[float, str]:
+def peak_flops(device) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for ``device``: the datasheet table, else a CPU matmul."""
     kind = device.device_kind
     for name, peak in PEAK_BF16.items():
         if kind.startswith(name):
             return peak, f"{kind} datasheet dense bf16"
     if device.platform == "cpu":
-        return _measured_matmul_peak(), "float32 matmul measured in this run"
+        return measured_matmul_peak(), "float32 matmul measured in this run"
     return float("nan"), f"unknown peak for {kind}"
 
 
@@ -98,7 +104,7 @@ def run(*, rounds: int = 3, batch_size: int | None = None, image_size: int = 224
         jax.block_until_ready(loss)
         times.append((time.perf_counter() - start) / steps)
     step_s = float(np.median(times))
-    peak, peak_source = _peak(device)
+    peak, peak_source = peak_flops(device)
     return {
         "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
         "batch_size": batch,
