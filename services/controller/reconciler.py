@@ -272,6 +272,10 @@ class ExperimentReconciler:
         status["state"] = state
         if experiment.error:
             status["message"] = experiment.error
+        if experiment.pending_reason:
+            status["waiting"] = experiment.pending_reason
+        else:
+            status.pop("waiting", None)
         counts = json_format.MessageToDict(experiment.trial_counts,
                                            always_print_fields_with_no_presence=True,
                                            preserving_proto_field_name=True)

@@ -268,6 +268,8 @@ def _status_schema(protos: _Protos) -> dict[str, Any]:
             "trials": counts,
             "best": {"type": "array", "items": best_item},
             "bestSoFar": {"type": "string", "description": "best[0] in one line, for kubectl get."},
+            "waiting": {"type": "string", "description": "Why the experiment's runs wait (e.g. "
+                        "for a TPU slice to scale up), while they do."},
             "report": {
                 "type": "object",
                 "description": "Where the report is, once the experiment ended.",
@@ -290,6 +292,7 @@ _PRINTER_COLUMNS = [
     {"name": "Diverged", "type": "integer", "jsonPath": ".status.trials.diverged"},
     {"name": "Failed", "type": "integer", "jsonPath": ".status.trials.failed"},
     {"name": "Best", "type": "string", "jsonPath": ".status.bestSoFar"},
+    {"name": "Waiting", "type": "string", "jsonPath": ".status.waiting", "priority": 1},
     {"name": "Experiment", "type": "string", "jsonPath": ".status.experiment", "priority": 1},
     {"name": "Report", "type": "string", "jsonPath": ".status.report.path", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

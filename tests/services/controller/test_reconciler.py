@@ -137,6 +137,19 @@ def test_status_follows_the_run_to_success_with_counts_best_and_report(world):
     assert status["report"]["command"].startswith(f"batchlab report {name}")
 
 
+def test_status_says_why_the_runs_wait_and_drops_it_when_they_stop_waiting(world):
+    world.apply("tiny", spec_dict())
+    world.reconciler.sync()
+    experiment = world.client.get(world.status("tiny")["experiment"])
+    experiment.pending_reason = "waiting for a v5p-256 slice to scale up"
+    status: dict = {}
+    world.reconciler._describe(experiment, status)
+    assert status["waiting"] == "waiting for a v5p-256 slice to scale up"
+    experiment.pending_reason = ""
+    world.reconciler._describe(experiment, status)
+    assert "waiting" not in status
+
+
 def test_status_is_written_only_when_it_changes(world):
     world.apply("tiny", spec_dict())
     world.reconciler.sync()
