@@ -5,7 +5,9 @@ Environment:
     ``~/.cache/batchlab/tfds``), the same folder trainers read.
   BATCHLAB_SHARDING_STATE_DIR: where trials' data positions at their checkpoints are kept
     (default ``$BATCHLAB_DATA_DIR/sharding``, next to the datasets); they must outlive this
-    process, so that trainers resume exactly after a restart of any service.
+    process, so that trainers resume exactly after a restart of any service. The SQLite
+    database runs in WAL mode, which needs a local file system and one host: the Kubernetes
+    manifests put it on a ReadWriteOnce claim of its own, never on the shared datasets volume.
   BATCHLAB_SHARDING_PORT: gRPC port (default 50052).
   BATCHLAB_AUTH_TOKEN: when set, calls need ``authorization: Bearer <token>``.
   BATCHLAB_METRICS_PORT: Prometheus port (default 9102).

@@ -185,15 +185,18 @@ def probes(cluster: Mapping[str, Any], group: Group) -> dict[str, Mapping[str, A
 
 
 def built_pod(cluster: Mapping[str, Any], group: Group) -> dict[str, Any]:
-    """The pod spec KubeRay creates for a group: its template plus what BuildPod and
-    DefaultHeadPodTemplate add (metrics port on the head, /dev/shm and /tmp/ray volumes, the
-    autoscaler container, probes)."""
+    """The pod spec KubeRay creates for a group: its template plus what BuildPod,
+    DefaultHeadPodTemplate and DefaultWorkerPodTemplate add (the metrics port on the Ray
+    container of every group, /dev/shm and /tmp/ray volumes, the autoscaler container, probes)."""
     pod = copy.deepcopy(dict(group.pod))
     ray = pod["containers"][0]
+    # DefaultHeadPodTemplate and DefaultWorkerPodTemplate alike (POD_GO): when the Ray container
+    # has no port named metrics (utils.FindContainerPort looks at that container only), they
+    # append metrics:8080 to it, whatever the pod's other containers declare.
+    if not any(p.get("name") == "metrics" for p in ray.get("ports", ())):
+        ray.setdefault("ports", []).append({"name": "metrics",
+                                            "containerPort": DEFAULT_PORTS["metrics"]})
     if group.node_type == "head":
-        if not any(p.get("name") == "metrics" for p in ray.get("ports", ())):
-            ray.setdefault("ports", []).append({"name": "metrics",
-                                                "containerPort": DEFAULT_PORTS["metrics"]})
         if autoscaling(cluster):
             options = cluster["spec"].get("autoscalerOptions") or {}
             autoscaler = {
@@ -217,6 +220,17 @@ def built_pod(cluster: Mapping[str, Any], group: Group) -> dict[str, Any]:
     for kind, probe in probes(cluster, group).items():
         ray[kind] = probe
     return pod
+
+
+def duplicate_port_names(pod: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Port names that more than one port of the pod carries -> the containers declaring them.
+    A named port in a PodMonitor, a NetworkPolicy or a probe then means several ports."""
+    owners: dict[str, list[str]] = {}
+    for container in pod["containers"]:
+        for port in container.get("ports", ()):
+            if port.get("name"):
+                owners.setdefault(port["name"], []).append(container["name"])
+    return {name: where for name, where in owners.items() if len(where) > 1}
 
 
 def _add_empty_dir(pod: dict[str, Any], container: dict[str, Any], name: str, path: str,

@@ -76,6 +76,37 @@ def test_ray_ports_keep_kuberay_default_names(build, rendered):
                     f"{agent}, which KubeRay's probes query (rule: {kuberay.POD_GO})")
 
 
+@pytest.mark.builds(*PLATFORM)
+def test_no_built_pod_has_two_ports_of_one_name(build, rendered):
+    """Defect: the worker pods' Ray container declared no port named metrics while their
+    metrics sidecar's port was; KubeRay's DefaultWorkerPodTemplate then added metrics:8080 to the
+    Ray container, and the PodMonitor and the scrape policy's `metrics` meant both ports."""
+    cluster = _cluster(rendered, build)
+    for group in kuberay.groups(cluster):
+        pod = kuberay.built_pod(cluster, group)
+        duplicates = kuberay.duplicate_port_names(pod)
+        assert not duplicates, (
+            f"{build} {group.name}: KubeRay's pod has ports named {duplicates} more than once "
+            f"(rule: {kuberay.POD_GO} DefaultWorkerPodTemplate/DefaultHeadPodTemplate; {NOTES})")
+        ray = pod["containers"][0]
+        assert {"name": "metrics", "containerPort": kuberay.DEFAULT_PORTS["metrics"]} in ray[
+            "ports"], (build, group.name, ray["ports"])
+
+
+def test_the_worker_metrics_port_rule_catches_the_old_manifest(rendered):
+    """The rule is applied to worker groups: the old worker template (no port on the Ray
+    container, the sidecar's port named metrics) gets a second `metrics` port."""
+    import copy
+
+    cluster = copy.deepcopy(_cluster(rendered, "base"))
+    worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    del worker["containers"][0]["ports"]
+    worker["containers"][1]["ports"][0]["name"] = "metrics"
+    group = next(g for g in kuberay.groups(cluster) if g.node_type == "worker")
+    pod = kuberay.built_pod(cluster, group)
+    assert kuberay.duplicate_port_names(pod) == {"metrics": ["ray-worker", "metrics"]}
+
+
 def _locked_ray_version() -> set[str]:
     return {lock_pins(path)["ray"][0] for path in (REPO_ROOT / "requirements").glob("*.lock")
             if "ray" in lock_pins(path)}

@@ -257,7 +257,8 @@ def test_trainer_pods_have_what_the_controller_hands_its_actors(build, rendered)
         data = mounts[env["BATCHLAB_DATA_DIR"]]
         assert volumes[data["name"]]["persistentVolumeClaim"]["claimName"] == "datasets"
         # Every actor of the pod writes its metrics to a folder the pod's exporter serves on
-        # the one declared metrics port (services/trainer/metrics_exporter.py).
+        # the one declared port trainer-metrics (services/trainer/metrics_exporter.py); the
+        # name metrics is Ray's own port on the Ray container, as KubeRay declares it.
         shared = env_of(ray)["BATCHLAB_TRAINER_METRICS_DIR"]
         (exporter,) = [c for c in sidecars
                        if c.get("command", [])[-1:] == ["services.trainer.metrics_exporter"]]
@@ -266,9 +267,10 @@ def test_trainer_pods_have_what_the_controller_hands_its_actors(build, rendered)
         assert exporter_mounts[shared] == mounts[shared]["name"], group["groupName"]
         assert "emptyDir" in volumes[mounts[shared]["name"]]
         ports = {p["name"]: p["containerPort"] for p in exporter["ports"]}
-        assert ports == {"metrics": METRICS_PORTS["trainer"]}
+        assert ports == {"trainer-metrics": METRICS_PORTS["trainer"]}
         assert int(env_of(exporter)["BATCHLAB_METRICS_PORT"]) == METRICS_PORTS["trainer"]
-        assert "ports" not in ray or all(p["name"] != "metrics" for p in ray["ports"])
+        assert [p for p in ray["ports"] if p["name"] == "metrics"] == [
+            {"name": "metrics", "containerPort": 8080}], group["groupName"]
 
 
 def test_controller_knows_the_registered_workloads(rendered):

@@ -4,12 +4,24 @@ actor of a pod is scraped through the pod's one declared metrics port."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from batchlab.rpc.metrics import METRICS_PORTS, make_metrics
 from services.trainer.metrics_exporter import ACTOR_LABEL
-from tests.k8s.objects import REPO_ROOT, by_name, env_of, of_kind, pod_templates, selector_matches
+from tests.k8s import kuberay
+from tests.k8s.objects import (
+    REPO_ROOT,
+    by_name,
+    env_of,
+    of_kind,
+    pod_templates,
+    raycluster,
+    selector_matches,
+)
 
 SERVICE_ROLES = ("controller", "sharding", "checkpoints", "evaluator")
 # prometheus-operator's target labels (its generated relabelings; kuberay-notes.md,
@@ -81,8 +93,8 @@ def test_monitors_select_every_metrics_endpoint(rendered):
 def test_every_trainer_actor_reaches_prometheus_through_its_pods_port(rendered):
     """Defect: only the first trainer actor of a pod owned the scraped port; the others picked
     random ports that were neither scraped nor allowed. Now every actor writes to the pod's
-    shared folder and the pod's exporter serves them all on the declared `metrics` port, which
-    the PodMonitor and the plain configuration scrape."""
+    shared folder and the pod's exporter serves them all on its one declared port, which the
+    PodMonitor and the plain configuration scrape."""
     objects = rendered("gpu")
     (pod_monitor,) = of_kind(objects, "PodMonitor")
     templates = [(where, t) for where, t in pod_templates(objects)
@@ -90,10 +102,10 @@ def test_every_trainer_actor_reaches_prometheus_through_its_pods_port(rendered):
     groups = {g["groupName"] for g in by_name(objects, "RayCluster")["trainers"]["spec"][
         "workerGroupSpecs"]}
     assert {where.rsplit(" ", 1)[-1] for where, _ in templates} == groups
-    assert {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]} == {"metrics"}
+    (port_name,) = {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]}
     for where, template in templates:
         containers = template["spec"]["containers"]
-        serving = [c for c in containers for p in c.get("ports", ()) if p["name"] == "metrics"]
+        serving = [c for c in containers for p in c.get("ports", ()) if p["name"] == port_name]
         (exporter,) = serving
         assert exporter["command"][-1] == "services.trainer.metrics_exporter", where
         assert {p["containerPort"] for p in exporter["ports"]} == {METRICS_PORTS["trainer"]}
@@ -101,3 +113,70 @@ def test_every_trainer_actor_reaches_prometheus_through_its_pods_port(rendered):
         assert env_of(containers[0])["BATCHLAB_TRAINER_METRICS_DIR"] == shared, where
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(METRICS_PORTS["trainer"]), where
+
+
+def _plain_config_keeps(metadata: dict, port_name: str) -> bool:
+    """Whether prometheus.yml's `keep` relabellings keep a port of a pod with this metadata
+    (Kubernetes service discovery's meta labels; Prometheus anchors each regex)."""
+    def meta_name(key: str) -> str:
+        return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    meta = {"__meta_kubernetes_pod_container_port_name": port_name}
+    for key, value in metadata.get("labels", {}).items():
+        meta[f"__meta_kubernetes_pod_label_{meta_name(key)}"] = value
+    for key, value in metadata.get("annotations", {}).items():
+        meta[f"__meta_kubernetes_pod_annotation_{meta_name(key)}"] = value
+    (scrape,) = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
+    for rule in scrape["relabel_configs"]:
+        if rule.get("action") != "keep":
+            continue
+        value = rule.get("separator", ";").join(meta.get(s, "") for s in rule["source_labels"])
+        if not re.fullmatch(rule["regex"], value):
+            return False
+    return True
+
+
+@pytest.mark.builds("gpu", "tpu")
+def test_monitors_select_only_batchlabs_metrics_ports(build, rendered):
+    """Defect: the PodMonitor scraped the trainer pods' port named `metrics`, which KubeRay also
+    gives Ray's own 8080 (tests/k8s/kuberay.py). In the pods KubeRay builds, every monitor port
+    name (and the plain configuration) must mean exactly the batchlab exporter's port."""
+    objects = rendered(build)
+    cluster = raycluster(objects)
+    (pod_monitor,) = of_kind(objects, "PodMonitor")
+    names = {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]}
+    for group in kuberay.groups(cluster):
+        if not selector_matches(pod_monitor["spec"]["selector"],
+                                group.template["metadata"]["labels"]):
+            continue
+        pod = kuberay.built_pod(cluster, group)
+        ports = [(c, p) for c in pod["containers"] for p in c.get("ports", ())]
+        exporter = [(c["name"], p["containerPort"]) for c, p in ports
+                    if c.get("command", [""])[-1] == "services.trainer.metrics_exporter"]
+        assert [port for _, port in exporter] == [METRICS_PORTS["trainer"]], (build, group.name)
+        for name in names:
+            matching = [(c["name"], p["containerPort"]) for c, p in ports if p["name"] == name]
+            assert matching == exporter, (
+                f"{build} {group.name}: the PodMonitor's port {name!r} is {matching} in the pod "
+                f"KubeRay builds; it must be the metrics exporter's {exporter} alone")
+        scraped = [p["name"] for _, p in ports
+                   if _plain_config_keeps(group.template["metadata"], p["name"])]
+        assert set(scraped) == names and len(scraped) == 1, (build, group.name, scraped)
+    (service_monitor,) = of_kind(objects, "ServiceMonitor")
+    deployments = by_name(objects, "Deployment")
+    for service in of_kind(objects, "Service"):
+        if not selector_matches(service_monitor["spec"]["selector"], service["metadata"]["labels"]):
+            continue
+        template = next(d["spec"]["template"] for d in deployments.values()
+                        if selector_matches({"matchLabels": service["spec"]["selector"]},
+                                            d["spec"]["template"]["metadata"]["labels"]))
+        role = template["metadata"]["labels"]["app.kubernetes.io/component"]
+        for endpoint in service_monitor["spec"]["endpoints"]:
+            (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            target = [p for c in template["spec"]["containers"] for p in c.get("ports", ())
+                      if port["targetPort"] in (p["name"], p["containerPort"])]
+            assert [p["containerPort"] for p in target] == [METRICS_PORTS[role]], (
+                build, service["metadata"]["name"], endpoint["port"], target)
+        scraped = [p["name"] for c in template["spec"]["containers"] for p in c.get("ports", ())
+                   if _plain_config_keeps(template["metadata"], p["name"])]
+        assert scraped == ["metrics"], (build, role, scraped)

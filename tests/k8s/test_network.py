@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from batchlab.rpc.metrics import METRICS_PORTS
 from tests.k8s import kuberay
 from tests.k8s.objects import REPO_ROOT, of_kind, pod_templates, raycluster, selector_matches
 
@@ -233,11 +234,15 @@ def _pods(objects) -> dict[str, dict]:
 
 
 def _ray_ports(objects) -> dict[str, list[tuple[str, int]]]:
-    """Ports of the Ray pods: the head Service's, the dashboard agent's, a worker port."""
+    """Ports of the Ray pods: the head Service's, the dashboard agent's, a worker port, and the
+    Ray container ports of the worker pods KubeRay builds (Ray's own `metrics` among them)."""
     cluster = raycluster(objects)
     internal = [("", kuberay.DEFAULT_DASHBOARD_AGENT_PORT), ("", 40000)]
+    workers = {(p.get("name", ""), p["containerPort"])
+               for group in kuberay.groups(cluster) if group.node_type == "worker"
+               for p in kuberay.built_pod(cluster, group)["containers"][0].get("ports", ())}
     return {"ray-head": [*kuberay.head_service_ports(cluster), *internal],
-            "trainer": [("", 6379), *internal]}
+            "trainer": [("", 6379), *internal, *sorted(workers)]}
 
 
 @pytest.mark.builds("root", "base", "dev", "gpu", "tpu")
@@ -281,10 +286,14 @@ def test_network_policies_allow_exactly_the_calls_batchlab_makes(build, rendered
                 "that call")
     for target in services:
         assert not ingress_allowed(policies, STRANGER, pods[target], ("grpc", 0)), target
-    # Prometheus (namespace monitoring) scrapes every metrics port but the Ray head's.
+    # Prometheus (namespace monitoring) scrapes every batchlab metrics port: the services'
+    # `metrics`, the trainer pods' sidecar `trainer-metrics` (their `metrics` is Ray's own port,
+    # which test_ray_ports_are_reachable_only_from_batchlabs_pods keeps closed to it).
     prometheus = {"app.kubernetes.io/name": "prometheus"}
-    for role in (*services, "trainer"):
-        assert ingress_allowed(policies, prometheus, pods[role], ("metrics", 9101),
+    scraped = {**{role: ("metrics", METRICS_PORTS[role]) for role in services},
+               "trainer": ("trainer-metrics", METRICS_PORTS["trainer"])}
+    for role, port in scraped.items():
+        assert ingress_allowed(policies, prometheus, pods[role], port,
                                source_namespace="monitoring"), role
         assert not ingress_allowed(policies, prometheus, pods[role], ("grpc", 0),
                                    source_namespace="monitoring"), role

@@ -2,11 +2,19 @@
 (tests/k8s/data/storage.yaml), and a claim that pods on several nodes mount is ReadWriteMany on
 a class that offers it. Defect: the datasets claim was ReadWriteMany with no storage class, so it
 stayed Pending on the default (block disk) classes of the major clouds, and every pod that
-mounts it waited."""
+mounts it waited.
+
+Every Deployment whose code opens a SQLite database runs one pod at a time with that database on
+a ReadWriteOnce claim of its own. Defect: two sharding replicas shared one SQLite file in WAL mode
+on the ReadWriteMany datasets volume; WAL needs shared memory, which hosts on a network file
+system do not share, so the database could be corrupted."""
 
 from __future__ import annotations
 
+import ast
+import copy
 import os
+import posixpath
 from pathlib import Path
 
 import pytest
@@ -15,7 +23,9 @@ import yaml
 from tests.k8s.objects import (
     BUILDS,
     REPO_ROOT,
+    SERVICE_ROLES,
     by_name,
+    env_of,
     kustomize,
     load_all,
     of_kind,
@@ -25,6 +35,11 @@ from tests.k8s.objects import (
 DECLARED = yaml.safe_load((Path(__file__).parent / "data" / "storage.yaml").read_text())
 STORAGE_COMPONENTS = sorted(p.parent for p in (REPO_ROOT / "k8s/components/storage").glob(
     "*/kustomization.yaml"))
+# The variable each SQLite-using service reads for its database's folder (its server.py
+# documents it; the code's defaults are a relative path or a folder on the shared datasets volume,
+# so a manifest must set it). A service that starts using SQLite fails the test below until it is
+# added here and to its manifest.
+DATABASE_DIR_ENV = {"controller": "BATCHLAB_STATE_DIR", "sharding": "BATCHLAB_SHARDING_STATE_DIR"}
 
 
 def claim_users(objects: list[dict]) -> dict[str, list[tuple[str, int]]]:
@@ -88,17 +103,99 @@ def test_each_storage_component_gives_the_gpu_overlay_a_declared_rwx_class(compo
     check_claims(f"gpu + {component.name}", objects, DECLARED["overlays"]["gpu"])
     datasets = by_name(objects, "PersistentVolumeClaim")["datasets"]
     assert datasets["spec"]["storageClassName"] != "nfs-csi" or component.name == "nfs"
-    assert len(of_kind(objects, "PersistentVolumeClaim")) == 3
+    assert len(of_kind(objects, "PersistentVolumeClaim")) == len(DECLARED["overlays"]["gpu"]["claims"])
 
 
 def test_the_rule_catches_the_old_unnamed_rwx_claim(rendered):
-    import copy
-
     objects = copy.deepcopy(rendered("gpu"))
     datasets = by_name(objects, "PersistentVolumeClaim")["datasets"]
     del datasets["spec"]["storageClassName"]
     with pytest.raises(AssertionError, match="storage class None"):
         check_claims("gpu", objects, DECLARED["overlays"]["gpu"])
+
+
+def sqlite_roles() -> set[str]:
+    """The deployables whose own code imports sqlite3 (parsed, so a comment does not count)."""
+    roles = set()
+    for role in SERVICE_ROLES:
+        for path in (REPO_ROOT / "services" / role).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) else [])
+                if "sqlite3" in names:
+                    roles.add(role)
+    return roles
+
+
+def check_sqlite_deployments(build: str, objects: list[dict]) -> None:
+    """One pod at a time (1 replica, Recreate), its database on a ReadWriteOnce claim no other
+    pod template mounts."""
+    deployments = by_name(objects, "Deployment")
+    claims = by_name(objects, "PersistentVolumeClaim")
+    users = claim_users(objects)
+    for role, variable in DATABASE_DIR_ENV.items():
+        deployment = deployments[role]
+        replicas = deployment["spec"].get("replicas", 1)
+        assert replicas == 1, f"{build} {role}: {replicas} replicas share one SQLite database"
+        strategy = deployment["spec"].get("strategy", {}).get("type", "RollingUpdate")
+        assert strategy == "Recreate", (
+            f"{build} {role}: strategy {strategy} runs the old and the new pod together on one "
+            "SQLite database; use Recreate")
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == role]
+        directory = env_of(container).get(variable)
+        assert isinstance(directory, str) and posixpath.isabs(directory), (
+            f"{build} {role}: {variable} must name the database folder on a claim; the "
+            f"code's default is not one (got {directory!r})")
+        mounts = [m for m in container.get("volumeMounts", ())
+                  if posixpath.commonpath([m["mountPath"], directory]) == m["mountPath"]]
+        assert mounts, f"{build} {role}: {variable}={directory} is on no volume"
+        mount = max(mounts, key=lambda m: len(m["mountPath"]))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        assert claim, f"{build} {role}: {directory} is on volume {volume['name']}, not a claim"
+        modes = claims[claim]["spec"]["accessModes"]
+        assert modes == ["ReadWriteOnce"], (
+            f"{build} {role}: its SQLite database is on claim {claim} ({modes}); WAL mode needs "
+            "a local file system, a ReadWriteOnce claim of its own")
+        assert [where for where, _ in users[claim]] == [f"Deployment/{role}"], (
+            f"{build} {role}: claim {claim} is also mounted by {users[claim]}")
+
+
+def test_the_sqlite_services_are_the_ones_the_code_names():
+    """The list above is the code's: every service importing sqlite3, and its server.py reads
+    the variable."""
+    assert sqlite_roles() == set(DATABASE_DIR_ENV)
+    for role, variable in DATABASE_DIR_ENV.items():
+        assert variable in (REPO_ROOT / "services" / role / "server.py").read_text(), role
+
+
+@pytest.mark.builds("base", "dev", "gpu", "tpu")
+def test_sqlite_services_run_one_pod_on_a_readwriteonce_claim(build, rendered):
+    check_sqlite_deployments(build, rendered(build))
+
+
+@pytest.mark.parametrize("defect, message", [
+    ({"replicas": 2}, "2 replicas"),
+    ({"strategy": {"type": "RollingUpdate"}}, "strategy RollingUpdate"),
+    ({"env": None}, "must name the database folder"),
+    ({"env": "/data/sharding"}, "on claim datasets"),
+])
+def test_the_sqlite_rule_catches_the_old_sharding_deployment(rendered, defect, message):
+    """The old manifest had each of these: 2 replicas, a rolling update, and no state folder
+    (the code's default, $BATCHLAB_DATA_DIR/sharding, is on the datasets volume)."""
+    objects = copy.deepcopy(rendered("gpu"))
+    spec = by_name(objects, "Deployment")["sharding"]["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    if "env" in defect:
+        container["env"] = [e for e in container["env"]
+                            if e["name"] != DATABASE_DIR_ENV["sharding"]]
+        if defect["env"]:
+            container["env"].append({"name": DATABASE_DIR_ENV["sharding"], "value": defect["env"]})
+    else:
+        spec.update(defect)
+    with pytest.raises(AssertionError, match=message):
+        check_sqlite_deployments("gpu", objects)
 
 
 def test_every_storage_component_is_documented():
