@@ -382,6 +382,10 @@ class TrainerWorker:
         # XLA:CPU threads, fixed when JAX starts here: on the first run, never earlier, because
         # a multi-host run must call jax.distributed.initialize before JAX's backend starts.
         self._threads: int | None = None
+        # Importing JAX does not start its backend. Import it here, once, so that warm_up and a
+        # first run, which the actor may serve on two threads at once, never import it
+        # concurrently (a half-initialised jax module fails with AttributeErrors).
+        import jax  # noqa: F401
         self._start_metrics()
         log.info("trainer %s ready (pid %d)", self.settings.name, os.getpid())
 
