@@ -330,21 +330,14 @@ def compare_arms(a: Arm, b: Arm, *, goal: Goal, metric_margin: float,
     if min(a.seeds, b.seeds) < min_seeds:
         reason = (f"too few seeds: {a.seeds} and {b.seeds} finished, {min_seeds} needed "
                   "per arm")
-        nan = math.nan
-        empty = Verdict.NOT_ENOUGH_EVIDENCE
-        observed = (_estimate(a, b, sign) if min(a.seeds, b.seeds) > 0 else (nan, nan))
-        return PairVerdict(a.label, b.label, a.seeds, b.seeds,
-                           Interval(observed[0], nan, nan, metric_margin, empty),
-                           Interval(observed[1], nan, nan, fraction_margin, empty),
-                           empty, reason, *medians)
+        observed = (_estimate(a, b, sign) if min(a.seeds, b.seeds) > 0
+                    else (math.nan, math.nan))
+        return _undecided(a, b, observed, (metric_margin, fraction_margin), reason, medians)
     if worst is not None and all(v == worst for arm in (a, b) for v in arm.pooled):
-        nan = math.nan
-        empty = Verdict.NOT_ENOUGH_EVIDENCE
-        return PairVerdict(a.label, b.label, a.seeds, b.seeds,
-                           Interval(0.0, nan, nan, metric_margin, empty),
-                           Interval(0.0, nan, nan, fraction_margin, empty), empty,
-                           "every seed of both optimizers is at the worst value (diverged, or never "
-                           "reached the target where steps are compared): nothing to compare", *medians)
+        return _undecided(a, b, (0.0, 0.0), (metric_margin, fraction_margin),
+                          "every seed of both optimizers is at the worst value (diverged, or "
+                          "never reached the target where steps are compared): nothing to "
+                          "compare", medians)
     generator = _generator(a.label, b.label, context)
     values_a, reached_a = _resample(a, generator, samples)
     values_b, reached_b = _resample(b, generator, samples)
@@ -400,6 +393,16 @@ def _welch_interval(a: np.ndarray, b: np.ndarray,
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = float(scipy.stats.t.ppf(0.5 + level / 2.0, df) * math.sqrt(va + vb))
     return center - half, center + half
+
+
+def _undecided(a: Arm, b: Arm, observed: tuple[float, float], margins: tuple[float, float],
+               reason: str, medians: tuple[tuple[float, ...], tuple[float, ...]]) -> PairVerdict:
+    """"Not enough evidence" without a bootstrap: the observed differences, no intervals."""
+    empty = Verdict.NOT_ENOUGH_EVIDENCE
+    metric, fraction = (Interval(estimate, math.nan, math.nan, margin, empty)
+                        for estimate, margin in zip(observed, margins, strict=True))
+    return PairVerdict(a.label, b.label, a.seeds, b.seeds, metric, fraction, empty, reason,
+                       *medians)
 
 
 def _estimate(a: Arm, b: Arm, sign: float) -> tuple[float, float]:
