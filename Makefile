@@ -52,8 +52,9 @@ images-smoke: setup ## run each image as uid 10001 on a read-only root: gRPC hea
 k8s-check: setup ## validate every kustomize build offline (schemas, KubeRay rules, placement, policies, promtool), the reconciler
 	$(PY) -m pytest -q tests/k8s tests/services/controller/test_reconciler.py tests/services/trainer/test_metrics_exporter.py
 
-lint: setup ## ruff
-	$(VENV)/bin/ruff check libs tests benchmarks services
+lint: setup ## ruff, the import contracts (pyproject [tool.importlinter]) and mypy
+	$(VENV)/bin/ruff check libs tests benchmarks services scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock

@@ -40,7 +40,7 @@ def ray_cluster():
 
     import ray
 
-    from services.trainer.local_ray import ensure_local_ray
+    from batchlab.runner.local_ray import ensure_local_ray
 
     # A short folder outside TMPDIR: Ray puts unix sockets in it (path length limit).
     folder = tempfile.mkdtemp(prefix="blray-", dir="/tmp")

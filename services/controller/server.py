@@ -92,6 +92,7 @@ from batchlab.proto.v1 import (
 )
 from batchlab.rpc.client import StartupError, channel, peer_address
 from batchlab.rpc.server import Registration, build_server, configure_logging
+from batchlab.runner.local_ray import LOCAL_RAY_ENV, ensure_local_ray
 from services.controller.backups import BackupScheduler
 from services.controller.evaluations import EvaluationDriver
 from services.controller.pool import (
@@ -106,7 +107,6 @@ from services.controller.reconciler import start_experiment_reconciler
 from services.controller.scheduler import DEFAULT_UNSCHEDULABLE_AFTER_S, Scheduler, StudyCache
 from services.controller.servicer import ExperimentServicer
 from services.controller.storage import ExperimentStorage, SQLiteStorage
-from services.trainer.local_ray import LOCAL_RAY_ENV, ensure_local_ray
 
 __all__ = ["Controller", "ControllerConfig", "known_workloads", "main"]
 

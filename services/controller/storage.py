@@ -33,10 +33,11 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from batchlab.sqlite import ThreadConnections
 from services.controller.backups import check_database
 
 __all__ = [
@@ -572,11 +573,7 @@ class SQLiteStorage(ExperimentStorage):
         # Before anything touches the file: a damaged database is refused with the way out.
         check_database(self.path)
         self._clock = clock
-        self._busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._closed = False
+        self._db = ThreadConnections(self.path, busy_timeout_s=busy_timeout_s, foreign_keys=True)
         # Idempotent DDL (IF NOT EXISTS), outside a transaction: executescript commits first.
         self._connection().executescript(_SCHEMA)
         with self._write() as conn:
@@ -599,54 +596,23 @@ class SQLiteStorage(ExperimentStorage):
 
     # -- connections ------------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
-        if self._closed:
+        if self._db.closed:
             raise StorageError(f"{self.path}: storage is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # In WAL mode NORMAL survives a killed process (SIGKILL); a power cut may lose the
-            # last commits, which costs at most re-running those attempts.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
-        return conn
+        return self._db.get()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One write transaction; rolled back on any exception."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        self._connection()
+        return self._db.write()
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One read transaction: every query inside sees the same snapshot."""
-        conn = self._connection()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        self._connection()
+        return self._db.read()
 
     def close(self) -> None:
         """Close every thread's connection."""
-        self._closed = True
-        with self._connections_lock:
-            for conn in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._connections.clear()
+        self._db.close()
 
     # -- experiments ------------------------------------------------------------------------
     def create_experiment(self, experiment_id: str, request_id: str,

@@ -12,14 +12,13 @@ outlive the sharding process, since trainers resume after any of the services re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sqlite3
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from batchlab.sqlite import ThreadConnections
 
 __all__ = ["PositionStore"]
 
@@ -49,34 +48,9 @@ class PositionStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / self.FILENAME
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._guard = threading.Lock()
-        self._connection().executescript(_SCHEMA)
+        self._db = ThreadConnections(self.path)
+        self._db.get().executescript(_SCHEMA)
         log.info("shard positions at %s", self.path)
-
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            with self._guard:
-                self._connections.append(conn)
-        return conn
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def record(self, trial: str, step: int, hosts: Sequence[Mapping[str, Any]]) -> int:
         """Store (replace) hosts' positions at a checkpoint step.
@@ -89,7 +63,7 @@ class PositionStore:
         Returns:
           How many were stored.
         """
-        with self._write() as conn:
+        with self._db.write() as conn:
             for host in hosts:
                 conn.execute(
                     "INSERT INTO positions (trial, step, shard_index, host) VALUES (?, ?, ?, ?) "
@@ -100,20 +74,16 @@ class PositionStore:
 
     def at(self, trial: str, step: int) -> dict[int, dict[str, Any]]:
         """The positions recorded at a step, by shard index (empty when none were)."""
-        rows = self._connection().execute(
+        rows = self._db.get().execute(
             "SELECT shard_index, host FROM positions WHERE trial = ? AND step = ? "
             "ORDER BY shard_index", (trial, int(step))).fetchall()
         return {int(index): json.loads(host) for index, host in rows}
 
     def delete(self, trial: str) -> int:
         """Forget every position of a trial; returns how many rows went."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             return conn.execute("DELETE FROM positions WHERE trial = ?", (trial,)).rowcount
 
     def close(self) -> None:
         """Close every thread's connection."""
-        with self._guard:
-            for conn in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._connections.clear()
+        self._db.close()

@@ -15,16 +15,16 @@ from synthetic_results import SEEDS, Synthetic, build_results
 
 from batchlab.report import write_report
 from batchlab.report.results import load_results, protocol_studies
-from batchlab.report.verdicts import decide_point, verdict_section
-from batchlab.search.compare import Arm, Verdict, compare_arms
-from batchlab.search.study import Goal
 from batchlab.report.tables import (
     best_hyperparameters_table,
     comparison_table,
     effort_table,
     markdown_table,
 )
+from batchlab.report.verdicts import decide_point, verdict_section
+from batchlab.search.compare import Arm, Verdict, compare_arms
 from batchlab.search.space import get_path
+from batchlab.search.study import Goal
 
 WORKLOAD = "mnist1d_resnet1d"
 POINTS = {128: 100, 512: 50}

@@ -71,3 +71,19 @@ def test_channel_rejects_an_empty_address():
     with pytest.raises(ValueError):
         client.channel("")
 
+
+
+def test_free_ports_stay_out_of_the_ranges_other_processes_bind_and_never_repeat():
+    """Ray and gRPC bind port 0 (the kernel's ephemeral range) and Ray's workers use 10002-19999;
+    a probed port in either range could be taken before the server binds it (the CI failure of
+    the observability stack: 'Address already in use' on a metrics port)."""
+    from batchlab.rpc.client import _ephemeral_floor, free_ports
+
+    first = free_ports(5)
+    second = free_ports(5)
+    both = first + second
+    assert len(set(both)) == 10
+    assert all(20000 <= p < _ephemeral_floor() for p in both)
+    for port in both:  # each is bindable now
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))

@@ -185,3 +185,25 @@ def test_settings_from_env():
         "0.0.0.0", 50052, 9102, None)
     with pytest.raises(ValueError, match="BATCHLAB_SHARDING_PORT"):
         settings_from_env("sharding", default_port=1, environ={"BATCHLAB_SHARDING_PORT": "x"})
+
+
+def test_a_taken_metrics_port_ends_the_service_with_status_2_and_one_line(tmp_path):
+    """Not a traceback and status 1: `batchlab up` retries status-1 exits on the same port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = {**os.environ, "BATCHLAB_CHECKPOINT_ROOT": str(tmp_path),
+               "BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_CHECKPOINTS_PORT": "0",
+               "BATCHLAB_METRICS_PORT": str(taken)}
+        done = subprocess.run([sys.executable, "-m", "services.checkpoints.server"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "checkpoints cannot start" in x]
+    assert f"metrics port 127.0.0.1:{taken} (BATCHLAB_METRICS_PORT)" in line

@@ -17,8 +17,8 @@ import pytest
 from google.protobuf import json_format
 
 import batchlab.train
-from batchlab.runner import ResultStore, run_experiment
 from batchlab.proto.v1 import experiment_pb2
+from batchlab.runner import ResultStore, run_experiment
 from batchlab.search import expand_studies, load_spec
 from batchlab.search.protocol import RunKind
 from batchlab.search.space import SpecError

@@ -11,7 +11,6 @@ verdict built on a flagged study says so in words.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 

@@ -177,21 +177,53 @@ def wait_for_ready(channel: grpc.Channel, timeout: float, *, service: str = "") 
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
-    """Ports free on ``host`` right now (all held open together, so they differ).
+# Ray's default worker ports (--min-worker-port/--max-worker-port) end at 19999.
+_PROBE_FLOOR = 20000
+_handed_out: set[int] = set()
 
-    For tests, benchmarks and coordinators that need a port before a server binds it; another
-    process may still take one in between, as with any such probe.
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands to bind(0); probes stay below it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on ``host`` right now, all different, none handed out before by this process.
+
+    For tests, benchmarks and coordinators that need a port before a server binds it. The ports
+    are drawn between Ray's worker-port range and the kernel's ephemeral range: every process
+    that binds port 0 (Ray's raylets and workers, gRPC clients, other servers) gets a port from
+    the ephemeral range, so it cannot take one of these in the window between this probe and
+    the server's bind, as it could when the probe itself asked for port 0.
 
     Args:
       count: how many ports.
       host: the interface to probe.
     """
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    import random
+
+    rng = random.SystemRandom()
+    ceiling = _ephemeral_floor()
+    if ceiling - _PROBE_FLOOR < 100:
+        ceiling = 65536
+    chosen: list[int] = []
+    for _ in range(200 * count):
+        if len(chosen) == count:
+            break
+        port = rng.randrange(_PROBE_FLOOR, ceiling)
+        if port in _handed_out or port in chosen:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < count:
+        raise OSError(f"free_ports: found only {len(chosen)} of {count} free ports on {host}")
+    _handed_out.update(chosen)
+    return chosen

@@ -746,8 +746,14 @@ def run_service(
     except (RuntimeError, ValueError, OSError) as exc:  # StartupError is a RuntimeError.
         logger.error("%s cannot start: %s", name, exc)
         return EXIT_CONFIGURATION
-    metrics_server = start_metrics_server(settings.metrics_port, metrics.registry,
-                                          addr=settings.host)
+    try:
+        metrics_server = start_metrics_server(settings.metrics_port, metrics.registry,
+                                              addr=settings.host)
+    except OSError as exc:
+        logger.error("%s cannot start: metrics port %s:%d (%s): %s", name, settings.host,
+                     settings.metrics_port, METRICS_PORT_ENV, exc)
+        server.stop(None)
+        return EXIT_CONFIGURATION
     logger.info("%s metrics on %s:%d", name, settings.host, metrics_server.port)
     try:
         return serve(server, grace=settings.grace)

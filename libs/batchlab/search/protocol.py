@@ -39,15 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from batchlab.search.study import Selection, Study, Target, TargetReading, run_seeds
-
-
-class Outcome(enum.IntEnum):
-    """How a run attempt ended (numbers as batchlab.v1.Outcome)."""
-
-    SUCCEEDED = 1
-    DIVERGED = 2
-    FAILED = 3
-    CANCELLED = 4
+from batchlab.targets import Outcome
 
 
 class RunKind(enum.StrEnum):

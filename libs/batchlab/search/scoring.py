@@ -45,45 +45,10 @@ from batchlab.search.protocol import (
     reading_steps,
     study_state,
 )
-from batchlab.search.study import Goal, Study, Target
+from batchlab.search.study import Goal, Study
+from batchlab.targets import steps_to_target
 
 INF_JSON = "inf"
-
-
-def _goal(goal: Goal | int | str) -> Goal:
-    if isinstance(goal, str):
-        return Goal[goal.upper()]
-    return Goal(goal)
-
-
-def steps_to_target(eval_steps: Sequence[int], metric_values: Sequence[float], target: float,
-                    goal: Goal | int | str) -> int | float:
-    """The first evaluation step whose metric meets the target; math.inf if none does.
-
-    Args:
-      eval_steps: the steps at which the metric was evaluated, non-decreasing.
-      metric_values: the metric at those steps (NaN allowed: it never meets the target).
-      target: the target value.
-      goal: Goal.MAXIMIZE (met when value >= target) or Goal.MINIMIZE (value <= target), or
-        its name or number.
-
-    Example:
-      >>> steps_to_target([100, 200, 300], [0.5, 0.8, 0.9], 0.75, Goal.MAXIMIZE)
-      200
-
-    References:
-      Shared reference/optimizers.md section 8; AlgoPerf scoring.
-    """
-    if len(eval_steps) != len(metric_values):
-        raise ValueError(f"eval_steps ({len(eval_steps)}) and metric_values "
-                         f"({len(metric_values)}) differ in length")
-    if any(b < a for a, b in zip(eval_steps, eval_steps[1:], strict=False)):
-        raise ValueError("eval_steps must be non-decreasing")
-    rule = Target(metric="", value=float(target), goal=_goal(goal))
-    for step, value in zip(eval_steps, metric_values, strict=True):
-        if rule.is_met(float(value)):
-            return int(step)
-    return math.inf
 
 
 def _json(value: Any) -> Any:

@@ -23,121 +23,30 @@ from __future__ import annotations
 import copy
 import enum
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchlab.search.halton import halton_point
 from batchlab.search.space import SearchSpace, set_path
+from batchlab.targets import (  # noqa: F401 - re-exported: the study protocol speaks of them
+    DEFAULT_ABSOLUTE_MARGIN,
+    DEFAULT_FRACTION_MARGIN,
+    DEFAULT_MARGIN_FRACTION,
+    Goal,
+    Target,
+    TargetReading,
+)
 
 # Schedules (batchlab.optim.schema) whose total_steps defaults to the study's step budget.
 SCHEDULES_WITH_TOTAL_STEPS = frozenset({"piecewise_polynomial", "bert_legacy", "cosine",
                                         "linear_decay"})
 SEED_LIMIT = 2**31  # run seeds are in [0, 2**31): valid for numpy, JAX PRNG keys and int32.
-# Default practical-equivalence margins (protocol.md: a stated margin, fixed before the data).
-DEFAULT_MARGIN_FRACTION = 0.01  # of |target value|: 0.009 for an accuracy target of 0.9
-DEFAULT_ABSOLUTE_MARGIN = 0.01  # when the target value is 0
-DEFAULT_FRACTION_MARGIN = 0.25  # difference in the fraction of seeds reaching the target
-
-
-class Goal(enum.IntEnum):
-    """Whether larger or smaller metric values are better (numbers as batchlab.v1.Goal)."""
-
-    MAXIMIZE = 1
-    MINIMIZE = 2
-
-
-class TargetReading(enum.IntEnum):
-    """When a run counts as having reached its target (numbers as batchlab.v1.TargetReading).
-
-    FIRST_EVALUATION: at the first evaluation whose metric meets the target (MLPerf, AlgoPerf).
-    END_OF_BUDGET: only if the metric still meets it at the end of the budget (the paper's
-    Tables 2 and 3 read the final value); steps-to-target is then the first evaluation from
-    which every later evaluation meets the target.
-    """
-
-    FIRST_EVALUATION = 1
-    END_OF_BUDGET = 2
-
-
 class Selection(enum.IntEnum):
     """The rule that picks a study's best trial (numbers as batchlab.v1.Selection)."""
 
     BEST_VALIDATION_METRIC = 1
     FEWEST_STEPS_TO_TARGET = 2
-
-
-@dataclass(frozen=True)
-class Target:
-    """The metric a study is measured by and the value that counts as reaching the goal.
-
-    Args:
-      metric: the metric name, e.g. "validation/accuracy".
-      value: the target value (0.759 for ResNet-50 top-1 in Section 2).
-      goal: MAXIMIZE (met when metric >= value) or MINIMIZE (met when metric <= value).
-    """
-
-    metric: str
-    value: float
-    goal: Goal
-    reading: TargetReading = TargetReading.FIRST_EVALUATION
-    equivalence_margin: float | None = None
-    fraction_margin: float | None = None
-
-    @property
-    def metric_margin(self) -> float:
-        """The practical-equivalence margin for differences in the metric (default 1% of |value|)."""
-        if self.equivalence_margin is not None:
-            return float(self.equivalence_margin)
-        return DEFAULT_MARGIN_FRACTION * abs(self.value) if self.value else DEFAULT_ABSOLUTE_MARGIN
-
-    @property
-    def reaching_margin(self) -> float:
-        """The practical-equivalence margin for differences in the fraction reaching the target."""
-        if self.fraction_margin is not None:
-            return float(self.fraction_margin)
-        return DEFAULT_FRACTION_MARGIN
-
-    def worst_value(self) -> float:
-        """The value a diverged run counts as in metric statistics: the worst possible one.
-
-        0 for a maximised metric that cannot be negative (accuracies: the name ends in
-        "accuracy"), -inf for any other maximised metric, +inf for a minimised one (a loss).
-        Counting divergence as the worst value keeps an optimizer that sometimes diverges from
-        being favoured by dropping its failures.
-        """
-        if self.goal is Goal.MINIMIZE:
-            return math.inf
-        return 0.0 if self.metric.endswith("accuracy") else -math.inf
-
-    def is_met(self, metric_value: float) -> bool:
-        """Whether a metric value meets the target; NaN never does.
-
-        Args:
-          metric_value: one evaluation of the metric.
-        """
-        if metric_value is None or math.isnan(metric_value):
-            return False
-        if self.goal is Goal.MAXIMIZE:
-            return metric_value >= self.value
-        return metric_value <= self.value
-
-    def rank_key(self, metric_value: float | None) -> float:
-        """A key that sorts better metric values first; NaN and None sort last.
-
-        Args:
-          metric_value: a final metric value.
-        """
-        if metric_value is None or math.isnan(metric_value):
-            return math.inf
-        return -metric_value if self.goal is Goal.MAXIMIZE else metric_value
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, with the goal and reading by name and the margins in use."""
-        return {"metric": self.metric, "value": self.value, "goal": self.goal.name,
-                "reading": self.reading.name, "equivalence_margin": self.metric_margin,
-                "fraction_margin": self.reaching_margin}
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,7 @@ import numpy as np
 
 from batchlab import data as bdata
 from batchlab.optim import from_config, learning_rate_fn, validate_optimizer_config
-from batchlab.search.protocol import Outcome
-from batchlab.search.scoring import steps_to_target
-from batchlab.search.study import Goal, Target
+from batchlab.targets import Goal, Outcome, Target, steps_to_target
 from batchlab.train.checkpoint import (
     RunCheckpointer,
     check_initial_variables,

@@ -9,7 +9,7 @@ import types
 import pytest
 import ray
 
-from services.trainer.local_ray import RayStartTimeout, ensure_local_ray
+from batchlab.runner.local_ray import RayStartTimeout, ensure_local_ray
 
 GCS_TIMEOUT = "Timed out waiting for file /tmp/ray/session_x/logs/gcs_server_port_abc. See logs"
 
