@@ -106,3 +106,17 @@ def test_up_without_a_token_says_nothing_of_tokens(started_stack, monkeypatch, c
     monkeypatch.delenv("BATCHLAB_AUTH_TOKEN", raising=False)
     assert cli.main(started_stack) == 0
     assert "TOKEN" not in capsys.readouterr().out
+
+
+def test_watch_without_a_terminal_prints_one_line_per_change():
+    """A live view prints nothing to a pipe until the stream ends; a log reader sees lines."""
+    from batchlab.client.watch import watch
+
+    console = Console(record=True, width=300, force_terminal=False)
+    first, second = _experiment("experiments/a"), _experiment("experiments/a", REASON)
+    messages = [controller_pb2.WatchExperimentResponse(experiment=e) for e in (first, first, second)]
+    assert watch(iter(messages), console=console) == second
+    lines = console.export_text().splitlines()
+    assert len(lines) == 2  # the repeated snapshot printed nothing
+    assert lines[0].startswith("experiments/a ") and "waits" not in lines[0]
+    assert lines[1].endswith(f"waits: {REASON}")

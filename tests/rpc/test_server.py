@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -207,3 +208,20 @@ def test_a_taken_metrics_port_ends_the_service_with_status_2_and_one_line(tmp_pa
     assert "Traceback" not in done.stderr
     (line,) = [x for x in done.stderr.splitlines() if "checkpoints cannot start" in x]
     assert f"metrics port 127.0.0.1:{taken} (BATCHLAB_METRICS_PORT)" in line
+
+
+@pytest.mark.parametrize("level, expected", [("INFO", logging.WARNING), ("DEBUG", logging.NOTSET)])
+def test_service_logging_quiets_orbax_and_jax_unless_debugging(level, expected):
+    """An evaluation logged ~16 INFO lines from orbax/absl and JAX around the evaluator's one."""
+    from batchlab.rpc.server import configure_logging
+
+    names = ("absl", "orbax", "jax")
+    before = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        configure_logging({"BATCHLAB_LOG_LEVEL": level})
+        assert {name: logging.getLogger(name).level for name in names} == dict.fromkeys(names, expected)
+    finally:
+        for name, value in before.items():
+            logging.getLogger(name).setLevel(value)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -13,7 +14,7 @@ from rich.text import Text
 
 from batchlab.proto.v1 import controller_pb2
 
-__all__ = ["render", "watch"]
+__all__ = ["render", "summary_line", "watch"]
 
 _STATE = controller_pb2.Experiment.State
 
@@ -59,11 +60,32 @@ def render(experiment: controller_pb2.Experiment, best: dict[str, float]) -> Gro
     return Group(head, table)
 
 
-def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *, target_metric_goal=None) -> controller_pb2.Experiment | None:
-    """Render the stream live until it ends; return the last experiment seen."""
+def summary_line(experiment: controller_pb2.Experiment) -> str:
+    """One plain line for logs and pipes: state, trial counts, studies done, why runs wait."""
+    counts = experiment.trial_counts
+    done = sum(1 for study in experiment.studies if study.phase == "done")
+    line = (f"{experiment.name} {_STATE.Name(experiment.state)}: queued {counts.pending} "
+            f"running {counts.running} succeeded {counts.succeeded} diverged {counts.diverged} "
+            f"failed {counts.failed} cancelled {counts.cancelled}; studies done {done} of "
+            f"{len(experiment.studies)}")
+    if experiment.pending_reason:
+        line += f"; waits: {experiment.pending_reason}"
+    return line
+
+
+def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *, target_metric_goal=None,
+          console: Console | None = None) -> controller_pb2.Experiment | None:
+    """Render the stream until it ends; return the last experiment seen.
+
+    On a terminal the view is redrawn in place. Elsewhere (a pipe, a log file, CI) a live view
+    would print nothing until the stream ends, so each change is one plain line instead.
+    """
+    console = console or Console()
     best: dict[str, float] = {}
     last = None
-    with Live(refresh_per_second=4, transient=False) as live:
+    live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
+    printed = ""
+    with live or contextlib.nullcontext():
         for message in stream:
             if message.HasField("experiment"):
                 last = message.experiment
@@ -77,6 +99,11 @@ def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *, target_me
                     better = old is None or (value > old if goal != 2 else value < old)
                     if better and not math.isnan(value):
                         best[study] = value
-            if last is not None:
+            if last is None:
+                continue
+            if live is not None:
                 live.update(render(last, best))
+            elif (line := summary_line(last)) != printed:
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+                printed = line
     return last

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
@@ -60,7 +61,7 @@ __all__ = [
 
 
 def _bert(config: BertConfig) -> Callable[..., nn.Module]:
-    def build(**overrides) -> nn.Module:
+    def build(**overrides: Any) -> nn.Module:
         return BertForPreTraining(dataclasses.replace(config, **overrides))
 
     return build
@@ -79,7 +80,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 
-def get_model(name: str, **overrides) -> nn.Module:
+def get_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model, with fields overridden.
 
     Args:

@@ -55,7 +55,7 @@ class BertConfig:
     layer_norm_epsilon: float = 1e-12
     dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -117,7 +117,7 @@ class BertEmbeddings(nn.Module):
 
     config: BertConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.config
         self.word_embeddings = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=_init(cfg), dtype=cfg.dtype
@@ -143,7 +143,8 @@ class BertEmbeddings(nn.Module):
         x = x + self.position_embeddings(jnp.arange(seq_len))[None]
         x = x + self.token_type_embeddings(segment_ids)
         x = self.layer_norm(x)
-        return self.dropout(x, deterministic=not train)
+        embedded: jax.Array = self.dropout(x, deterministic=not train)
+        return embedded
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Projects hidden states onto the vocabulary with the word embedding matrix (tied)."""
@@ -199,7 +200,8 @@ class BertLayer(nn.Module):
         x = _layer_norm(cfg, "attention_layer_norm")(x + drop(y, deterministic=not train))
         y = _gelu(_dense(cfg, cfg.intermediate_size, "intermediate")(x))
         y = _dense(cfg, cfg.hidden_size, "output")(y)
-        return _layer_norm(cfg, "output_layer_norm")(x + drop(y, deterministic=not train))
+        out: jax.Array = _layer_norm(cfg, "output_layer_norm")(x + drop(y, deterministic=not train))
+        return out
 
 
 class BertModel(nn.Module):
@@ -211,7 +213,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.config
         self.embeddings = BertEmbeddings(cfg)
         self.layers = [BertLayer(cfg) for _ in range(cfg.num_layers)]

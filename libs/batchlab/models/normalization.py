@@ -103,7 +103,8 @@ class VirtualBatchNorm(nn.Module):
 
         if use_running_average:
             y = (xf - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon)
-            return (y * scale + bias).astype(out_dtype)
+            normalised: jax.Array = (y * scale + bias).astype(out_dtype)
+            return normalised
 
         groups = self._split_into_sub_batches(xf)
         reduce_axes = tuple(range(1, groups.ndim - 1))
@@ -133,7 +134,8 @@ class VirtualBatchNorm(nn.Module):
             m = self.momentum
             ra_mean.value = (m * ra_mean.value + (1.0 - m) * batch_mean).astype(self.param_dtype)
             ra_var.value = (m * ra_var.value + (1.0 - m) * batch_var).astype(self.param_dtype)
-        return y.astype(out_dtype)
+        normalised_batch: jax.Array = y.astype(out_dtype)
+        return normalised_batch
 
     def _split_into_sub_batches(self, x: jax.Array) -> jax.Array:
         """Reshapes (batch, ...) to (num_sub_batches, virtual_batch_size, ...)."""

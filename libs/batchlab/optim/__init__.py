@@ -9,6 +9,7 @@ configurations; the rest loads on first use.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 # name -> the submodule that defines it; None marks a submodule itself.
 _EXPORTS = {
@@ -35,7 +36,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'batchlab.optim' has no attribute {name!r}")
     module = _EXPORTS[name]

@@ -30,9 +30,10 @@ def _build_schedule(cfg: dict[str, Any], path: str) -> optax.Schedule:
     if kwargs.get("total_steps", 0) is None:
         raise ConfigError(f"{path}.total_steps", "required (no step budget was given to fill it)")
     try:
-        return getattr(schedules, cfg["schedule"])(**kwargs)
+        schedule: optax.Schedule = getattr(schedules, cfg["schedule"])(**kwargs)
     except ValueError as err:  # cross-field checks inside the schedule
         raise ConfigError(path, str(err)) from err
+    return schedule
 
 
 def schedule_from_config(
@@ -92,7 +93,9 @@ def from_config(
     )
 
 
-def learning_rate_fn(mapping: Any, *, total_steps: int | None = None, group: str = "weights"):
+def learning_rate_fn(
+    mapping: Any, *, total_steps: int | None = None, group: str = "weights"
+) -> optax.Schedule:
     """The learning-rate schedule of one group of a config (for logging and plots).
 
     Args:

@@ -10,7 +10,8 @@ embeddings) is "weights". Module names play no part.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import jax
 import optax
@@ -23,7 +24,7 @@ GROUPS = (WEIGHTS, BIAS_BN)
 _BIAS_BN_NAMES = frozenset({"bias", "scale", "offset", "beta", "gamma"})
 
 
-def _leaf_name(path) -> str:
+def _leaf_name(path: tuple[Any, ...]) -> str:
     if not path:
         return ""
     key = path[-1]
@@ -33,14 +34,14 @@ def _leaf_name(path) -> str:
     return str(key)
 
 
-def _label(path, leaf) -> str:
+def _label(path: tuple[Any, ...], leaf: Any) -> str:
     # A multi-head attention bias is rank 2 (heads, head_dim): the name catches it.
     if getattr(leaf, "ndim", 0) <= 1 or _leaf_name(path) in _BIAS_BN_NAMES:
         return BIAS_BN
     return WEIGHTS
 
 
-def param_groups(params):
+def param_groups(params: optax.Params) -> Any:
     """Label every leaf of ``params`` "weights" or "bias_bn".
 
     Args:
@@ -64,7 +65,7 @@ def grouped(
     *,
     weights: optax.GradientTransformation,
     bias_bn: optax.GradientTransformation,
-    labels=None,
+    labels: Any = None,
 ) -> optax.GradientTransformation:
     """Apply one transformation to the "weights" group and another to "bias_bn".
 
@@ -80,5 +81,5 @@ def grouped(
       >>> from batchlab.optim import heavy_ball, lars
       >>> opt = grouped(weights=lars(1.0, weight_decay=1e-4), bias_bn=heavy_ball(1.0))
     """
-    transforms: Mapping[str, optax.GradientTransformation] = {WEIGHTS: weights, BIAS_BN: bias_bn}
+    transforms: Mapping[Hashable, optax.GradientTransformation] = {WEIGHTS: weights, BIAS_BN: bias_bn}
     return optax.multi_transform(transforms, param_groups if labels is None else labels)

@@ -68,7 +68,15 @@ class PaperConfig:
     continues_from: str | None = None
 
 
-def _poly(init, peak, end, warmup, total, p_warmup, p_decay) -> dict[str, Any]:
+def _poly(
+    init: float,
+    peak: float,
+    end: float,
+    warmup: int,
+    total: int,
+    p_warmup: float,
+    p_decay: float,
+) -> dict[str, Any]:
     return {
         "schedule": "piecewise_polynomial",
         "init_value": init,
@@ -81,7 +89,7 @@ def _poly(init, peak, end, warmup, total, p_warmup, p_decay) -> dict[str, Any]:
     }
 
 
-def _resnet_hparams(tau, gamma_0, rho, eps) -> dict[str, Any]:
+def _resnet_hparams(tau: float, gamma_0: float, rho: float, eps: float) -> dict[str, Any]:
     return {
         "label_smoothing": tau,
         "gamma_0": gamma_0,
@@ -184,13 +192,15 @@ def _table7() -> list[PaperConfig]:
 
 
 def _table8() -> list[PaperConfig]:
-    def cos(lr):
+    def cos(lr: float) -> dict[str, Any]:
         return {"schedule": "cosine", "peak_value": lr, "total_steps": 6000}
 
-    def group(opt, lr, **kw):
+    def group(opt: str, lr: float, **kw: float) -> dict[str, Any]:
         return {"optimizer": opt, "learning_rate": cos(lr), **kw}
 
-    def final_ranges(grouped, lr_range, wd_range):
+    def final_ranges(
+        grouped: bool, lr_range: tuple[float, float], wd_range: tuple[float, float]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         # Table 8's "Final Range", all on a log scale; with two groups the bias/BN learning
         # rate follows the weights' (lambda is 0 there, Appendix D.3).
         if grouped:

@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -91,7 +92,7 @@ def piecewise_polynomial(
     warmup = float(max(warmup_steps, 1))
     decay = float(max(total_steps - warmup_steps, 1))
 
-    def schedule(count):
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         t = jnp.asarray(count, jnp.float32)
         up_frac = jnp.clip(t / warmup, 0.0, 1.0)
         up = init_value + (peak_value - init_value) * up_frac**warmup_power
@@ -133,7 +134,7 @@ def bert_legacy(peak_value: float, warmup_steps: int, total_steps: int) -> optax
         raise ValueError("total_steps: must be > 0 for bert_legacy")
     warmup = float(max(warmup_steps, 1))
 
-    def schedule(count):
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         t = jnp.asarray(count, jnp.float32)
         up = peak_value * t / warmup
         down = peak_value * (1.0 - jnp.minimum(t, total_steps) / total_steps)

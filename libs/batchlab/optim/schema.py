@@ -60,24 +60,24 @@ def _number(path: str, value: Any) -> float:
 
 
 def _non_negative(path: str, value: Any) -> float:
-    value = _number(path, value)
-    if value < 0:
-        raise ConfigError(path, f"must be >= 0, got {value}")
-    return value
+    number = _number(path, value)
+    if number < 0:
+        raise ConfigError(path, f"must be >= 0, got {number}")
+    return number
 
 
 def _positive(path: str, value: Any) -> float:
-    value = _number(path, value)
-    if value <= 0:
-        raise ConfigError(path, f"must be > 0, got {value}")
-    return value
+    number = _number(path, value)
+    if number <= 0:
+        raise ConfigError(path, f"must be > 0, got {number}")
+    return number
 
 
 def _unit_interval(path: str, value: Any) -> float:
-    value = _number(path, value)
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(path, f"must be in [0, 1), got {value}")
-    return value
+    number = _number(path, value)
+    if not 0.0 <= number < 1.0:
+        raise ConfigError(path, f"must be in [0, 1), got {number}")
+    return number
 
 
 def _steps(path: str, value: Any) -> int:
@@ -95,7 +95,7 @@ def _boolean(path: str, value: Any) -> bool:
 
 def _one_of(*allowed: str) -> Callable[[str, Any], str]:
     def check(path: str, value: Any) -> str:
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             raise ConfigError(path, f"must be one of {list(allowed)}, got {value!r}")
         return value
 
@@ -163,7 +163,9 @@ SCHEDULES: dict[str, dict[str, Field]] = {
 }
 
 
-def _fields(path: str, given: Mapping[str, Any], kind: str, spec: Mapping[str, Field], skip: str):
+def _fields(
+    path: str, given: Mapping[str, Any], kind: str, spec: Mapping[str, Field], skip: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in given:
         if key != skip and key not in spec:

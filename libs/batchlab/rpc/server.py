@@ -695,6 +695,7 @@ def settings_from_env(name: str, *, default_port: int, default_metrics_port: int
 
 
 LOG_LEVEL_ENV = "BATCHLAB_LOG_LEVEL"
+_NOISY_LOGGERS = ("absl", "orbax", "jax", "etils", "tensorflow_datasets")
 
 
 def configure_logging(environ: Mapping[str, str] | None = None) -> None:
@@ -705,10 +706,16 @@ def configure_logging(environ: Mapping[str, str] | None = None) -> None:
     """
     environ = os.environ if environ is None else environ
     level = environ.get(LOG_LEVEL_ENV, "INFO").upper()
+    level = level if level in logging.getLevelNamesMapping() else "INFO"
     logging.basicConfig(
-        level=level if level in logging.getLevelNamesMapping() else "INFO",
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
     )
+    # Orbax (through absl), JAX and tfds log every save, restore and compile at INFO: a dozen
+    # lines per evaluation that bury the service's own. They speak at DEBUG level only.
+    if logging.getLevelNamesMapping()[level] > logging.DEBUG:
+        for noisy in _NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_service(

@@ -28,7 +28,7 @@ class Harness:
         self.scheduler = Scheduler(self.storage, self.pool, studies=studies)
         self.servicer = ExperimentServicer(self.storage, known_workloads={WORKLOAD},
                                            studies=studies, scheduler=self.scheduler,
-                                           watch_period_s=0.05)
+                                           watch_period_s=0.05, min_watch_period_s=0.05)
 
     def submit(self, spec=None, request_id="", validate_only=False):
         request = controller_pb2.SubmitExperimentRequest(
@@ -279,3 +279,19 @@ def test_trial_steps_to_target_is_infinite_when_never_reached(harness):
     response = harness.servicer.ListTrials(controller_pb2.ListTrialsRequest(parent=name),
                                            FakeContext())
     assert all(math.isinf(t.steps_to_target) for t in response.trials)
+
+
+def test_a_watch_period_below_the_floor_is_raised_to_it():
+    """Many fast watchers would each re-read the experiment 20 times a second."""
+    from services.controller.servicer import ExperimentServicer
+
+    servicer = ExperimentServicer(InMemoryStorage())
+    assert servicer.min_watch_period_s == 0.5
+    seen = []
+    servicer._watch = lambda experiment_id, period, context: iter(seen.append(period) or ())
+    name = servicer.SubmitExperiment(controller_pb2.SubmitExperimentRequest(
+        spec=json_format.ParseDict(spec_dict(), experiment_pb2.ExperimentSpec())), None).name
+    for asked in (0.01, 0.0, 5.0, 600.0):
+        list(servicer.WatchExperiment(controller_pb2.WatchExperimentRequest(
+            name=name, period_seconds=asked), None))
+    assert seen == [0.5, 1.0, 5.0, 60.0]
