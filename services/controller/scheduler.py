@@ -14,7 +14,8 @@ One background thread repeats a tick:
      protocol records, `batchlab.search.next_runs(study, records, in_flight=...,
      parallelism=...)` says what to launch, and those runs are stored as QUEUED attempts;
      the study's score (`score_study`) is stored whenever its records change; when every
-     study is done the experiment SUCCEEDED;
+     study is done the experiment SUCCEEDED (FAILED when a run failed for good: its study
+     is missing a run the protocol budgeted);
   3. place QUEUED attempts, oldest first, on free trainers (QUEUED -> ACTIVE; the
      experiment is RUNNING from its first placed attempt). A run whose resources no node of
      the cluster can provide is not placed anywhere: it stays QUEUED with the reason (the
@@ -419,23 +420,23 @@ class Scheduler:
             self._fail(experiment, f"every run failed; last error: {last}")
             return
         # A run that failed for good (a best trial's rerun seed, say) is missing from the
-        # results: the experiment still succeeds with the others, but says which are missing.
+        # results, so its study did not get the budget the protocol promises the others: the
+        # experiment FAILS (as Ray Tune ends with an error when a trial errored), naming the
+        # missing runs; its stored runs and scores stay readable (GetReport, ListTrials).
         ended = {a.trial for a in results}
         lost = sorted({a.trial.name for a in attempts if a.trial not in ended})
-        error = ""
         if lost:
             last = next((a.error for a in reversed(attempts)
                          if a.error and a.trial.name in lost), "")
-            error = (f"{len(lost)} run{'s' if len(lost) > 1 else ''} failed for good and "
-                     f"{'are' if len(lost) > 1 else 'is'} missing from the results: "
-                     f"{', '.join(lost)}; last error: {last}")
+            self._fail(experiment, f"{len(lost)} run{'s' if len(lost) > 1 else ''} failed for "
+                                   f"good and {'are' if len(lost) > 1 else 'is'} missing from "
+                                   f"the results, so the studies' budgets are not equal: "
+                                   f"{', '.join(lost)}; last error: {last}")
+            return
         if self.storage.set_experiment_state(experiment.id, ExperimentState.SUCCEEDED,
                                              expected=[ExperimentState.PENDING,
-                                                       ExperimentState.RUNNING], error=error):
-            if error:
-                log.warning("experiment %s SUCCEEDED, but %s", experiment.id, error)
-            else:
-                log.info("experiment %s SUCCEEDED", experiment.id)
+                                                       ExperimentState.RUNNING]):
+            log.info("experiment %s SUCCEEDED", experiment.id)
 
     def _fail(self, experiment: ExperimentRecord, error: str) -> None:
         if self.storage.set_experiment_state(
@@ -455,9 +456,9 @@ class Scheduler:
                 count += 1
         return count
 
-    def _set_pending(self, attempt: AttemptRecord, reason: str) -> None:
+    def _set_pending(self, attempt: AttemptRecord, reason: str, *, permanent: bool = True) -> None:
         if self._pending.get(attempt.id, attempt.pending_reason) != reason:
-            self.storage.set_pending_reason(attempt.id, reason)
+            self.storage.set_pending_reason(attempt.id, reason, permanent=permanent)
             if reason:
                 log.warning("%s attempt %d cannot be placed: %s", attempt.trial.name,
                             attempt.attempt, reason)
@@ -481,7 +482,7 @@ class Scheduler:
                 hosts = int(resources.get("num_hosts") or 1)
                 refused = self.pool.placement(resources, hosts)
                 if refused is not None:
-                    self._set_pending(attempt, refused.reason)
+                    self._set_pending(attempt, refused.reason, permanent=refused.permanent)
                     if refused.permanent:
                         demands.append((resources, hosts))
                         self._unschedulable(experiment, attempt, refused.reason)

@@ -217,7 +217,10 @@ class AttemptRecord:
       end_time: when it completed.
       failure: why it failed (a Failure value; "" when it did not fail).
       pending_reason: why it waits to be placed ("" when nothing holds it back).
-      pending_since: since when that reason holds (unix seconds).
+      pending_since: since when no node of the cluster could hold it (unix seconds): set at
+        the first permanent refusal, kept through later reasons (another permanent refusal,
+        or the cluster out of reach for a while, as when the controller restarts), cleared
+        when it is placed. The unschedulable timeout counts from it.
     """
 
     id: int
@@ -384,9 +387,16 @@ class ExperimentStorage(abc.ABC):
         evaluations of its points. Returns whether it changed."""
 
     @abc.abstractmethod
-    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
-        """Say why a QUEUED attempt is not placed ("" clears it); pending_since is kept while
-        the reason stays the same, and set to now when it changes."""
+    def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:
+        """Say why a QUEUED attempt is not placed ("" clears it and pending_since).
+
+        Args:
+          attempt_id: the attempt.
+          reason: why it waits, for people.
+          permanent: no node of the cluster can hold it (pending_since is set to now unless
+            it is set already); False: a passing condition (the cluster out of reach), which
+            keeps pending_since as it is.
+        """
 
     # -- points -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -760,12 +770,13 @@ class SQLiteStorage(ExperimentStorage):
                  int(result.get("steps_completed") or 0), attempt_id, AttemptState.ACTIVE))
             return cursor.rowcount == 1
 
-    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
+    def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:
         with self._write() as conn:
             conn.execute(
                 "UPDATE attempts SET pending_since = CASE WHEN ? = '' THEN NULL "
-                "WHEN pending_reason = ? THEN pending_since ELSE ? END, pending_reason = ? "
-                "WHERE id = ?", (reason, reason, self._clock(), reason, attempt_id))
+                "WHEN ? THEN COALESCE(pending_since, ?) ELSE pending_since END, "
+                "pending_reason = ? WHERE id = ?",
+                (reason, int(permanent), self._clock(), reason, attempt_id))
 
     # -- points -----------------------------------------------------------------------------
     def add_points(self, points: Sequence[PointRecord]) -> int:
@@ -993,13 +1004,13 @@ class InMemoryStorage(ExperimentStorage):
                 step=max(record.step, int(result.get("steps_completed") or 0)))
             return True
 
-    def set_pending_reason(self, attempt_id: int, reason: str) -> None:
+    def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:
         with self._lock:
             record = self._attempts.get(attempt_id)
             if record is None:
                 return
             since = (None if not reason else record.pending_since
-                     if record.pending_reason == reason else self._clock())
+                     if record.pending_since is not None or not permanent else self._clock())
             self._attempts[attempt_id] = dataclasses.replace(
                 record, pending_reason=reason, pending_since=since)
 

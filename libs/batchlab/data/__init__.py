@@ -31,7 +31,13 @@ import numpy as np
 
 from batchlab.data import bert, imagenet
 from batchlab.data.paths import default_data_dir
-from batchlab.data.pipeline import ArraySource, BatchIterator, Preprocess, collate
+from batchlab.data.pipeline import (
+    ArraySource,
+    BatchIterator,
+    Preprocess,
+    RandomAccessSource,
+    collate,
+)
 from batchlab.data.sharding import (
     ShardIterator,
     epoch_permutation,
@@ -166,7 +172,10 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any], allowed: set[str]) -> No
         )
 
 
-def _offline_builder(name: str, data_dir, config, build: bool):
+def _offline_builder(
+    name: str, data_dir: str | os.PathLike[str] | None, config: Any, build: bool
+) -> Any:
+    """The tfds builder of an offline dataset (tfds is untyped: Any), built if asked."""
     from batchlab.data import builders
 
     if build:
@@ -182,12 +191,12 @@ def _offline_builder(name: str, data_dir, config, build: bool):
 def get_dataset(
     name: str,
     split: str,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
     config: Any = None,
     build: bool = True,
     **kwargs: Any,
-):
+) -> RandomAccessSource:
     """Returns a random-access source of one split: ``len(source)``, ``source[i]`` -> dict.
 
     Args:
@@ -217,17 +226,19 @@ def get_dataset(
             raise ValueError("imagenet2012 takes no config")
         if split not in imagenet.SPLIT_SIZES:
             raise ValueError(f"split must be one of {sorted(imagenet.SPLIT_SIZES)}; got {split!r}")
-        return imagenet.data_source(split, data_dir, **kwargs)
+        imagenet_source: RandomAccessSource = imagenet.data_source(split, data_dir, **kwargs)
+        return imagenet_source
     _check_kwargs(name, kwargs, set())
     prepared = _offline_builder(name, data_dir, config, build)
     splits = sorted(prepared.info.splits.keys())
     if split not in splits:
         raise ValueError(f"split must be one of {splits}; got {split!r}")
-    return prepared.as_data_source(split)
+    source: RandomAccessSource = prepared.as_data_source(split)
+    return source
 
 
 def mlm_tokenizer(
-    data_dir: str | os.PathLike | None = None, *, config: Any = None, build: bool = True
+    data_dir: str | os.PathLike[str] | None = None, *, config: Any = None, build: bool = True
 ) -> WordPieceTokenizer:
     """Returns the WordPiece tokenizer saved with the `mlm_corpus` dataset.
 
@@ -239,7 +250,8 @@ def mlm_tokenizer(
     Returns:
       The tokenizer (its vocabulary file is ``<dataset dir>/vocab.txt``).
     """
-    return _offline_builder("mlm_corpus", data_dir, config, build).tokenizer()
+    tokenizer: WordPieceTokenizer = _offline_builder("mlm_corpus", data_dir, config, build).tokenizer()
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,7 +281,7 @@ def input_pipeline(
     split: str,
     batch_size: int,
     *,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     config: Any = None,
     train: bool | None = None,
     seed: int = 0,
@@ -331,6 +343,7 @@ def input_pipeline(
         num_epochs = 1
     if drop_remainder is None:
         drop_remainder = train
+    source: RandomAccessSource
     if name == "mlm_corpus":
         bert_args = {
             "max_seq_length",

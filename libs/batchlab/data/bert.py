@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from batchlab.data import sharding
+from batchlab.data.pipeline import RandomAccessSource
 from batchlab.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, PAD_ID, SEP_ID
 
 logger = logging.getLogger(__name__)
@@ -197,7 +196,7 @@ class BertPretrainingSource:
 
     def __init__(
         self,
-        documents: Sequence[Mapping[str, Any]],
+        documents: RandomAccessSource,
         *,
         vocab_size: int,
         max_seq_length: int = 128,
@@ -271,7 +270,7 @@ class BertPretrainingSource:
         offsets = self._offsets[doc_index]
         return self._tokens[doc_index][offsets[start] : offsets[end]]
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | np.int32]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range [0, {len(self)})")
@@ -292,14 +291,13 @@ class BertPretrainingSource:
             masked_lm_prob=self._masked_lm_prob,
         )
         length, num_predictions = len(ids), len(positions)
-        example = {
+        example: dict[str, np.ndarray] = {
             "input_ids": np.zeros(self._max_seq_length, np.int32),
             "input_mask": np.zeros(self._max_seq_length, np.int32),
             "segment_ids": np.zeros(self._max_seq_length, np.int32),
             "masked_lm_positions": np.zeros(self._max_predictions, np.int32),
             "masked_lm_ids": np.zeros(self._max_predictions, np.int32),
             "masked_lm_weights": np.zeros(self._max_predictions, np.int32),
-            "next_sentence_label": np.int32(is_random),
         }
         example["input_ids"][:length] = corrupted
         example["input_mask"][:length] = 1
@@ -307,7 +305,7 @@ class BertPretrainingSource:
         example["masked_lm_positions"][:num_predictions] = positions
         example["masked_lm_ids"][:num_predictions] = originals
         example["masked_lm_weights"][:num_predictions] = 1
-        return example
+        return {**example, "next_sentence_label": np.int32(is_random)}
 
     def _random_segment(
         self, doc_index: int, target_length: int, rng: np.random.Generator

@@ -16,6 +16,7 @@ import os
 import pathlib
 import random
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,9 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # Generated locally; never call mnist1d's get_dataset (it downloads).
         import mnist1d.data  # Imported here: it pulls in matplotlib.
 
@@ -100,7 +103,9 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
             "validation": self._generate_examples(data["x_test"], data["y_test"]),
         }
 
-    def _generate_examples(self, xs: np.ndarray, ys: np.ndarray):
+    def _generate_examples(
+        self, xs: np.ndarray, ys: np.ndarray
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         for index, (x, y) in enumerate(zip(xs, ys, strict=True)):
             yield index, {"x": x.astype(np.float32), "label": int(y)}
 
@@ -148,7 +153,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager
         from sklearn.datasets import load_digits
 
@@ -165,7 +172,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             "validation": self._generate_examples(images, labels, validation),
         }
 
-    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
+    def _generate_examples(
+        self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         for index in indices:
             yield int(index), {"image": images[index], "label": int(labels[index])}
 
@@ -221,7 +230,7 @@ def make_config(name: str, **overrides: Any) -> tfds.core.BuilderConfig:
 
 def builder(
     name: str,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
     config: str | tfds.core.BuilderConfig | None = None,
     **overrides: Any,
@@ -255,7 +264,7 @@ def builder(
 
 def prepare(
     name: str,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
     config: str | tfds.core.BuilderConfig | None = None,
     rebuild: bool = False,

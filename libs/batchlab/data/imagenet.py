@@ -210,7 +210,8 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     top, bottom, dy = _bilinear_taps(image.shape[0], height)
     rows = image[top] + (image[bottom] - image[top]) * dy[:, None, None]
     left, right, dx = _bilinear_taps(image.shape[1], width)
-    return rows[:, left] + (rows[:, right] - rows[:, left]) * dx[None, :, None]
+    resized: np.ndarray = rows[:, left] + (rows[:, right] - rows[:, left]) * dx[None, :, None]
+    return resized
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -281,11 +282,11 @@ def eval_preprocess(example: dict[str, Any], rng: np.random.Generator) -> dict[s
 
 def data_source(
     split: str,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     *,
-    manual_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike[str] | None = None,
     decode: bool = False,
-):
+) -> Any:
     """Returns tfds' random-access source for imagenet2012 (array_record, no TensorFlow).
 
     Reading a prepared dataset needs no TensorFlow. Preparing it (``manual_dir`` holding

@@ -26,7 +26,8 @@ import platform
 import re
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -218,7 +219,9 @@ class MlmCorpus(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager
+    ) -> dict[str, Iterator[tuple[str, dict[str, Any]]]]:
         del dl_manager  # Everything is local.
         config: MlmCorpusConfig = self.builder_config
         start = time.perf_counter()
@@ -262,7 +265,7 @@ class MlmCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(
         self, documents: Sequence[Document], tokenizer: tokenizer_lib.WordPieceTokenizer
-    ) -> Iterator[tuple[str, dict]]:
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         for document in documents:
             encoded = [tokenizer.encode(sentence) for sentence in document.sentences]
             encoded = [ids for ids in encoded if ids]
@@ -285,7 +288,7 @@ class MlmCorpus(tfds.core.GeneratorBasedBuilder):
         return tokenizer_lib.WordPieceTokenizer.load(path)
 
 
-def document_sentences(example: dict) -> list[np.ndarray]:
+def document_sentences(example: Mapping[str, Any]) -> list[np.ndarray]:
     """Splits a stored document back into its sentences' token-id arrays.
 
     Args:

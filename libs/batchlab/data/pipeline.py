@@ -223,9 +223,9 @@ class BatchIterator:
             )
         self._state = indices.get_state()
         self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
+        self._queue: queue.Queue[Any] | None = None
         self._stop: threading.Event | None = None
-        self._stop_on_collect: weakref.finalize | None = None
+        self._stop_on_collect: weakref.finalize[[], BatchIterator] | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -266,6 +266,7 @@ class BatchIterator:
         if isinstance(item, BaseException):
             self._stop_thread()
             raise item
+        batch: dict[str, np.ndarray]
         batch, state = item
         self._state = state
         return batch
@@ -385,7 +386,8 @@ class _Producer:
         """Reads, preprocesses and stacks the examples at ``indices`` (no padding)."""
         gather = getattr(self.source, "gather", None)
         if self.preprocess is None and gather is not None:
-            return gather(indices)
+            gathered: dict[str, np.ndarray] = gather(indices)
+            return gathered
         keys = [int(i) for i in indices]
         getitems = getattr(self.source, "__getitems__", None)
         examples = getitems(keys) if getitems is not None else [self.source[i] for i in keys]
@@ -435,7 +437,7 @@ class _Producer:
             self.pool = None
 
 
-def _run(producer: _Producer, out: queue.Queue, stop: threading.Event) -> None:
+def _run(producer: _Producer, out: queue.Queue[Any], stop: threading.Event) -> None:
     """Prefetch thread: produce batches into ``out`` until the end, an error, or ``stop``."""
     while not stop.is_set():
         try:

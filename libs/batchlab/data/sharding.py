@@ -66,14 +66,14 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+    integer = int(value)
+    if minimum is not None and integer < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {integer}")
+    return integer
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
     return value
 

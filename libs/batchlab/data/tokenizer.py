@@ -268,13 +268,13 @@ class WordPieceTokenizer:
                 out.append(token)
         return " ".join(out)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the vocabulary, one token per line (UTF-8); the line number is the id."""
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(self._vocab) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, lowercase: bool = True) -> WordPieceTokenizer:
+    def load(cls, path: str | os.PathLike[str], *, lowercase: bool = True) -> WordPieceTokenizer:
         """Reads a vocabulary written by :meth:`save`.
 
         Args:

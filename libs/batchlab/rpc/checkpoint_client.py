@@ -52,7 +52,7 @@ def _hash_file(f: IO[bytes]) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def pack_dir(directory: str | os.PathLike, out: IO[bytes]) -> None:
+def pack_dir(directory: str | os.PathLike[str], out: IO[bytes]) -> None:
     """Writes a folder as an uncompressed tar, entries sorted, owners and times zeroed.
 
     The same folder content always gives the same bytes (and hash).
@@ -100,7 +100,7 @@ def _safe_target(base: pathlib.Path, name: str) -> pathlib.Path:
     return target
 
 
-def unpack_dir(archive: IO[bytes], directory: str | os.PathLike) -> None:
+def unpack_dir(archive: IO[bytes], directory: str | os.PathLike[str]) -> None:
     """Unpacks a tar made by :func:`pack_dir` into an existing empty folder, safely.
 
     Only regular files and folders are accepted; absolute names, ``..`` and links are
@@ -151,7 +151,7 @@ class CheckpointClient:
     def _spool(self) -> tempfile.SpooledTemporaryFile:
         return tempfile.SpooledTemporaryFile(max_size=self._spool_bytes, mode="w+b")
 
-    def save_dir(self, trial: str, step: int, directory: str | os.PathLike, *,
+    def save_dir(self, trial: str, step: int, directory: str | os.PathLike[str], *,
                  metric: float | None = None, maximize: bool = True,
                  hold_for_evaluation: bool = False) -> checkpoints_pb2.CheckpointInfo:
         """Uploads a folder as the checkpoint of ``trial`` at ``step``.
@@ -189,7 +189,7 @@ class CheckpointClient:
         logger.info("uploaded %s step %d (%d bytes)", trial, step, size)
         return info
 
-    def load_dir(self, trial: str, directory: str | os.PathLike, *,
+    def load_dir(self, trial: str, directory: str | os.PathLike[str], *,
                  step: int | None = None) -> checkpoints_pb2.CheckpointInfo | None:
         """Downloads a checkpoint into ``directory`` (which must not exist or be empty).
 

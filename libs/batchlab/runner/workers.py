@@ -329,7 +329,7 @@ class WorkerPool:
 _THREADS_SUBFOLDER = re.compile(r"xla_cpu_threads_\d+")
 
 
-def cache_root_of(configured: str | os.PathLike | None) -> str | None:
+def cache_root_of(configured: str | os.PathLike[str] | None) -> str | None:
     """The root to hand workers for a cache folder this process configured (its per-thread
     subfolder stripped), or None when none is configured."""
     if not configured:

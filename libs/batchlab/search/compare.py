@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.stats
 
-from batchlab.search.study import Goal
+from batchlab.targets import Goal
 
 __all__ = [
     "BOOTSTRAP_SAMPLES",

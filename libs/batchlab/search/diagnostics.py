@@ -50,7 +50,8 @@ from typing import Any
 from batchlab.search.compare import MIN_SEEDS, PairVerdict, Verdict
 from batchlab.search.scoring import StudyScore
 from batchlab.search.space import Scale, SearchSpace, get_path, parse_search_space, plain_data
-from batchlab.search.study import Goal, Study, trial_point
+from batchlab.search.study import Study, trial_point
+from batchlab.targets import Goal
 
 __all__ = [
     "EDGE_FRACTION",

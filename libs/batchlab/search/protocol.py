@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from batchlab.search.study import Selection, Study, Target, TargetReading, run_seeds
-from batchlab.targets import Outcome
+from batchlab.search.study import Selection, Study, run_seeds
+from batchlab.targets import Outcome, Target, TargetReading
 
 
 class RunKind(enum.StrEnum):

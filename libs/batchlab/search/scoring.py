@@ -38,15 +38,14 @@ from typing import Any
 import numpy as np
 
 from batchlab.search.protocol import (
-    Outcome,
     Phase,
     RunRecord,
     RunStatus,
     reading_steps,
     study_state,
 )
-from batchlab.search.study import Goal, Study
-from batchlab.targets import steps_to_target
+from batchlab.search.study import Study
+from batchlab.targets import Goal, Outcome, steps_to_target
 
 INF_JSON = "inf"
 

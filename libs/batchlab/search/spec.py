@@ -40,15 +40,13 @@ from batchlab.search.space import (
     set_path,
 )
 from batchlab.search.study import (
-    Goal,
     Selection,
     Study,
-    Target,
-    TargetReading,
     fill_total_steps,
     trial_hyperparameters,
 )
 from batchlab.search.warm_start import warm_start_problems
+from batchlab.targets import Goal, Target, TargetReading
 
 try:
     from batchlab.proto.v1 import common_pb2, experiment_pb2

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def enable_compilation_cache(
-    path: str | os.PathLike | None = None, *, cpu_threads: int | None = None
+    path: str | os.PathLike[str] | None = None, *, cpu_threads: int | None = None
 ) -> Path | None:
     """Point JAX's persistent compilation cache at ``path`` (default under BATCHLAB_DATA_DIR).
 

@@ -87,6 +87,32 @@ def test_a_run_the_cluster_cannot_hold_waits_with_its_reason_then_fails_unschedu
     assert not pool.started
 
 
+@pytest.mark.parametrize("storage_kind", ["memory", "sqlite"])
+def test_a_controller_restart_does_not_reset_the_unschedulable_clock(storage_kind, tmp_path):
+    """The restarted controller first finds Ray out of reach (a passing reason), then the same
+    permanent refusal: the wait counts from the first permanent refusal, not from the restart."""
+    clock = Clock()
+    storage = InMemoryStorage(clock=clock) if storage_kind == "memory" else SQLiteStorage(
+        tmp_path, clock=clock)
+    reason = "needs 1 host with CPU 1, GPU 99 each; the Ray cluster's 1 node cannot hold that"
+    storage.create_experiment("e1", "", spec_dict(resources={"gpus": 99}))
+    _ticks(Scheduler(storage, PlacingPool(Placement(reason, permanent=True)),
+                     unschedulable_after_s=60, clock=clock))
+    clock.now += 40
+    away = PlacingPool(Placement("waiting for the Ray cluster (connection refused)", False))
+    restarted = Scheduler(storage, away, unschedulable_after_s=60, clock=clock)
+    _ticks(restarted)
+    clock.now += 10
+    away.refused = Placement(reason, permanent=True)
+    _ticks(restarted)
+    assert storage.get_experiment("e1").state is ExperimentState.PENDING  # 50 s < 60 s
+    clock.now += 11
+    _ticks(restarted, 2)
+    record = storage.get_experiment("e1")
+    assert record.state is ExperimentState.FAILED
+    assert record.error.startswith(f"unschedulable: {reason}; waited 61 s")
+
+
 def test_waiting_for_the_ray_cluster_is_shown_and_never_fails_the_run():
     clock = Clock()
     storage = InMemoryStorage(clock=clock)
@@ -589,7 +615,7 @@ def test_with_the_evaluation_service_a_trainer_cannot_report_evaluation_metrics(
         attempt.trial)] == [(10, True, {"train/batch_loss": 1.0})]
 
 
-def test_an_experiment_that_succeeds_without_a_run_that_failed_for_good_says_so():
+def test_an_experiment_with_a_run_that_failed_for_good_fails_and_names_it():
     storage = InMemoryStorage()
     evaluations = FakeEvaluations()
     storage.create_experiment("e1", "", spec_dict(trials_per_study=2, max_total_trials=2,
@@ -603,6 +629,8 @@ def test_an_experiment_that_succeeds_without_a_run_that_failed_for_good_says_so(
         storage.record_evaluation(attempts[index].trial, step, {"validation/accuracy": 0.4})
     _ticks(scheduler, 5)
     experiment = storage.get_experiment("e1")
-    assert experiment.state is ExperimentState.SUCCEEDED
+    assert experiment.state is ExperimentState.FAILED
     assert "1 run failed for good" in experiment.error
+    assert "budgets are not equal" in experiment.error
+    assert storage.studies("e1")  # the scores stay readable
     assert attempts[1].trial.name in experiment.error and "NOT_FOUND" in experiment.error
