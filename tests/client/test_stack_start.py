@@ -172,3 +172,45 @@ def test_every_health_name_the_service_is_ready_under_is_awaited(fake_stack, mon
     assert "health 'batchlab.trainers' SERVING" in waiting[-1]
     assert "NOT_SERVING" in waiting[-1] and "connecting to Ray" in waiting[-1]
     assert lines[-1].startswith("sharding is SERVING on ")
+
+
+def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path, monkeypatch):
+    """After the controller crashed, `up` refused ("already running") while the client said
+    "start it with `batchlab up`": now `up` starts what is missing, on its recorded ports."""
+    import os
+    import signal
+    import time
+
+    package = tmp_path / "fakes"
+    package.mkdir()
+    for name in ("sharding", "checkpoints"):
+        (package / f"fake_{name}.py").write_text(
+            FAKE_SERVICE.replace("BATCHLAB_SHARDING_PORT", f"BATCHLAB_{name.upper()}_PORT"))
+    monkeypatch.setattr(stack_module, "SERVICES", tuple(
+        ServiceDef(name, f"fake_{name}", 1, (), "starting", ("",))
+        for name in ("sharding", "checkpoints")))
+    env = {"PYTHONPATH": f"{package}:{':'.join(sys.path)}", "FAKE_MODE": "ok",
+           "FAKE_COUNTER": str(tmp_path / "attempts")}
+    ports = dict(zip(["sharding", "checkpoints"], free_ports(2), strict=True))
+    metrics = dict(zip(["sharding", "checkpoints", "trainer"], free_ports(3), strict=True))
+    first = Stack(tmp_path / "state", ports=ports, metrics_ports=metrics, environ={},
+                  extra_env=env)
+    try:
+        before = first.up(timeout=60)["services"]
+        os.kill(before["checkpoints"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while stack_module._alive(before["checkpoints"]["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # A new `batchlab up` with default ports: the record's ports win.
+        again = Stack(tmp_path / "state", environ={}, extra_env=env)
+        lines: list[str] = []
+        after = again.up(timeout=60, progress=lines.append)["services"]
+        assert lines[0].startswith("restarting checkpoints of the stack")
+        assert after["sharding"]["pid"] == before["sharding"]["pid"]
+        assert after["checkpoints"]["pid"] != before["checkpoints"]["pid"]
+        assert after["checkpoints"]["address"] == before["checkpoints"]["address"]
+        assert after["checkpoints"]["metrics_port"] == before["checkpoints"]["metrics_port"]
+        with pytest.raises(StackError, match="already running"):
+            again.up(timeout=60)
+    finally:
+        assert sorted(first.down(timeout=10)) == ["checkpoints", "sharding"]

@@ -284,22 +284,39 @@ class Stack:
           The stack record (pids, addresses, log files).
 
         Raises:
-          StackError: a stack is already running here, a port is taken, or a service did not
-            become ready (the started ones are stopped again; the message has the end of its
-            log).
+          StackError: a whole stack is already running here, a port is taken, or a service
+            did not become ready (the ones this call started are stopped again; the message
+            has the end of its log).
+
+        When part of a recorded stack still runs (a service crashed), only the missing
+        services are started, at the addresses and ports the record gives.
         """
         say = progress or (lambda line: log.info("%s", line))
         record = self.read_record()
-        if record and any(_alive(p["pid"]) for p in record["services"].values()):
+        alive = {name for name, p in (record or {"services": {}})["services"].items()
+                 if _alive(p["pid"])}
+        if record and alive >= {s.name for s in SERVICES}:
             raise StackError(f"a stack is already running from {self.state_dir} "
                              "(`batchlab down` first, or another --state-dir)")
-        self._check_ports()
+        if record and alive:
+            # Part of the stack died (a crashed controller, say): start only what is missing,
+            # where the record says it was, so the live services' peers still find it.
+            self._adopt(record, alive)
+            say(f"restarting {', '.join(s.name for s in SERVICES if s.name not in alive)} "
+                f"of the stack in {self.state_dir} ({', '.join(sorted(alive))} still running)")
+        else:
+            alive = set()
+            self._check_ports()
+            record = {"state_dir": str(self.state_dir), "host": self.host,
+                      "started_at": time.time(), "services": {}}
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        record = {"state_dir": str(self.state_dir), "host": self.host, "started_at": time.time(),
-                  "services": {}}
+        started: list[str] = []
         try:
             for service in SERVICES:
+                if service.name in alive:
+                    continue
+                started.append(service.name)
                 log_path = logs / f"{service.name}.log"
                 for attempt in range(1, retries + 2):
                     say(f"starting {service.name} on {self.address(service.name)}"
@@ -308,7 +325,10 @@ class Stack:
                     record["services"][service.name] = {
                         "pid": proc.pid,
                         "address": self.address(service.name),
+                        "bind_host": self.hosts[service.name],
+                        "port": self.ports[service.name],
                         "metrics_port": self.metrics_ports[service.name],
+                        "trainer_metrics_port": self.metrics_ports["trainer"],
                         "log": str(log_path),
                     }
                     self.record_path.write_text(json.dumps(record, indent=1))
@@ -318,9 +338,34 @@ class Stack:
                     say(f"{service.name} exited with status {proc.returncode} while starting "
                         f"(last logged: {_last_line(log_path)}); starting it again")
         except BaseException:
-            self.down()
+            if alive:  # stop only what this call started; the rest ran before it
+                for name in started:
+                    pid = record["services"].get(name, {}).get("pid")
+                    if pid and _alive(pid):
+                        _signal_group(pid, signal.SIGTERM)
+            else:
+                self.down()
             raise
         return record
+
+    def _adopt(self, record: Mapping[str, Any], alive: set[str]) -> None:
+        """Take every service's interface and ports from a running stack's record; the ports
+        of the services to start again must be free."""
+        for name, info in record["services"].items():
+            if name not in self.ports:
+                continue
+            self.ports[name] = int(info.get("port") or info["address"].rsplit(":", 1)[1])
+            self.hosts[name] = info.get("bind_host") or self.hosts[name]
+            self.metrics_ports[name] = int(info["metrics_port"])
+            if info.get("trainer_metrics_port"):
+                self.metrics_ports["trainer"] = int(info["trainer_metrics_port"])
+        for service in SERVICES:
+            if service.name not in alive and _port_in_use(self.hosts[service.name],
+                                                          self.ports[service.name]):
+                raise StackError(
+                    f"port {self.ports[service.name]} on {self.hosts[service.name]} "
+                    f"({service.name}, to be started again) is in use: `batchlab down` stops "
+                    f"the rest of this stack, then `batchlab up` starts a whole one")
 
     def _spawn(self, service: ServiceDef, log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:

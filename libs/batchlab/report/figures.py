@@ -24,7 +24,7 @@ from matplotlib import ticker  # noqa: E402
 
 from batchlab.report.results import Experiment, Run, StudyGroup  # noqa: E402
 from batchlab.search.scoring import expected_best  # noqa: E402
-from batchlab.search.study import Goal  # noqa: E402
+from batchlab.targets import Goal  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

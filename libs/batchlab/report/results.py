@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.search.compare import Arm
-from batchlab.search.protocol import Outcome, ProtocolError, RunRecord
+from batchlab.search.protocol import ProtocolError, RunRecord
 from batchlab.search.scoring import (
     Effort,
     MetricSummary,
@@ -45,7 +45,8 @@ from batchlab.search.scoring import (
     summarize_metric,
 )
 from batchlab.search.space import SearchSpace, SpecError, parse_search_space
-from batchlab.search.study import Goal, Study, Target, TargetReading
+from batchlab.search.study import Study
+from batchlab.targets import Goal, Outcome, Target, TargetReading
 
 __all__ = [
     "Experiment",

@@ -22,7 +22,7 @@ from batchlab.search.diagnostics import (
     replicate_spread_diagnostic,
     study_diagnostics,
 )
-from batchlab.search.study import Goal
+from batchlab.targets import Goal
 
 __all__ = [
     "PAIR_FAMILIES",

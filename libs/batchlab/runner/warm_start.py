@@ -23,10 +23,11 @@ from typing import Any
 from google.protobuf import json_format
 
 from batchlab.runner.store import ResultStore
-from batchlab.search.protocol import Outcome, RunKind, RunRequest
+from batchlab.search.protocol import RunKind, RunRequest
 from batchlab.search.spec import ExperimentSpec
 from batchlab.search.study import Study
 from batchlab.search.warm_start import WarmStartRef, warm_start_of
+from batchlab.targets import Outcome
 
 __all__ = ["RunStates", "find_experiment", "run_states", "source_state_dir"]
 

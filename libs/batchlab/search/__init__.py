@@ -21,7 +21,6 @@ import importlib
 from batchlab.search.halton import HALTON_SKIP, halton_point, halton_points
 from batchlab.search.protocol import (
     Decision,
-    Outcome,
     Phase,
     ProtocolError,
     RunKey,
@@ -53,7 +52,8 @@ from batchlab.search.space import (
     parse_search_space,
     set_path,
 )
-from batchlab.search.study import Goal, Selection, Study, Target, trial_hyperparameters
+from batchlab.search.study import Selection, Study, trial_hyperparameters
+from batchlab.targets import Goal, Outcome, Target
 
 # Loaded on first use: they need the generated protobuf code.
 _LAZY = {

@@ -78,7 +78,9 @@ def _strings(message: Message, path: str = "") -> Iterator[tuple[str, str, str]]
         return
     for field, value in message.ListFields():
         where = _join(path, field.name)
-        items = list(enumerate(value)) if field.is_repeated else [(None, value)]
+        items: list[tuple[int | None, Any]] = (
+            list(enumerate(value)) if field.is_repeated else [(None, value)]
+        )
         for i, item in items:
             item_path = where if i is None else _join(where, i)
             if field.type == FieldDescriptor.TYPE_STRING:

@@ -288,7 +288,8 @@ def _median(values: np.ndarray) -> np.ndarray:
     # The median averages the two middle values; -inf with a finite value stays -inf. NaN marks
     # an empty slot of a two-stage sample (see _resample), never a metric.
     with np.errstate(invalid="ignore"):
-        return np.nanmedian(values, axis=-1)
+        median: np.ndarray = np.nanmedian(values, axis=-1)
+    return median
 
 
 def compare_arms(a: Arm, b: Arm, *, goal: Goal, metric_margin: float,

@@ -116,7 +116,7 @@ def radical_inverse(n: int, base: int, permutations: tuple[tuple[int, ...], ...]
     for digit in digits:
         numerator = numerator * base + digit
     # Digit a_k lands at b**-(k+1); integer / integer is correctly rounded to a double.
-    value = numerator / base ** _digits_needed(base)
+    value: float = numerator / base ** _digits_needed(base)
     return min(value, _U_MAX)
 
 

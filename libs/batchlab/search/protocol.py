@@ -129,9 +129,10 @@ class RunRecord:
             raise ValueError(f"steps_run must be >= 0, got {self.steps_run}")
         curve = tuple(MappingProxyType({str(k): math.nan if v is None else float(v)
                                         for k, v in point.items()}) for point in self.curve)
-        steps = [point.get("step", math.nan) for point in curve]
-        if any(math.isnan(x) for x in steps) or any(b < a for a, b in zip(steps, steps[1:],
-                                                                            strict=False)):
+        curve_steps = [point.get("step", math.nan) for point in curve]
+        if any(math.isnan(x) for x in curve_steps) or any(
+            b < a for a, b in zip(curve_steps, curve_steps[1:], strict=False)
+        ):
             raise ValueError("curve points must each have a step, in step order")
         object.__setattr__(self, "curve", curve)
 

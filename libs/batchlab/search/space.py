@@ -465,7 +465,7 @@ def _parse_parameter(data: Any, where: str,
         candidates = values if scale is Scale.DISCRETE else (value,) if scale is Scale.FIXED else ()
         if any(not _is_number(c) for c in candidates):
             problems.append((join_path(where, "one_minus"), "needs numeric values"))
-    if len(problems) > before:
+    if len(problems) > before or not isinstance(path, str):  # parse_path rejected a non-str
         return None
     return SearchParameter(path=path, scale=scale, low=low, high=high, values=values,
                            value=value, one_minus=flags["one_minus"], integer=flags["integer"],

@@ -96,7 +96,8 @@ class _SpecLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 _SpecLoader.add_implicit_resolver(
@@ -345,14 +346,16 @@ def spec_to_dict(spec: experiment_pb2.ExperimentSpec) -> dict[str, Any]:
     Args:
       spec: the spec.
     """
-    return json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    data: dict[str, Any] = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    return data
 
 
 # ------------------------------------------------------------------ value checks
 
 
 def _struct(message: Any) -> dict[str, Any]:
-    return plain_data(json_format.MessageToDict(message))
+    data: dict[str, Any] = plain_data(json_format.MessageToDict(message))
+    return data
 
 
 def _search_space(spec: experiment_pb2.ExperimentSpec, j: int,
@@ -417,7 +420,7 @@ def validate_spec(spec: experiment_pb2.ExperimentSpec, *,
              f"got {spec.max_total_trials}"))
     if spec.selection == experiment_pb2.SELECTION_UNSPECIFIED:
         add(("selection", f"required: one of {[s.name for s in Selection]}"))
-    elif spec.selection not in set(Selection):
+    elif int(spec.selection) not in set(Selection):
         add(("selection", f"must be one of {[s.name for s in Selection]}, "
                           f"got {spec.selection!r}"))
     if spec.stop_at_target and spec.selection not in (
