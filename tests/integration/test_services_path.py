@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -137,6 +138,25 @@ def test_evaluation_points_come_from_the_evaluator_and_equal_in_process_evaluati
     assert reference["state_sha256"] == attempt.result["state_sha256"]
     assert reference["curve"] == curve
     assert reference["steps_to_target"] == attempt.result["steps_to_target"]
+
+    # The same spec through `batchlab local run` (a worker process with local run's thread
+    # rule, no services) stores the same run: same seed, same hyperparameters, same numbers.
+    from batchlab.runner import run_experiment
+
+    out = run_experiment(spec(name="evaluated", trials_per_study=1, max_total_trials=1),
+                         tmp_path / "local", data_dir=tfds_dir, progress=False,
+                         write_report=False, parallel=1)
+    (local_file,) = (out / "runs").glob("*/t0_r0_a1.json")
+    local = json.loads(local_file.read_text())
+    assert local["request"]["seed"] == attempt.seed
+    assert local["request"]["hyperparameters"] == attempt.hyperparameters
+    assert local["result"]["outcome"] == "SUCCEEDED"
+    assert [p["step"] for p in local["result"]["curve"]] == [p["step"] for p in curve]
+    for mine, theirs in zip(local["result"]["curve"], curve, strict=True):
+        shared = set(mine) & set(theirs)
+        assert "validation/accuracy" in shared and "train/loss" in shared
+        assert {k: mine[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert local["result"]["steps_to_target"] == attempt.result["steps_to_target"]
 
 
 def _composed(logs, resumed_from: int, process: int = 0) -> dict[int, list[int]]:

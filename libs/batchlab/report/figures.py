@@ -99,8 +99,8 @@ def optimizer_colors(experiment: Experiment) -> dict[str, str]:
     Args:
       experiment: the loaded results.
     """
-    cycle = plt.get_cmap("tab10").colors
-    return {label: matplotlib.colors.to_hex(cycle[i % len(cycle)])
+    cycle = plt.get_cmap("tab10")  # a listed colour map: cycle(i) is its i-th colour
+    return {label: matplotlib.colors.to_hex(cycle(i % cycle.N))
             for i, label in enumerate(experiment.optimizers())}
 
 
@@ -230,7 +230,9 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
         for point in points:
             group = next((g for g in experiment.groups_at_point(*point) if g.label == label),
                          None)
-            steps = group.pooled()[2] if group is not None else []
+            if group is None:
+                continue
+            steps = group.pooled()[2]
             if not steps:
                 continue
             x = point[1] * 2.0 ** spread[k]

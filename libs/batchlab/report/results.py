@@ -743,7 +743,7 @@ def _read_run(reader: _Reader, study_id: str) -> Run:
         raise reader.error("request.kind", f"must be 'tuning' or 'rerun', got {kind!r}")
     outcome: Outcome | None = None
     curve: list[Mapping[str, float]] = []
-    final: dict[str, float] = {}
+    final: Mapping[str, float] = {}
     steps_to_target = math.inf
     steps_completed = 0
     diverged_step = error = None
@@ -896,6 +896,7 @@ def load_results(results_dir: str | Path) -> Experiment:
         files = sorted(folder.glob("t*_r*_a*.json"), key=_run_order) if folder.is_dir() else []
         runs = tuple(_read_run(_Reader(path, root), info.id) for path in files)
         study_path = root / "studies" / f"{info.id}.json"
+        score: StudyScore | None
         if study_path.exists():
             score = _stored_score(_Reader(study_path, root), info)
             studies.append(StudyResult(info, runs, score, stored=True))

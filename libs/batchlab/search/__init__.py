@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from batchlab.search.halton import HALTON_SKIP, halton_point, halton_points
 from batchlab.search.protocol import (
@@ -107,7 +108,7 @@ __all__ = [
     "validate_spec",
 ]
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module("batchlab.search.spec"), name)
     raise AttributeError(f"module 'batchlab.search' has no attribute {name!r}")

@@ -81,8 +81,8 @@ def _strings(message: Message, path: str = "") -> Iterator[tuple[str, str, str]]
         items: list[tuple[int | None, Any]] = (
             list(enumerate(value)) if field.is_repeated else [(None, value)]
         )
-        for i, item in items:
-            item_path = where if i is None else _join(where, i)
+        for index, item in items:
+            item_path = where if index is None else _join(where, index)
             if field.type == FieldDescriptor.TYPE_STRING:
                 yield item_path, field.name, item
             elif field.type == FieldDescriptor.TYPE_MESSAGE:

@@ -222,8 +222,10 @@ def _as_mapping(spec: Any) -> Mapping[str, Any]:
     if hasattr(spec, "DESCRIPTOR"):
         from google.protobuf import json_format
 
-        return json_format.MessageToDict(spec, preserving_proto_field_name=True)
-    return spec
+        data: dict[str, Any] = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+        return data
+    mapping: Mapping[str, Any] = spec
+    return mapping
 
 
 def _format(value: Any) -> str:

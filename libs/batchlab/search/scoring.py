@@ -66,10 +66,12 @@ def _json(value: Any) -> Any:
 class _ToDict:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict: inf as "inf", missing statistics as null."""
-        return _json(dataclasses.asdict(self))  # type: ignore[call-overload]
+        # The mixin is only mixed into dataclasses, which mypy cannot see from here.
+        data: dict[str, Any] = _json(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return data
 
 
-def quantile(sorted_values: Sequence[float], q: float) -> float:
+def quantile(sorted_values: Sequence[float] | np.ndarray, q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of sorted values, safe with infinities.
 
     numpy interpolates a + (b - a) * t, which is NaN when a or b is infinite; here a weight of
@@ -203,12 +205,13 @@ def summarize_seeds(metric_values: Sequence[float | None], steps: Sequence[float
     mask: list[bool] = []
     diverged_count = 0
     for value, step, bad in zip(metric_values, steps, diverged, strict=True):
-        mask.append(bool(bad or value is None or not math.isfinite(value)))
-        if mask[-1]:
+        if bad or value is None or not math.isfinite(value):
+            mask.append(True)
             diverged_count += 1
             seed_steps.append(math.inf)
             metrics.append(float(worst_value))
         else:
+            mask.append(False)
             metrics.append(float(value))
             seed_steps.append(math.inf if step is None or math.isnan(step) else float(step))
     finished = len(seed_steps)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from batchlab import data as bdata
+from batchlab.data.pipeline import BatchIterator, RandomAccessSource
 from batchlab.optim import from_config, learning_rate_fn, validate_optimizer_config
 from batchlab.targets import Goal, Outcome, Target, steps_to_target
 from batchlab.train.checkpoint import (
@@ -163,26 +164,31 @@ class RunResult:
 class _Subset:
     """The first ``n`` examples of a random-access source."""
 
-    def __init__(self, source, n: int):
+    def __init__(self, source: RandomAccessSource, n: int):
         self._source, self._n = source, min(n, len(source))
 
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
         if not 0 <= i < self._n:
             raise IndexError(i)
         return self._source[i]
 
-    def __getitems__(self, indices):
+    def __getitems__(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
         # tfds sources read many records per call; keep that (reading 10k one by one is slow).
         if any(not 0 <= i < self._n for i in indices):
             raise IndexError(indices)
         getitems = getattr(self._source, "__getitems__", None)
-        return getitems(list(indices)) if getitems else [self._source[i] for i in indices]
+        if getitems:
+            examples: list[Mapping[str, Any]] = getitems(list(indices))
+            return examples
+        return [self._source[i] for i in indices]
 
 
-def _to_model_batch(workload: Workload, batch: Mapping[str, np.ndarray], input_key: str):
+def _to_model_batch(
+    workload: Workload, batch: Mapping[str, np.ndarray], input_key: str
+) -> dict[str, np.ndarray]:
     if workload.kind == "classification":
         out = {"input": batch[input_key], "label": batch["label"]}
     else:
@@ -236,7 +242,7 @@ class _Run:
             self.init_step = check_initial_variables(config.init_checkpoint, self.abstract_variables())
 
     # -- state ---------------------------------------------------------------------------------
-    def _variables(self, key) -> dict[str, Any]:
+    def _variables(self, key: jax.Array) -> Mapping[str, Any]:
         """The model's initial variables ("params", and "batch_stats" for BN models)."""
         dummy = self.workload.dummy_batch(2 * max(1, self.hparams.get("virtual_batch_size") or 1), self.input_shape, self.hparams)
         if self.workload.kind == "classification":
@@ -258,7 +264,7 @@ class _Run:
         # The keys are arguments, not constants: every seed then compiles the same program,
         # which the persistent compilation cache serves to later runs.
         @jax.jit
-        def init(k, dropout_key):
+        def init(k: jax.Array, dropout_key: jax.Array) -> TrainState:
             variables = self._variables(k)
             params = variables["params"]
             return TrainState(
@@ -269,7 +275,8 @@ class _Run:
                 rng=jax.random.key_data(dropout_key),
             )
 
-        return self.dp.put_replicated(init(init_key, dropout_key))
+        state: TrainState = self.dp.put_replicated(init(init_key, dropout_key))
+        return state
 
     def warm_start(self, state: TrainState) -> TrainState:
         """``state`` with init_checkpoint's params and batch_stats and a fresh optimizer state.
@@ -277,6 +284,7 @@ class _Run:
         The step stays 0 and the dropout key is this run's. The optimizer state is built from
         the loaded parameters, not read: the source may have used another optimizer.
         """
+        assert self.config.init_checkpoint is not None  # the caller checks
         variables = restore_initial_variables(self.config.init_checkpoint, self.abstract_variables(), self.init_step)
         params = self.dp.put_replicated(variables["params"])
         batch_stats = variables["batch_stats"]
@@ -287,8 +295,9 @@ class _Run:
         )
 
     # -- data ----------------------------------------------------------------------------------
-    def train_iterator(self, state: Mapping[str, Any] | None, *, index_stream=None,
-                       index_key: str | None = None):
+    def train_iterator(self, state: Mapping[str, Any] | None, *,
+                       index_stream: Callable[[int], Any] | None = None,
+                       index_key: str | None = None) -> BatchIterator:
         shard_count, shard_index = jax.process_count(), jax.process_index()
         return bdata.input_pipeline(
             self.workload.dataset,
@@ -307,7 +316,9 @@ class _Run:
             **self.data_kwargs,
         )
 
-    def _eval_batches(self, split: str, limit: int | None, batch_size: int):
+    def _eval_batches(
+        self, split: str, limit: int | None, batch_size: int
+    ) -> tuple[BatchIterator, int | None]:
         """One pass over the first ``limit`` examples of ``split`` in order, padded and masked."""
         w = self.workload
         if w.kind == "mlm":
@@ -352,7 +363,7 @@ class _Run:
                 raise ValueError(f"split: must be one of {sorted(limits)}, got {split!r}")
             limit = limits[split]
             it, max_batches = self._eval_batches(split, limit, batch_size)
-            totals: dict[str, list] = {}
+            totals: dict[str, list[Any]] = {}
             with it:
                 for i, batch in enumerate(it):
                     if max_batches is not None and i >= max_batches:
@@ -444,7 +455,7 @@ def train_and_evaluate(
         pending = []
         return first_bad
 
-    def save(iterator) -> None:
+    def save(iterator: BatchIterator) -> None:
         # A cancellation right after an evaluation (or right after resuming) finds this step
         # saved already, with the same content; orbax refuses to overwrite it.
         if ckpt is not None and ckpt.latest_step() != step:
@@ -496,7 +507,7 @@ def train_and_evaluate(
                 t0 = time.perf_counter()
                 batch = next(iterator)
                 input_wait += time.perf_counter() - t0
-                if example_key is not None:
+                if example_key is not None and on_examples is not None:
                     on_examples(step + 1, batch.pop(example_key))
                 state, metrics = run.train_step(
                     state, run.dp.put_batch(_to_model_batch(run.workload, batch, run.input_key))

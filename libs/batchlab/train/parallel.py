@@ -10,11 +10,16 @@ exactly the examples it holds, as the paper's per-core virtual batches do.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DataParallel"]
+
+_Tree = TypeVar("_Tree")
 
 
 class DataParallel:
@@ -24,7 +29,7 @@ class DataParallel:
       devices: the devices to use (default: all, across every process).
     """
 
-    def __init__(self, devices=None):
+    def __init__(self, devices: Iterable[jax.Device] | None = None):
         devices = list(jax.devices() if devices is None else devices)
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -44,7 +49,7 @@ class DataParallel:
                 f"virtual_batch_size {virtual_batch_size}"
             )
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Send a host batch to the devices, split along the leading axis.
 
         With several processes, each passes its own share and the global array is assembled.
@@ -54,8 +59,10 @@ class DataParallel:
                 k: jax.make_array_from_process_local_data(self.batch, np.asarray(v))
                 for k, v in batch.items()
             }
-        return jax.device_put(dict(batch), self.batch)
+        arrays: dict[str, jax.Array] = jax.device_put(dict(batch), self.batch)
+        return arrays
 
-    def put_replicated(self, tree):
-        """Replicate a pytree on every device."""
-        return jax.device_put(tree, self.replicated)
+    def put_replicated(self, tree: _Tree) -> _Tree:
+        """Replicate a pytree on every device (the same structure, now of device arrays)."""
+        replicated: _Tree = jax.device_put(tree, self.replicated)
+        return replicated

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,10 @@ import optax
 from batchlab.train.workloads import Workload, classification_loss
 
 __all__ = ["TrainState", "eval_step", "make_eval_step", "make_train_step"]
+
+Batch = Mapping[str, jax.Array]
+# {'loss': (weighted sum, total weight), ...}: what eval steps add up across batches.
+Sums = dict[str, tuple[jax.Array, jax.Array]]
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -24,14 +30,22 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-def _forward(workload: Workload, model, variables, batch, *, train: bool, rng=None):
+def _forward(
+    workload: Workload,
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batch: Batch,
+    *,
+    train: bool,
+    rng: jax.Array | None = None,
+) -> tuple[Any, Mapping[str, Any]]:
     """Model outputs, per-example losses and metrics for one batch."""
     if workload.kind == "classification":
         mutable = ["batch_stats"] if train else False
         out = model.apply(variables, batch["input"], train=train, mutable=mutable)
         logits, updates = out if train else (out, {})
         return logits, updates
-    rngs = {"dropout": rng} if train else {}
+    rngs = {"dropout": rng} if train and rng is not None else {}
     logits = model.apply(
         variables,
         batch["input_ids"],
@@ -44,7 +58,13 @@ def _forward(workload: Workload, model, variables, batch, *, train: bool, rng=No
     return logits, {}
 
 
-def _metrics(workload: Workload, hparams, outputs, batch, weights):
+def _metrics(
+    workload: Workload,
+    hparams: Mapping[str, Any],
+    outputs: Any,
+    batch: Batch,
+    weights: jax.Array | None,
+) -> Sums:
     """Weighted sums: {'loss': (sum, count), ...}; the loss includes no regulariser."""
     if workload.kind == "classification":
         per_example, correct, w = classification_loss(
@@ -83,7 +103,12 @@ def _metrics(workload: Workload, hparams, outputs, batch, weights):
     }
 
 
-def make_train_step(workload: Workload, hparams, model, optimizer: optax.GradientTransformation):
+def make_train_step(
+    workload: Workload,
+    hparams: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """A ``train_step(state, batch) -> (state, metrics)`` for jit.
 
     The gradient is of the mean unregularised loss; L2 and weight decay live in the
@@ -91,7 +116,9 @@ def make_train_step(workload: Workload, hparams, model, optimizer: optax.Gradien
     ``batch_stats``. The returned metrics are batch means (loss, accuracy).
     """
 
-    def loss_fn(params, state, batch, rng):
+    def loss_fn(
+        params: Any, state: TrainState, batch: Batch, rng: jax.Array
+    ) -> tuple[jax.Array, tuple[Any, Sums]]:
         variables = {"params": params}
         if state.batch_stats is not None:
             variables["batch_stats"] = state.batch_stats
@@ -100,7 +127,7 @@ def make_train_step(workload: Workload, hparams, model, optimizer: optax.Gradien
         loss = sums["loss"][0] / sums["loss"][1]
         return loss, (updates.get("batch_stats", state.batch_stats), sums)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         grads, (batch_stats, sums) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -113,10 +140,12 @@ def make_train_step(workload: Workload, hparams, model, optimizer: optax.Gradien
     return train_step
 
 
-def make_eval_step(workload: Workload, hparams, model):
+def make_eval_step(
+    workload: Workload, hparams: Mapping[str, Any], model: nn.Module
+) -> Callable[[TrainState, Batch], Sums]:
     """An ``eval_step(state, batch) -> {name: (weighted sum, weight)}`` for jit (eval-mode BN)."""
 
-    def eval_step(state: TrainState, batch):
+    def eval_step(state: TrainState, batch: Batch) -> Sums:
         variables = {"params": state.params}
         if state.batch_stats is not None:
             variables["batch_stats"] = state.batch_stats

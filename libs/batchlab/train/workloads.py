@@ -71,7 +71,9 @@ class Workload:
         """Every metric an evaluation point reports (declared in batchlab.workloads)."""
         return metrics_of_kind(self.kind)
 
-    def model(self, hparams: Mapping[str, Any], *, dtype=jnp.float32, **extra: Any) -> nn.Module:
+    def model(
+        self, hparams: Mapping[str, Any], *, dtype: Any = jnp.float32, **extra: Any
+    ) -> nn.Module:
         """The flax module for these hyperparameters (``extra``: e.g. the tokenizer's vocab_size)."""
         kwargs = {**self.model_kwargs, **extra}
         if self.kind == "classification":
@@ -86,7 +88,9 @@ class Workload:
             kwargs.update(dropout_rate=hparams["dropout_rate"], dtype=dtype)
         return models.get_model(self.model_name, **kwargs)
 
-    def dummy_batch(self, batch_size: int, input_shape: tuple[int, ...], hparams) -> dict[str, jax.Array]:
+    def dummy_batch(
+        self, batch_size: int, input_shape: tuple[int, ...], hparams: Mapping[str, Any]
+    ) -> dict[str, jax.Array]:
         """A zero batch with the right shapes, to initialise the model."""
         if self.kind == "classification":
             return {"input": jnp.zeros((batch_size, *input_shape), jnp.float32)}
@@ -101,7 +105,14 @@ class Workload:
         }
 
 
-def classification_loss(logits, labels, *, num_classes: int, label_smoothing: float, weights=None):
+def classification_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    num_classes: int,
+    label_smoothing: float,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean softmax cross entropy with label smoothing, and the accuracy (per-example weights)."""
     one_hot = jax.nn.one_hot(labels, num_classes)
     targets = optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
