@@ -20,12 +20,15 @@ Two figures, each comparing like with like:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,13 +74,14 @@ print(json.dumps({"cold_end": cold_end, "warm_s": time.perf_counter() - start}))
 """
 
 
-def _local(root: Path) -> tuple[float, float]:
-    """(cold, warm) seconds of `batchlab local run` of SPEC (see the module docstring)."""
+def _local(root: Path, spec: dict = SPEC) -> tuple[float, float]:
+    """(cold, warm) seconds of `batchlab local run` of ``spec`` (see the module docstring);
+    the runs are stored under ``root/local_out/cold`` and ``root/local_out/warm``."""
     data_dir = root / "local" / "tfds"
     bdata.prepare("mnist1d", data_dir, config="small")
     started = time.time()
     out = subprocess.run(
-        [sys.executable, "-c", _LOCAL_RUN, json.dumps(SPEC), str(root / "local_out"), str(data_dir),
+        [sys.executable, "-c", _LOCAL_RUN, json.dumps(spec), str(root / "local_out"), str(data_dir),
          str(root / "local" / "jax_cache")],
         check=True, capture_output=True, text=True,
     )
@@ -101,25 +105,36 @@ def _experiment(client, spec: dict) -> float:
     return time.perf_counter() - start
 
 
-def _services(root: Path) -> tuple[float, float, float]:
-    """(cold, warm, start-up) seconds of SPEC through the embedded stack."""
+@contextlib.contextmanager
+def embedded_stack(root: Path, *, num_trainers: int = 1, ray_cpus: int = 2) -> Iterator[tuple[Any, float]]:
+    """The embedded stack under ``root/stack`` (mnist1d built first), up for the ``with`` block.
+
+    Yields:
+      (an ExperimentClient of its controller, the seconds `batchlab up` took).
+    """
     from batchlab.client import ExperimentClient, Stack
 
     state = root / "stack"
     bdata.prepare("mnist1d", state / "tfds", config="small")
     grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4), strict=True))
     metric_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator", "trainer"], free_ports(5), strict=True))
-    stack = Stack(state, ports=grpc_ports, metrics_ports=metric_ports, num_trainers=1,
-                  extra_env={"BATCHLAB_RAY_CPUS": "2"})
+    stack = Stack(state, ports=grpc_ports, metrics_ports=metric_ports, num_trainers=num_trainers,
+                  extra_env={"BATCHLAB_RAY_CPUS": str(ray_cpus)})
     t0 = time.perf_counter()
     stack.up(timeout=300)
     startup = time.perf_counter() - t0
     try:
         with ExperimentClient(stack.address("controller")) as client:
-            cold = startup + _experiment(client, SPEC)
-            warm = _experiment(client, {**SPEC, "name": SPEC["name"] + "-warm"})
+            yield client, startup
     finally:
         stack.down()
+
+
+def _services(root: Path) -> tuple[float, float, float]:
+    """(cold, warm, start-up) seconds of SPEC through the embedded stack."""
+    with embedded_stack(root) as (client, startup):
+        cold = startup + _experiment(client, SPEC)
+        warm = _experiment(client, {**SPEC, "name": SPEC["name"] + "-warm"})
     return cold, warm, startup
 
 

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from batchlab import limits
+from batchlab.files import atomic_write
 from batchlab.rpc.errors import DataLoss, InvalidArgument, NotFound, shorten
 
 logger = logging.getLogger(__name__)
@@ -491,16 +492,7 @@ class FilesystemCheckpointStore(CheckpointStore):
         return records
 
     def _write_atomic(self, folder: pathlib.Path, name: str, data: bytes) -> None:
-        temp = folder / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with open(temp, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, folder / name)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+        atomic_write(folder / name, data, temp_prefix=_TEMP_PREFIX)
 
     @staticmethod
     def _fsync_dir(folder: pathlib.Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from batchlab.files import atomic_write
 from batchlab.proto.v1 import controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.client import channel as open_channel
 
@@ -64,10 +65,14 @@ class ExperimentClient:
         request = controller_pb2.SubmitExperimentRequest(
             spec=spec, request_id=request_id or spec_request_id(spec), validate_only=validate_only
         )
-        return self._stub.SubmitExperiment(request, timeout=self._timeout)
+        experiment: controller_pb2.Experiment = self._stub.SubmitExperiment(request, timeout=self._timeout)
+        return experiment
 
     def get(self, name: str) -> controller_pb2.Experiment:
-        return self._stub.GetExperiment(controller_pb2.GetExperimentRequest(name=_name(name)), timeout=self._timeout)
+        experiment: controller_pb2.Experiment = self._stub.GetExperiment(
+            controller_pb2.GetExperimentRequest(name=_name(name)), timeout=self._timeout
+        )
+        return experiment
 
     def list(self, *, page_size: int = 50) -> Iterator[controller_pb2.Experiment]:
         """Every experiment, following page tokens."""
@@ -97,17 +102,21 @@ class ExperimentClient:
     def watch(self, name: str, *, period_seconds: float = 1.0) -> Iterator[controller_pb2.WatchExperimentResponse]:
         """Stream updates until the experiment ends."""
         request = controller_pb2.WatchExperimentRequest(name=_name(name), period_seconds=period_seconds)
-        return self._stub.WatchExperiment(request)
+        stream: Iterator[controller_pb2.WatchExperimentResponse] = self._stub.WatchExperiment(request)
+        return stream
 
     def cancel(self, name: str) -> controller_pb2.Experiment:
-        return self._stub.CancelExperiment(controller_pb2.CancelExperimentRequest(name=_name(name)), timeout=self._timeout)
+        experiment: controller_pb2.Experiment = self._stub.CancelExperiment(
+            controller_pb2.CancelExperimentRequest(name=_name(name)), timeout=self._timeout
+        )
+        return experiment
 
     def report(self, name: str, out_dir: str | Path) -> Path:
         """Fetch the report and write report.md and its files under ``out_dir``."""
         report = self._stub.GetReport(controller_pb2.GetReportRequest(name=_name(name)), timeout=120)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(report.markdown)
+        atomic_write(out / "report.md", report.markdown)
         for f in report.files:
             target = (out / f.name).resolve()
             if out.resolve() not in target.parents:
@@ -171,4 +180,5 @@ def describe_error(err: grpc.RpcError, address: str | None = None) -> str:
 
 
 def spec_to_json(spec: experiment_pb2.ExperimentSpec) -> dict[str, Any]:
-    return json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    data: dict[str, Any] = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    return data

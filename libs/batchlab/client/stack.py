@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from batchlab.files import atomic_write
 from batchlab.rpc.client import channel, free_ports, peer_env_var, wait_for_ready
 from batchlab.rpc.metrics import METRICS_PORTS
 from batchlab.rpc.server import EXIT_CONFIGURATION
@@ -248,7 +249,8 @@ class Stack:
         """The running stack's record, or None."""
         if not self.record_path.exists():
             return None
-        return json.loads(self.record_path.read_text())
+        record: dict[str, Any] = json.loads(self.record_path.read_text())
+        return record
 
     def _check_ports(self) -> None:
         for service in SERVICES:
@@ -331,7 +333,7 @@ class Stack:
                         "trainer_metrics_port": self.metrics_ports["trainer"],
                         "log": str(log_path),
                     }
-                    self.record_path.write_text(json.dumps(record, indent=1))
+                    atomic_write(self.record_path, json.dumps(record, indent=1))
                     if self._wait_ready(service, proc, log_path, timeout, say,
                                         last_attempt=attempt > retries):
                         break
@@ -367,7 +369,7 @@ class Stack:
                     f"({service.name}, to be started again) is in use: `batchlab down` stops "
                     f"the rest of this stack, then `batchlab up` starts a whole one")
 
-    def _spawn(self, service: ServiceDef, log_path: Path) -> subprocess.Popen:
+    def _spawn(self, service: ServiceDef, log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log_file:
             return subprocess.Popen(
                 [sys.executable, "-m", service.module],
@@ -378,7 +380,7 @@ class Stack:
                 start_new_session=True,
             )
 
-    def _wait_ready(self, service: ServiceDef, proc: subprocess.Popen, log_path: Path,
+    def _wait_ready(self, service: ServiceDef, proc: subprocess.Popen[bytes], log_path: Path,
                     timeout: float, say: Callable[[str], None], *, last_attempt: bool) -> bool:
         """True once SERVING; False when it exited while starting and may be retried."""
         start = time.monotonic()

@@ -205,10 +205,11 @@ def _message_schema(protos: _Protos, name: str, stack: tuple[str, ...] = ()) -> 
     message = protos.messages[name]
     properties: dict[str, Any] = {}
     for field in message.field:
-        schema = _field_schema(protos, name, field, (*stack, name))
+        value_schema = _field_schema(protos, name, field, (*stack, name))
         if field.label == _REPEATED and not _is_map(protos, field):
-            schema = {"type": "array", "items": schema}
-        properties[field.name] = _with_description(schema, protos.comments.get((name, field.name)))
+            value_schema = {"type": "array", "items": value_schema}
+        properties[field.name] = _with_description(value_schema,
+                                                   protos.comments.get((name, field.name)))
     schema: dict[str, Any] = {"type": "object", "properties": properties}
     exclusive = _oneof_pairs(message)
     if exclusive:
@@ -362,7 +363,8 @@ _HEADER = """\
 
 def render_crd(proto_root: Path = PROTO_ROOT) -> str:
     """The CRD as the YAML text committed under k8s/."""
-    return _HEADER + yaml.safe_dump(experiment_crd(proto_root), sort_keys=False, width=100)
+    text: str = yaml.safe_dump(experiment_crd(proto_root), sort_keys=False, width=100)
+    return _HEADER + text
 
 
 def experiment_manifest(spec: Mapping[str, Any], *, name: str | None = None,
@@ -387,7 +389,8 @@ def experiment_manifest(spec: Mapping[str, Any], *, name: str | None = None,
 def _read_spec(path: Path) -> dict[str, Any]:
     from batchlab.search.spec import read_yaml
 
-    return read_yaml(path)
+    spec: dict[str, Any] = read_yaml(path)
+    return spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

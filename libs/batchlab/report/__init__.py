@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from batchlab.files import atomic_write
 from batchlab.report import figures
 from batchlab.report.results import Experiment, load_results, spec_get
 from batchlab.report.tables import (
@@ -266,6 +267,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
     text = build_markdown(experiment, out)
     path = out / REPORT_NAME
-    path.write_text(text, encoding="utf-8")
+    atomic_write(path, text)
     log.info("wrote %s (%d studies)", path, len(experiment.studies))
     return path

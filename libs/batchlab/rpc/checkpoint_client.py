@@ -25,7 +25,7 @@ import stat
 import tarfile
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 import grpc
@@ -122,6 +122,7 @@ def unpack_dir(archive: IO[bytes], directory: str | os.PathLike[str]) -> None:
             elif member.isfile():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)
+                assert source is not None  # a regular file's entry always has content
                 with source, open(target, "xb") as out:
                     shutil.copyfileobj(source, out, CHUNK_SIZE)
                 # Keep the owner's execute bit only; never set-id bits from an archive.
@@ -148,7 +149,7 @@ class CheckpointClient:
         self._chunk_size = chunk_size
         self._spool_bytes = spool_bytes
 
-    def _spool(self) -> tempfile.SpooledTemporaryFile:
+    def _spool(self) -> tempfile.SpooledTemporaryFile[bytes]:
         return tempfile.SpooledTemporaryFile(max_size=self._spool_bytes, mode="w+b")
 
     def save_dir(self, trial: str, step: int, directory: str | os.PathLike[str], *,
@@ -185,7 +186,8 @@ class CheckpointClient:
                 while piece := archive.read(self._chunk_size):
                     yield checkpoints_pb2.SaveCheckpointRequest(data=piece)
 
-            info = self._stub.SaveCheckpoint(requests(), timeout=self._timeout)
+            info: checkpoints_pb2.CheckpointInfo = self._stub.SaveCheckpoint(
+                requests(), timeout=self._timeout)
         logger.info("uploaded %s step %d (%d bytes)", trial, step, size)
         return info
 
@@ -243,7 +245,8 @@ class CheckpointClient:
         return info
 
     @staticmethod
-    def _receive(responses, archive: IO[bytes]) -> checkpoints_pb2.CheckpointInfo:
+    def _receive(responses: Iterable[checkpoints_pb2.LoadCheckpointResponse],
+                 archive: IO[bytes]) -> checkpoints_pb2.CheckpointInfo:
         info = None
         digest, size = hashlib.sha256(), 0
         for response in responses:
@@ -281,7 +284,9 @@ class CheckpointClient:
                                                           maximize=maximize)
         if metric is not None:
             request.metric = metric
-        return self._stub.RecordEvaluation(request, timeout=self._timeout)
+        info: checkpoints_pb2.CheckpointInfo = self._stub.RecordEvaluation(
+            request, timeout=self._timeout)
+        return info
 
     def list(self, trial: str) -> list[checkpoints_pb2.CheckpointInfo]:
         """Returns a trial's checkpoints, by step.
@@ -299,7 +304,7 @@ class CheckpointClient:
         Args:
           trial: the trial's resource name.
         """
-        response = self._stub.DeleteCheckpoints(
+        response: checkpoints_pb2.DeleteCheckpointsResponse = self._stub.DeleteCheckpoints(
             checkpoints_pb2.DeleteCheckpointsRequest(trial=trial), timeout=self._timeout)
         return response.deleted
 

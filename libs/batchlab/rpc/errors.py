@@ -22,7 +22,7 @@ import functools
 import inspect
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -267,11 +267,13 @@ def handle_errors(method: _F) -> _F:
       The wrapped method.
     """
     name = method.__qualname__
+    # The wrappers keep the method's signature (functools.wraps), which mypy cannot tie to _F:
+    # hence the two ignores on the returns below.
 
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
-        def stream_wrapper(*args: Any, **kwargs: Any):
+        def stream_wrapper(*args: Any, **kwargs: Any) -> Iterator[Any]:
             context = args[-1]
             try:
                 yield from method(*args, **kwargs)
@@ -288,7 +290,7 @@ def handle_errors(method: _F) -> _F:
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         context = args[-1]
         try:
             return method(*args, **kwargs)

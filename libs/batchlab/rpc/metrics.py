@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,7 +367,7 @@ def _controller(r: CollectorRegistry) -> ControllerMetrics:
 
 # One batchlab_trial_eval_metric per registry, shared by the trainer role (which sets it when
 # it evaluates in its own process) and the controller role (when the evaluation service does).
-_EVAL_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EVAL_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, Gauge] = weakref.WeakKeyDictionary()
 
 
 def _trial_eval_metric(r: CollectorRegistry) -> Gauge:
@@ -488,7 +488,8 @@ def _evaluator(r: CollectorRegistry) -> EvaluatorMetrics:
     )
 
 
-_BUILDERS = {
+# Each role's builder returns its own metrics dataclass: Metrics takes them by keyword.
+_BUILDERS: dict[str, Callable[[CollectorRegistry], Any]] = {
     "controller": _controller,
     "sharding": _sharding,
     "checkpoints": _checkpoints,

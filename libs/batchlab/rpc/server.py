@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -54,6 +54,14 @@ EXIT_CONFIGURATION = 2
 # far above what the CLI, dashboards and trainers open, and each idle one costs a thread.
 DEFAULT_MAX_STREAMS = 256
 DEFAULT_MAX_STREAMS_PER_CLIENT = 128
+
+# A servicer method as gRPC calls it: (request or request iterator, context) -> response or
+# response iterator. grpc ships no types, so requests, responses and contexts are Any.
+Behaviour = Callable[[Any, Any], Any]
+# An interceptor's rewrite of a behaviour: wrap(behaviour, response_streaming) -> behaviour.
+Wrap = Callable[[Behaviour, bool], Behaviour]
+# An interceptor's continuation: the next handler for the call's details, or None.
+Continuation = Callable[[Any], Any]
 
 
 class Registration(NamedTuple):
@@ -93,8 +101,9 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Callable,
-                       request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+def _replace_behaviour(handler: grpc.RpcMethodHandler, wrap: Wrap,
+                       request_deserializer: Callable[[bytes], Any] | None = None,
+                       ) -> grpc.RpcMethodHandler:
     """Returns a handler of the same kind whose behaviour is ``wrap(behaviour, streaming)``.
 
     ``request_deserializer`` replaces the handler's when given.
@@ -145,7 +154,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
                 return hmac.compare_digest(credentials.strip(b" "), self._expected)
         return False
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
         """Passes authorized and health calls on; answers others with UNAUTHENTICATED."""
         handler = continuation(handler_call_details)
         service, _ = _split_method(handler_call_details.method)
@@ -155,8 +165,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return handler
         method = handler_call_details.method
 
-        def deny(behaviour, streaming):
-            def reject(request_or_iterator, context):
+        def deny(behaviour: Behaviour, streaming: bool) -> Behaviour:
+            def reject(request_or_iterator: Any, context: Any) -> None:
                 logger.info("%s -> UNAUTHENTICATED: missing or wrong bearer token", method)
                 context.abort(
                     grpc.StatusCode.UNAUTHENTICATED,
@@ -175,7 +185,8 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
     request it cannot decode with INTERNAL, and servicers meet unknown enum numbers.
     """
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
         """Wraps the handler's deserializer and checks every request message."""
         from batchlab.rpc import validation
 
@@ -199,34 +210,34 @@ class RequestGuardInterceptor(grpc.ServerInterceptor):
             except InvalidArgument as error:
                 refuse(context, error)
 
-        def guard(behaviour, streaming):
+        def guard(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if handler.request_streaming:
 
-                def checked_iterator(requests, context):
+                def checked_iterator(requests: Iterable[Any], context: Any) -> Iterator[Any]:
                     for request in requests:
                         check(request, context)
                         yield request
 
                 if streaming:
 
-                    def stream_stream(requests, context):
+                    def stream_stream(requests: Iterable[Any], context: Any) -> Iterator[Any]:
                         yield from behaviour(checked_iterator(requests, context), context)
 
                     return stream_stream
 
-                def stream_unary(requests, context):
+                def stream_unary(requests: Iterable[Any], context: Any) -> Any:
                     return behaviour(checked_iterator(requests, context), context)
 
                 return stream_unary
             if streaming:
 
-                def unary_stream(request, context):
+                def unary_stream(request: Any, context: Any) -> Iterator[Any]:
                     check(request, context)
                     yield from behaviour(request, context)
 
                 return unary_stream
 
-            def unary_unary(request, context):
+            def unary_unary(request: Any, context: Any) -> Any:
                 check(request, context)
                 return behaviour(request, context)
 
@@ -312,7 +323,8 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
     def __init__(self, limiter: StreamLimiter):
         self._limiter = limiter
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
         """Wraps streaming handlers with a slot taken at start and given back at the end."""
         handler = continuation(handler_call_details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
@@ -336,10 +348,10 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
             context.add_callback(release)
             return release
 
-        def bounded(behaviour, streaming):
+        def bounded(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if streaming:
 
-                def stream(request_or_iterator, context):
+                def stream(request_or_iterator: Any, context: Any) -> Iterator[Any]:
                     release = slot(context)
                     try:
                         yield from behaviour(request_or_iterator, context)
@@ -348,7 +360,7 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
 
                 return stream
 
-            def unary(request_or_iterator, context):
+            def unary(request_or_iterator: Any, context: Any) -> Any:
                 release = slot(context)
                 try:
                     return behaviour(request_or_iterator, context)
@@ -374,7 +386,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def _record(self, service: str, method: str, code: grpc.StatusCode, start: float) -> None:
         self._rpc.observe(service, method, code, time.perf_counter() - start)
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Continuation,
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
         """Wraps the handler so that every call is recorded once, however it ends."""
         handler = continuation(handler_call_details)
         if handler is None:
@@ -382,10 +395,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         service, method = _split_method(handler_call_details.method)
         record = self._record
 
-        def measure(behaviour, streaming):
+        def measure(behaviour: Behaviour, streaming: bool) -> Behaviour:
             if streaming:
 
-                def stream(request_or_iterator, context):
+                def stream(request_or_iterator: Any, context: Any) -> Iterator[Any]:
                     start = time.perf_counter()
                     code = grpc.StatusCode.OK
                     try:
@@ -403,7 +416,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
                 return stream
 
-            def unary(request_or_iterator, context):
+            def unary(request_or_iterator: Any, context: Any) -> Any:
                 start = time.perf_counter()
                 try:
                     response = behaviour(request_or_iterator, context)
@@ -512,7 +525,7 @@ def _bind_address(host: str, port: int) -> str:
 
 
 def build_server(
-    registrations: Iterable[Registration | tuple[str, Callable, Any]],
+    registrations: Iterable[Registration | tuple[str, Callable[[Any, grpc.Server], None], Any]],
     *,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -549,7 +562,7 @@ def build_server(
     Raises:
       RuntimeError: if the address cannot be bound.
     """
-    registrations = [Registration(*r) for r in registrations]
+    entries = [Registration(*r) for r in registrations]
     if not auth_token and host not in _LOOPBACK_HOSTS:
         logger.warning("%s: serving on %s without an auth token (set %s)",
                        service_name, host, AUTH_TOKEN_ENV)
@@ -568,11 +581,11 @@ def build_server(
                                    thread_name_prefix=f"{service_name}-rpc"),
         interceptors=interceptors,
     )
-    for registration in registrations:
+    for registration in entries:
         registration.add_to_server(registration.servicer, grpc_server)
     health_servicer = health.HealthServicer()
     # Until start() every service reports NOT_SERVING (the overall "" too).
-    names = tuple(r.service for r in registrations)
+    names = tuple(r.service for r in entries)
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -105,9 +105,10 @@ class ShardingClient:
           dataset: a registered dataset name.
           config: its builder config ("" = the default).
         """
-        return self._call("PrepareDataset",
-                          sharding_pb2.PrepareDatasetRequest(dataset=dataset, config=config),
-                          timeout_s=max(self.timeout_s, 1800.0))
+        info: sharding_pb2.DatasetInfo = self._call(
+            "PrepareDataset", sharding_pb2.PrepareDatasetRequest(dataset=dataset, config=config),
+            timeout_s=max(self.timeout_s, 1800.0))
+        return info
 
     def assign(self, trial: str, dataset: str, config: str, split: str, *, num_hosts: int,
                seed: int, shuffle: bool = True, resume_step: int | None = None,
@@ -132,12 +133,15 @@ class ShardingClient:
             request.resume_step = resume_step
         if num_examples is not None:
             request.num_examples = num_examples
-        return self._call("AssignShards", request)
+        shards: sharding_pb2.TrialShards = self._call("AssignShards", request)
+        return shards
 
     def record(self, trial: str, step: int, hosts: Sequence[sharding_pb2.HostShard]) -> int:
         """Record hosts' positions at a checkpoint step; returns how many were stored."""
-        return self._call("RecordPositions", sharding_pb2.RecordPositionsRequest(
-            trial=trial, step=step, hosts=list(hosts))).recorded
+        response: sharding_pb2.RecordPositionsResponse = self._call(
+            "RecordPositions",
+            sharding_pb2.RecordPositionsRequest(trial=trial, step=step, hosts=list(hosts)))
+        return response.recorded
 
     def get_shard(self, host: sharding_pb2.HostShard, epoch: int, start: int,
                   max_indices: int) -> sharding_pb2.ShardAssignment:
@@ -149,7 +153,8 @@ class ShardingClient:
             max_indices=max_indices)
         if host.HasField("num_examples"):
             request.num_examples = host.num_examples
-        return self._call("GetShard", request)
+        assignment: sharding_pb2.ShardAssignment = self._call("GetShard", request)
+        return assignment
 
 
 class ServiceShardIterator(ShardIterator):

@@ -26,7 +26,8 @@ from typing import Any
 from google.protobuf import message as message_lib
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from batchlab.rpc.errors import InvalidArgument, shorten
+from batchlab.limits import shorten
+from batchlab.rpc.errors import InvalidArgument
 
 __all__ = ["MAX_STRUCT_DEPTH", "Undecodable", "check_message", "guarded_deserializer"]
 

@@ -24,7 +24,7 @@ from batchlab.runner.resources import ExecutionPlan, available_cpus, plan_execut
 from batchlab.runner.store import ResultStore
 from batchlab.runner.workers import WorkerPool, cache_root_of, function_reference
 from batchlab.search import expand_studies, load_spec, next_runs, score_study, spec_to_dict
-from batchlab.search.protocol import RunRequest
+from batchlab.search.protocol import RunRecord, RunRequest
 from batchlab.search.study import Study
 
 __all__ = ["run_experiment", "study_summary"]
@@ -241,7 +241,7 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
             log.info("%s: %s", request.name, result["outcome"])
 
 
-def _write_study(store: ResultStore, study: Study, records: list, best: int | None) -> None:
+def _write_study(store: ResultStore, study: Study, records: list[RunRecord], best: int | None) -> None:
     score = score_study(study, records)
     store.write_study(
         study.id,
@@ -284,9 +284,9 @@ def _prepare_datasets(studies: list[Study], data_dir: str | None) -> None:
 
 def _configured_cache_root() -> str | None:
     """The compilation cache root this process configured (workers use the same one)."""
-    import jax
+    from batchlab.train.compilation_cache import configured_cache_dir
 
-    return cache_root_of(jax.config.jax_compilation_cache_dir)
+    return cache_root_of(configured_cache_dir())
 
 
 def _progress(enabled: bool) -> Progress:

@@ -14,28 +14,17 @@ moment leaves either the old or the new file, never a torn one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchlab.files import atomic_write
 from batchlab.search.protocol import RunRecord, RunRequest
 
 __all__ = ["ResultStore", "request_to_dict"]
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(payload, indent=1, sort_keys=True, allow_nan=True))
 
 
 def request_to_dict(request: RunRequest) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
@@ -28,6 +28,9 @@ from batchlab.search.spec import ExperimentSpec
 from batchlab.search.study import Study
 from batchlab.search.warm_start import WarmStartRef, warm_start_of
 from batchlab.targets import Outcome
+
+if TYPE_CHECKING:  # the runner imports JAX (train) only where a run needs it
+    from batchlab.train.loop import RunResult
 
 __all__ = ["RunStates", "find_experiment", "run_states", "source_state_dir"]
 
@@ -51,7 +54,7 @@ class RunStates:
     keep_dir: Path | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def finish(self, result: Any) -> dict[str, Any]:
+    def finish(self, result: RunResult) -> dict[str, Any]:
         """Keep the run's final state if it is kept; the result as stored in the run file.
 
         The stored ``initialised_from`` names the source run, not its folder, so two executions
@@ -66,7 +69,7 @@ class RunStates:
             out["initialised_from"] = self.source
         return out
 
-    def _keep(self, result: Any) -> None:
+    def _keep(self, result: RunResult) -> None:
         if self.keep_dir is None or result.outcome is not Outcome.SUCCEEDED:
             return
         from batchlab.train.checkpoint import save_final_variables
@@ -190,7 +193,7 @@ def _source_study(experiment: dict[str, Any], ref: WarmStartRef, study: Study, w
     if len(points) > 1:
         raise ValueError(f"{where}.batch_size: the source workload has several points {points}; "
                          "give batch_size and step_budget")
-    by_replicate = {int(s.get("replicate", 0)): s["id"] for s in candidates}
+    by_replicate: dict[int, str] = {int(s.get("replicate", 0)): s["id"] for s in candidates}
     if len(by_replicate) == 1:
         return next(iter(by_replicate.values()))
     if study.replicate not in by_replicate:

@@ -93,7 +93,8 @@ def resolve_function(reference: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module)
     for part in name.split("."):
         target = getattr(target, part)
-    return target
+    function: Callable[..., Any] = target
+    return function
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -274,9 +275,11 @@ class WorkerPool:
             if not busy:
                 break
             sentinels = {w.process.sentinel: w for w in busy.values()}
+            # Keyed by what wait() hands back: a worker's pipe or its process sentinel.
+            waiting: dict[Any, _Worker] = {**busy, **sentinels}
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             for ready in wait([*busy, *sentinels], left):
-                worker = busy.get(ready) or sentinels[ready]
+                worker = waiting[ready]
                 if worker.request is None or worker not in self._workers:
                     continue  # both its pipe and its sentinel were ready
                 request = worker.request
@@ -319,11 +322,13 @@ class WorkerPool:
         if "error" in message:
             raise WorkerError(f"a worker could not start: {message['error']}\n{message['traceback']}")
         if "exception" in message:
-            text = f"{worker.request.name}: {message['exception']}: {message['message']}"
+            name = worker.request.name if worker.request else "?"
+            text = f"{name}: {message['exception']}: {message['message']}"
             if message["exception"] == "ValueError":
                 raise ValueError(text)
             raise WorkerError(f"{text}\n{message['traceback']}")
-        return message["result"]
+        result: dict[str, Any] = message["result"]
+        return result
 
 
 _THREADS_SUBFOLDER = re.compile(r"xla_cpu_threads_\d+")

@@ -72,7 +72,8 @@ class RunCheckpointer:
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""
-        return self._manager.latest_step()
+        step: int | None = self._manager.latest_step()
+        return step
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
         """Save ``state`` and JSON ``metadata`` at ``step`` and wait until it is on disk."""
@@ -144,7 +145,8 @@ class RunCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None or step not in self._manager.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {self.directory}")
-        return ocp.step.standard_name_format().find_step(self.directory, step).path / "state"
+        step_path: Path = ocp.step.standard_name_format().find_step(self.directory, step).path
+        return step_path / "state"
 
     def close(self) -> None:
         self._manager.close()

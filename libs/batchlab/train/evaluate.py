@@ -128,8 +128,11 @@ class CheckpointEvaluator:
         finally:
             checkpointer.close()
         batch_stats = variables.get("batch_stats")
-        state = TrainState(step=None, params=run.dp.put_replicated(variables["params"]),
+        # Evaluation reads params and batch_stats only: this state has no step, optimizer
+        # state or dropout key (None leaves), which TrainState's training types do not allow.
+        state = TrainState(step=None, rng=None,  # type: ignore[arg-type]
+                           params=run.dp.put_replicated(variables["params"]),
                            batch_stats=None if batch_stats is None
                            else run.dp.put_replicated(batch_stats),
-                           opt_state=None, rng=None)
+                           opt_state=None)
         return int(step), run.evaluate(state, tuple(splits))

@@ -11,7 +11,7 @@ exactly the examples it holds, as the paper's per-core virtual batches do.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import jax
 import numpy as np
