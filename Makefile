@@ -55,6 +55,7 @@ k8s-check: setup ## validate every kustomize build offline (schemas, KubeRay rul
 lint: setup ## ruff, the import contracts (pyproject [tool.importlinter]) and mypy
 	$(VENV)/bin/ruff check libs tests benchmarks services scripts
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 lock: ## re-resolve the lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock

@@ -63,10 +63,14 @@ PATHS = ("local", "services", "tune")
 
 
 def spec(*, quick: bool = False) -> dict[str, Any]:
-    """The study: system.SPEC with 4 trials and 2 reruns (quick: 1 trial and 1 rerun)."""
+    """The study: system.SPEC with 4 trials and 2 reruns (quick: 2 trials, no rerun).
+
+    Both fill P = 2 slots in whole waves, so the protocol's wait for the end of tuning before
+    the reruns costs nothing here that Tune, given the finished list, would not pay too.
+    """
     from benchmarks import system
 
-    trials, reruns = (1, 1) if quick else (4, 2)
+    trials, reruns = (2, 0) if quick else (4, 2)
     return {**system.SPEC, "name": "tune-comparison", "trials_per_study": trials,
             "max_total_trials": trials, "seeds_per_best": reruns}
 
@@ -94,8 +98,12 @@ def _stored_runs(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _run_figures(results: list[Mapping[str, Any]]) -> dict[str, float]:
     """Sums of the RunResults' own timings (seconds)."""
-    return {f"{k}_sum_s": float(sum(r.get(k) or 0.0 for r in results))
+    sums = {f"{k}_sum_s": float(sum(r.get(k) or 0.0 for r in results))
             for k in ("wall_time_s", "startup_time_s", "train_time_s")}
+    # What train_and_evaluate spent besides the first step and the steps: set-up before the
+    # first step (model initialisation, opening the data) and the evaluations.
+    sums["rest_sum_s"] = sums["wall_time_s_sum_s"] - sums["startup_time_s_sum_s"] - sums["train_time_s_sum_s"]
+    return sums
 
 
 # -- the Tune side ----------------------------------------------------------------------------
@@ -108,7 +116,6 @@ def tune_trial(config: dict[str, Any]) -> None:
         "threads": T, "cache_root": the compilation cache root, "data_dir": the tfds folder}.
     """
     entered = time.time()
-    import psutil
     from ray import tune
 
     from batchlab.runner.local import _train
@@ -117,7 +124,6 @@ def tune_trial(config: dict[str, Any]) -> None:
     from batchlab.search import expand_studies, load_spec
     from batchlab.train.compilation_cache import enable_compilation_cache
 
-    process_age = entered - psutil.Process().create_time()
     threads = int(config["threads"])
     # What a local-run worker does before its first run: results depend on T (resources.py).
     start_jax_with_threads(threads)
@@ -127,12 +133,13 @@ def tune_trial(config: dict[str, Any]) -> None:
     study = next(s for s in studies if s.id == request.study_id)
     ready = time.time()
     result = _train(request, study, config["data_dir"])
-    tune.report({"result_json": json.dumps(result), "pid": os.getpid(), "process_age_s": process_age,
-                 "entered_at": entered, "ready_at": ready, "ended_at": time.time()})
+    tune.report({"result_json": json.dumps(result), "pid": os.getpid(), "entered_at": entered,
+                 "ready_at": ready, "ended_at": time.time()})
 
 
-def _fit(runs: list[dict[str, Any]], args: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
-    """One Tuner.fit over ``runs``; each trial's measurements and RunResult, in ``runs`` order."""
+def _fit(runs: list[dict[str, Any]], args: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One Tuner.fit over ``runs``: its start and end (epoch seconds) and each trial's
+    measurements and RunResult, in ``runs`` order."""
     from ray import tune
 
     trainable = tune.with_resources(tune_trial, {"cpu": args["threads"]})
@@ -144,16 +151,19 @@ def _fit(runs: list[dict[str, Any]], args: Mapping[str, Any], name: str) -> list
         tune_config=tune.TuneConfig(max_concurrent_trials=args["parallel"]),
         run_config=tune.RunConfig(name=name, storage_path=args["storage"], verbose=0),
     )
+    fit_start = time.time()
     grid = tuner.fit()
+    fit_end = time.time()
     trials = []
     for result in grid:
         if result.error is not None:
             raise RuntimeError(f"a Tune trial failed: {result.error}")
         m = result.metrics
         trials.append({"key": _key(result.config["request"]), "result": json.loads(m["result_json"]),
-                       **{k: m[k] for k in ("pid", "process_age_s", "entered_at", "ready_at", "ended_at")}})
+                       **{k: m[k] for k in ("pid", "entered_at", "ready_at", "ended_at")}})
     order = [_key(r["request"]) for r in runs]
-    return sorted(trials, key=lambda t: order.index(t["key"]))
+    return {"fit_start": fit_start, "fit_end": fit_end,
+            "trials": sorted(trials, key=lambda t: order.index(t["key"]))}
 
 
 def tune_session(args_path: str) -> None:
@@ -274,7 +284,7 @@ def _fairness(reference: dict[str, dict[str, Any]], measured: list[dict[str, Any
                 compared += 1
                 if _comparable(stored["result"]) != ref[key]:
                     mismatches.append(f"round {m['round']} local {phase} {key}")
-            for trial in m["tune"][phase]:
+            for trial in m["tune"][phase]["trials"]:
                 compared += 1
                 if _comparable(trial["result"]) != ref[trial["key"]]:
                     mismatches.append(f"round {m['round']} tune {phase} {trial['key']}")
@@ -291,7 +301,7 @@ def _fairness(reference: dict[str, dict[str, Any]], measured: list[dict[str, Any
     first = measured[0]
     per_trial = []
     for key, stored in reference.items():
-        tune = next(t for t in first["tune"]["cold"] if t["key"] == key)
+        tune = next(t for t in first["tune"]["cold"]["trials"] if t["key"] == key)
         per_trial.append({
             "key": key, "seed": stored["request"]["seed"],
             "hyperparameters": stored["request"]["hyperparameters"],
@@ -303,19 +313,37 @@ def _fairness(reference: dict[str, dict[str, Any]], measured: list[dict[str, Any
             "metric": target, "first_round": per_trial}
 
 
+def _tune_waits(fit: Mapping[str, Any], parallel: int) -> dict[str, float]:
+    """Tune's own time around the trainables of one fit, in seconds.
+
+    start_wait: for each trial, from its slot being free (the fit's start for the first P,
+    else the end of the trial that freed the slot) to its trainable beginning (scheduling,
+    the actor's process); set_up: from there to calling the train function (importing
+    batchlab and JAX, starting JAX, reading the spec); wind_down: from the last trial's
+    report to Tuner.fit returning.
+    """
+    trials = sorted(fit["trials"], key=lambda t: t["entered_at"])
+    waits, ends = [], []
+    for k, t in enumerate(trials):
+        free_at = fit["fit_start"] if k < parallel else sorted(ends)[k - parallel]
+        waits.append(t["entered_at"] - free_at)
+        ends.append(t["ended_at"])
+    return {"start_wait_sum_s": float(sum(waits)),
+            "set_up_sum_s": float(sum(t["ready_at"] - t["entered_at"] for t in trials)),
+            "trial_span_sum_s": float(sum(t["ended_at"] - t["entered_at"] for t in trials)),
+            "wind_down_s": fit["fit_end"] - max(ends),
+            "processes": len({t["pid"] for t in trials})}
+
+
 def _breakdown(m: Mapping[str, Any], parallel: int) -> dict[str, dict[str, Any]]:
     """Where each path's time went in one round, from what was measured."""
     out: dict[str, dict[str, Any]] = {}
     for phase in ("cold", "warm"):
         local_results = [v["result"] for v in m["local"][phase].values()]
-        tune_trials = m["tune"][phase]
-        tune_results = [t["result"] for t in tune_trials]
+        tune_results = [t["result"] for t in m["tune"][phase]["trials"]]
         local = {"wall_s": m["local"][f"{phase}_s"], "runs": len(local_results), **_run_figures(local_results)}
         tune = {"wall_s": m["tune"][f"{phase}_s"], "runs": len(tune_results), **_run_figures(tune_results),
-                "trial_setup_sum_s": float(sum(t["ready_at"] - t["entered_at"] for t in tune_trials)),
-                "trial_span_sum_s": float(sum(t["ended_at"] - t["entered_at"] for t in tune_trials)),
-                "process_age_median_s": float(np.median([t["process_age_s"] for t in tune_trials])),
-                "processes": len({t["pid"] for t in tune_trials})}
+                **_tune_waits(m["tune"][phase], parallel)}
         services_trials = list(m["services"][phase].values())
         services = {"wall_s": m["services"][f"{phase}_s"], "runs": len(services_trials),
                     "trial_span_sum_s": float(sum(t["span_s"] for t in services_trials))}
@@ -352,13 +380,14 @@ def run(*, rounds: int = 2, quick: bool = False) -> dict[str, Any]:
                     m["tune"] = _tune(root, the_spec, list(reference.values()), execution)
                 log.info("round %d %s: %.1f s", r, path, time.perf_counter() - t0)
             m["load_1min"] = round(os.getloadavg()[0], 2)
+            m["breakdown"] = _breakdown(m, execution["parallel"])
             measured.append(m)
     parallel = execution["parallel"]
     figures: dict[str, Any] = {}
     for path in PATHS:
         for phase in ("cold", "warm"):
             walls = [m[path][f"{phase}_s"] for m in measured]
-            runs = len(measured[0][path][phase])
+            runs = measured[0]["breakdown"][phase][path]["runs"]
             figures[f"{path}_{phase}"] = {"wall_s": [round(w, 2) for w in walls], "median_s": float(np.median(walls)),
                                           "runs": runs, "runs_per_hour": runs * 3600.0 / float(np.median(walls))}
     ratios = {f"{path}_over_tune_{phase}": figures[f"{path}_{phase}"]["median_s"] / figures[f"tune_{phase}"]["median_s"]
@@ -372,7 +401,7 @@ def run(*, rounds: int = 2, quick: bool = False) -> dict[str, Any]:
         "figures": figures,
         "ratios": ratios,
         "fairness": _fairness(reference, measured),
-        "breakdown": [_breakdown(m, parallel) for m in measured],
+        "breakdown": [m["breakdown"] for m in measured],
         "load_1min": [m["load_1min"] for m in measured],
         "order": [m["order"] for m in measured],
     }
@@ -404,31 +433,39 @@ def to_markdown(r: dict[str, Any]) -> str:
                   for t in fair["first_round"]]
     per_round = r["breakdown"]
     p = s["parallel"]
-    where = []
+    where, notes = [], []
     for phase in ("cold", "warm"):
-        loc = [b[phase]["local"] for b in per_round]
-        tun = [b[phase]["tune"] for b in per_round]
-        srv = [b[phase]["services"] for b in per_round]
+        med = {path: {k: _median([b[phase][path] for b in per_round], k) for k in per_round[0][phase][path]}
+               for path in PATHS}
+        loc, tun, srv = med["local"], med["tune"], med["services"]
         where += [
-            f"| {phase} | local | {_median(loc, 'wall_s'):.1f} | {_median(loc, 'wall_time_s_sum_s'):.1f} "
-            f"| {_median(loc, 'startup_time_s_sum_s'):.1f} | {_median(loc, 'train_time_s_sum_s'):.1f} "
-            f"| {_median(loc, 'outside_runs_s'):.1f} | |",
-            f"| {phase} | tune | {_median(tun, 'wall_s'):.1f} | {_median(tun, 'wall_time_s_sum_s'):.1f} "
-            f"| {_median(tun, 'startup_time_s_sum_s'):.1f} | {_median(tun, 'train_time_s_sum_s'):.1f} "
-            f"| {_median(tun, 'outside_runs_s'):.1f} | set-up inside trials (imports, JAX start) "
-            f"{_median(tun, 'trial_setup_sum_s'):.1f} s in all; {tun[0]['processes']} processes for "
-            f"{tun[0]['runs']} trials; a trial's process was {_median(tun, 'process_age_median_s'):.1f} s old "
-            "when the trainable began"
-            + (f"; import ray.tune {_median(tun, 'import_s'):.1f} s, Ray start {_median(tun, 'ray_start_s'):.1f} s"
-               if phase == "cold" else "") + " |",
-            f"| {phase} | services | {_median(srv, 'wall_s'):.1f} | | | | | trial spans (controller start to end, "
-            f"evaluation included) {_median(srv, 'trial_span_sum_s'):.1f} s in all"
-            + (f"; `batchlab up` {_median(srv, 'stack_start_s'):.1f} s" if phase == "cold" else "") + " |",
+            f"| {phase} | local | {loc['wall_s']:.1f} | {p * loc['wall_s']:.1f} | {loc['wall_time_s_sum_s']:.1f} "
+            f"| {loc['startup_time_s_sum_s']:.1f} | {loc['train_time_s_sum_s']:.1f} | {loc['rest_sum_s']:.1f} "
+            f"| {loc['outside_runs_s']:.1f} | |",
+            f"| {phase} | tune | {tun['wall_s']:.1f} | {p * tun['wall_s']:.1f} | {tun['wall_time_s_sum_s']:.1f} "
+            f"| {tun['startup_time_s_sum_s']:.1f} | {tun['train_time_s_sum_s']:.1f} | {tun['rest_sum_s']:.1f} "
+            f"| {tun['outside_runs_s']:.1f} | "
+            + (f"import ray.tune {tun['import_s']:.1f}, Ray start {tun['ray_start_s']:.1f}; " if phase == "cold" else "")
+            + f"slot free to trainable begun {tun['start_wait_sum_s']:.1f}, set-up in the trial (imports, JAX "
+            f"start) {tun['set_up_sum_s']:.1f}, last report to fit's end {tun['wind_down_s']:.1f}; "
+            f"{tun['processes']:.0f} trial processes |",
+            f"| {phase} | services | {srv['wall_s']:.1f} | {p * srv['wall_s']:.1f} | (trial spans) "
+            f"{srv['trial_span_sum_s']:.1f} | | | | {p * srv['wall_s'] - srv['trial_span_sum_s']:.1f} | "
+            + (f"`batchlab up` {srv['stack_start_s']:.1f}" if phase == "cold" else "") + " |",
         ]
-    warm_loc = [b["warm"]["local"] for b in per_round]
-    warm_tun = [b["warm"]["tune"] for b in per_round]
-    gap = _median(warm_tun, "outside_runs_s") - _median(warm_loc, "outside_runs_s")
-    inside = _median(warm_tun, "wall_time_s_sum_s") - _median(warm_loc, "wall_time_s_sum_s")
+        notes.append(
+            f"- {phase}, Tune - local: wall {tun['wall_s'] - loc['wall_s']:+.1f} s; in the runs "
+            f"{tun['wall_time_s_sum_s'] - loc['wall_time_s_sum_s']:+.1f} slot-s (start-up "
+            f"{tun['startup_time_s_sum_s'] - loc['startup_time_s_sum_s']:+.1f}, train "
+            f"{tun['train_time_s_sum_s'] - loc['train_time_s_sum_s']:+.1f}, rest "
+            f"{tun['rest_sum_s'] - loc['rest_sum_s']:+.1f}), outside them "
+            f"{tun['outside_runs_s'] - loc['outside_runs_s']:+.1f} slot-s.")
+        notes.append(
+            f"- {phase}, Tune - services: wall {tun['wall_s'] - srv['wall_s']:+.1f} s; Tune's trials spanned "
+            f"{tun['trial_span_sum_s']:.1f} s (trainable begun to report) against the services' "
+            f"{srv['trial_span_sum_s']:.1f} s (controller's start to end)"
+            + (f"; start-up before any run: Ray start and import {tun['ray_start_s'] + tun['import_s']:.1f} s "
+               f"against `batchlab up` {srv['stack_start_s']:.1f} s" if phase == "cold" else "") + ".")
     return "\n".join([
         "## Against the peer users would pick: the same study through Ray Tune",
         "",
@@ -463,16 +500,17 @@ def to_markdown(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
         *trial_rows,
         "",
-        "Where the time went (medians over rounds, seconds). Run columns sum the RunResults of "
-        "`train_and_evaluate` (wall; of it, start-up = until the first step ended, compilation included; "
-        f"train = the steps). Outside runs = {p} slots x wall - the runs' wall: process starts, imports, "
-        "JAX start, scheduling, results. The controller's API gives the services' trials only their spans.",
+        "Where the time went (medians over rounds; seconds, or slot-seconds = seconds x the "
+        f"{p} slots). Run columns sum the RunResults of `train_and_evaluate`: its wall, of which start-up "
+        "(until the first step ended: compilation, first batch), train (the steps) and rest (set-up before "
+        "the first step and the evaluations). Outside runs = slots x wall - the runs' wall (process "
+        "starts, imports, JAX start, Ray, scheduling, storing results). The controller's API gives the "
+        "services' trials only their spans (evaluation by the evaluation service included).",
         "",
-        "| phase | path | wall | runs' wall | start-up | train | outside runs | measured besides |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| phase | path | wall | slot-s | runs' wall | start-up | train | rest | outside runs | measured besides |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *where,
         "",
-        f"Warm, Tune spent {gap:+.1f} slot-seconds more than local run outside the train function and "
-        f"{inside:+.1f} s more inside it (its runs' own wall time).",
+        *notes,
         "",
     ])

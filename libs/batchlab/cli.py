@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:  # the commands import what they use when they run (a fast --help)
+    from batchlab.client.experiments import ExperimentClient
+    from batchlab.client.stack import Stack
+    from batchlab.proto.v1 import experiment_pb2
 
 __all__ = ["main"]
 
@@ -30,8 +37,12 @@ def _figure1(args: argparse.Namespace) -> int:
         "Nesterov, configuration B": learning_rate_fn(nesterov.optimizer),
     }
     out = Path(args.out)
+
+    def on_array(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        return lambda steps: fn(jnp.asarray(steps))
+
     png = plot_schedules(
-        {k: (lambda s, fn=fn: fn(jnp.asarray(s))) for k, fn in schedules.items()},
+        {k: on_array(fn) for k, fn in schedules.items()},
         lars.total_steps,
         out / "figure1_schedules.png",
         title="Figure 1: LARS vs. Nesterov (config B), batch 32,768",
@@ -149,13 +160,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> ExperimentClient:
     from batchlab.client import ExperimentClient
 
     return ExperimentClient(args.controller, token=args.token)
 
 
-def _rpc_errors(fn):
+def _rpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Print gRPC errors as one line (status code and message) and exit with status 1."""
     import functools
 
@@ -176,7 +187,7 @@ def _rpc_errors(fn):
     return wrapper
 
 
-def _stack(args: argparse.Namespace, **kwargs):
+def _stack(args: argparse.Namespace, **kwargs: Any) -> Stack:
     """The Stack the `up` flags describe (flags first, then BATCHLAB_*_ADDR, then defaults)."""
     from batchlab.client.stack import SERVICES, Stack
 
@@ -185,7 +196,7 @@ def _stack(args: argparse.Namespace, **kwargs):
                  ports={k: v for k, v in ports.items() if v}, **kwargs)
 
 
-def _start_stack(stack, args: argparse.Namespace) -> bool:
+def _start_stack(stack: Stack, args: argparse.Namespace) -> bool:
     """Start the stack, printing what it waits for; False (reported) when it did not start."""
     from batchlab.client.stack import StackError
 
@@ -218,7 +229,9 @@ def _up(args: argparse.Namespace) -> int:
     if not _start_stack(stack, args):
         return 1
     console = Console()
-    for name, info in stack.read_record()["services"].items():
+    record = stack.read_record()
+    assert record is not None, "Stack.up wrote the record"
+    for name, info in record["services"].items():
         console.print(f"{name:12s} {info['address']:18s} pid {info['pid']}  log {info['log']}",
                       highlight=False, soft_wrap=True)
     controller = stack.address("controller")
@@ -246,8 +259,8 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_spec_message(path: str):
-    from batchlab.search import load_spec
+def _load_spec_message(path: str) -> experiment_pb2.ExperimentSpec:
+    from batchlab.search.spec import load_spec
 
     return load_spec(path, validate_optimizers=False)
 
@@ -279,7 +292,7 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_until_done(client, name: str) -> int:
+def _watch_until_done(client: ExperimentClient, name: str) -> int:
     from batchlab.client.watch import watch
     from batchlab.proto.v1 import controller_pb2
 
@@ -514,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return args.func(args)
+    status: int = args.func(args)
+    return status
 
 
 if __name__ == "__main__":

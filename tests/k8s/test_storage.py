@@ -115,14 +115,15 @@ def test_the_rule_catches_the_old_unnamed_rwx_claim(rendered):
 
 
 def sqlite_roles() -> set[str]:
-    """The deployables whose own code imports sqlite3 (parsed, so a comment does not count)."""
+    """The deployables whose own code imports sqlite3 or batchlab.sqlite (parsed, so a comment
+    does not count)."""
     roles = set()
     for role in SERVICE_ROLES:
         for path in (REPO_ROOT / "services" / role).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                          [node.module] if isinstance(node, ast.ImportFrom) else [])
-                if "sqlite3" in names:
+                if {"sqlite3", "batchlab.sqlite"} & set(names):
                     roles.add(role)
     return roles
 

@@ -284,9 +284,11 @@ def _prepare_datasets(studies: list[Study], data_dir: str | None) -> None:
 
 def _configured_cache_root() -> str | None:
     """The compilation cache root this process configured (workers use the same one)."""
-    from batchlab.train.compilation_cache import configured_cache_dir
+    import jax
 
-    return cache_root_of(configured_cache_dir())
+    # jax.config's options are dynamic attributes (pytype's _HAS_DYNAMIC_ATTRIBUTES): mypy
+    # sees none of them.
+    return cache_root_of(jax.config.jax_compilation_cache_dir)  # type: ignore[attr-defined]
 
 
 def _progress(enabled: bool) -> Progress:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 __all__ = ["LOCAL_RAY_ENV", "RayStartTimeout", "ensure_local_ray"]
 
@@ -50,7 +51,7 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
     import ray
 
     if not ray.is_initialized():
-        kwargs = {}
+        kwargs: dict[str, Any] = {}  # Ray's private options (ray.init(**kwargs))
         if temp_dir is not None:
             Path(temp_dir).mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(Path(temp_dir).absolute())
@@ -69,4 +70,5 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
                             attempts)
                 ray.shutdown()
         log.info("started a local Ray (%s CPUs)", num_cpus or "all")
-    return ray.get_runtime_context().gcs_address
+    address: str = ray.get_runtime_context().gcs_address
+    return address

@@ -147,12 +147,12 @@ def model_parameters(workload_name: str) -> int:
         model = workload.model(hparams)
         shape = bdata.dataset_info(workload.dataset).input_shape
 
-        def init():
+        def init() -> Any:
             return model.init(jax.random.key(0), jnp.zeros((batch, *shape)), train=False)["params"]
     else:
         model = workload.model(hparams, vocab_size=_NOMINAL_VOCAB)
 
-        def init():
+        def init() -> Any:
             d = workload.dummy_batch(batch, (), hparams)
             return model.init(jax.random.key(0), d["input_ids"], d["segment_ids"], d["input_mask"],
                               d["masked_lm_positions"], train=False)["params"]

@@ -21,17 +21,9 @@ from pathlib import Path
 
 import jax
 
-__all__ = ["configured_cache_dir", "enable_compilation_cache"]
+__all__ = ["enable_compilation_cache"]
 
 log = logging.getLogger(__name__)
-
-
-def configured_cache_dir() -> str | None:
-    """The folder this process set as JAX's compilation cache (None or "" when none)."""
-    # jax.config's options are dynamic attributes (pytype's _HAS_DYNAMIC_ATTRIBUTES): mypy
-    # sees none of them.
-    folder: str | None = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
-    return folder
 
 
 def enable_compilation_cache(
@@ -53,7 +45,9 @@ def enable_compilation_cache(
     """
     if os.environ.get("BATCHLAB_JAX_CACHE", "1") == "0":
         return None
-    configured = configured_cache_dir()
+    # jax.config's options are dynamic attributes (pytype's _HAS_DYNAMIC_ATTRIBUTES): mypy
+    # sees none of them.
+    configured = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     if path is None and configured:
         return Path(configured)
     if path is None:
