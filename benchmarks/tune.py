@@ -63,7 +63,7 @@ PATHS = ("local", "services", "tune")
 
 
 def spec(*, quick: bool = False) -> dict[str, Any]:
-    """The study: system.SPEC with 4 trials and 2 reruns (quick: 2 trials, no rerun).
+    """The study: system.SPEC with 4 trials and 2 reruns (quick: 2 trials of 60 steps, no rerun).
 
     Both fill P = 2 slots in whole waves, so the protocol's wait for the end of tuning before
     the reruns costs nothing here that Tune, given the finished list, would not pay too.
@@ -71,8 +71,12 @@ def spec(*, quick: bool = False) -> dict[str, Any]:
     from benchmarks import system
 
     trials, reruns = (2, 0) if quick else (4, 2)
-    return {**system.SPEC, "name": "tune-comparison", "trials_per_study": trials,
-            "max_total_trials": trials, "seeds_per_best": reruns}
+    out = {**system.SPEC, "name": "tune-comparison", "trials_per_study": trials,
+           "max_total_trials": trials, "seeds_per_best": reruns}
+    if quick:
+        out["workloads"] = [{**w, "points": [{"batch_size": 64, "step_budget": 60, "eval_every_steps": 30}]}
+                            for w in system.SPEC["workloads"]]
+    return out
 
 
 SPEC = spec()

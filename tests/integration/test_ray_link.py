@@ -93,6 +93,9 @@ def test_health_reflects_a_lost_ray_connection_and_the_link_reconnects(tmp_path)
         "BATCHLAB_CONTROLLER_PORT": str(grpc_port),
         "BATCHLAB_METRICS_PORT": str(metrics_port),
         "BATCHLAB_NUM_TRAINERS": "1",
+        # The link is under test, not the trainers: no warm trainer on each connection (one
+        # costs a Ray worker starting JAX, and the connect thread waits for it).
+        "BATCHLAB_WARM_TRAINERS": "0",
         "BATCHLAB_EVALUATION": "in-process",
         "BATCHLAB_WORKLOADS": WORKLOAD,
         "BATCHLAB_RAY_PROBE_SECONDS": "1",
