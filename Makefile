@@ -34,8 +34,8 @@ protos: $(STAMP) ## regenerate Python code from protos/ into libs/batchlab/proto
 run: setup ## run the main job on the embedded default
 	$(PY) -m batchlab.cli demo --out results/demo
 
-test: setup ## run the test suite
-	$(PY) -m pytest -q
+test: setup ## run the test suite (two workers: the system tests on one, the rest beside them)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/
 	$(PY) -m benchmarks.run --out benchmarks/results

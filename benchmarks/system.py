@@ -64,25 +64,33 @@ import json, sys, time
 from batchlab.runner import run_experiment
 from batchlab.train.compilation_cache import enable_compilation_cache
 spec, out, data_dir, cache = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+parallel = int(sys.argv[5]) or None
 enable_compilation_cache(cache)
-run_experiment(spec, out + "/cold", data_dir=data_dir, progress=False, write_report=False)
+run_experiment(spec, out + "/cold", data_dir=data_dir, progress=False, write_report=False,
+               parallel=parallel)
 cold_end = time.time()
 start = time.perf_counter()
 run_experiment({**spec, "name": spec["name"] + "-warm"}, out + "/warm", data_dir=data_dir,
-               progress=False, write_report=False)
+               progress=False, write_report=False, parallel=parallel)
 print(json.dumps({"cold_end": cold_end, "warm_s": time.perf_counter() - start}))
 """
 
 
-def _local(root: Path, spec: dict = SPEC) -> tuple[float, float]:
+def _local(root: Path, spec: dict = SPEC, *, parallel: int | None = None) -> tuple[float, float]:
     """(cold, warm) seconds of `batchlab local run` of ``spec`` (see the module docstring);
-    the runs are stored under ``root/local_out/cold`` and ``root/local_out/warm``."""
+    the runs are stored under ``root/local_out/cold`` and ``root/local_out/warm``.
+
+    Args:
+      root: the benchmark's folder.
+      spec: the experiment spec.
+      parallel: runs at once (None: local run's default for the machine).
+    """
     data_dir = root / "local" / "tfds"
     bdata.prepare("mnist1d", data_dir, config="small")
     started = time.time()
     out = subprocess.run(
         [sys.executable, "-c", _LOCAL_RUN, json.dumps(spec), str(root / "local_out"), str(data_dir),
-         str(root / "local" / "jax_cache")],
+         str(root / "local" / "jax_cache"), str(parallel or 0)],
         check=True, capture_output=True, text=True,
     )
     times = json.loads(out.stdout.strip().splitlines()[-1])
@@ -144,7 +152,8 @@ def run(*, rounds: int = 2) -> dict:
     for i in range(rounds):
         with tempfile.TemporaryDirectory(prefix=f"batchlab-system-{i}-") as tmp:
             root = Path(tmp)
-            cold, warm = _local(root)
+            # One run at a time on both sides: the stack has one trainer.
+            cold, warm = _local(root, parallel=1)
             local_cold.append(cold)
             local_warm.append(warm)
             cold, warm, startup = _services(root)

@@ -1,8 +1,8 @@
 """batchlab against the peer users would pick: the same study through Ray Tune's Tuner.
 
-One small study (SPEC: benchmarks/system.py's workload, search space, budget and evaluation
-points, with 4 tuning trials and 2 seed reruns of the best) runs three ways on the same machine,
-in interleaved rounds, each round in a fresh folder:
+One small study (``spec``: benchmarks/system.py's workload, search space, budget and evaluation
+points, with 2P tuning trials and P seed reruns of the best, P the runs at once: 4 and 2 here)
+runs three ways on the same machine, in interleaved rounds, each round in a fresh folder:
 
 - local: `batchlab local run` (run_experiment in a fresh ``python``, as benchmarks/system.py
   runs it: ``system._local``), P runs at once, each with T XLA:CPU threads
@@ -19,8 +19,8 @@ in interleaved rounds, each round in a fresh folder:
 
 The local run and the services follow the study protocol: seed reruns start only once every
 tuning trial has ended (they rerun the best). Tune gets the finished list and may start a
-rerun while tuning trials still run. SPEC has as many tuning trials and reruns as multiples of
-P = 2, so on this machine both fill their slots in the same waves.
+rerun while tuning trials still run. With whole waves of P trials and reruns, both fill their
+slots in the same waves.
 
 Two figures per path, as in benchmarks/system.py:
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,15 +63,16 @@ _COMPARED = ("outcome", "curve", "final_metrics", "steps_to_target", "diverged_s
 PATHS = ("local", "services", "tune")
 
 
-def spec(*, quick: bool = False) -> dict[str, Any]:
-    """The study: system.SPEC with 4 trials and 2 reruns (quick: 2 trials of 60 steps, no rerun).
+def spec(*, quick: bool = False, parallel: int = 2) -> dict[str, Any]:
+    """The study: system.SPEC with 2P tuning trials and P seed reruns of the best, P the runs
+    at once (quick: 2 trials of 60 steps, no rerun).
 
-    Both fill P = 2 slots in whole waves, so the protocol's wait for the end of tuning before
-    the reruns costs nothing here that Tune, given the finished list, would not pay too.
+    Whole waves of P: the protocol's wait for the end of tuning before the reruns then costs
+    nothing that Tune, given the finished list, would not pay too.
     """
     from benchmarks import system
 
-    trials, reruns = (2, 0) if quick else (4, 2)
+    trials, reruns = (2, 0) if quick else (2 * parallel, parallel)
     out = {**system.SPEC, "name": "tune-comparison", "trials_per_study": trials,
            "max_total_trials": trials, "seeds_per_best": reruns}
     if quick:
@@ -80,6 +82,7 @@ def spec(*, quick: bool = False) -> dict[str, Any]:
 
 
 SPEC = spec()
+"""The study on a machine that runs 2 at once (this 2-core one): 4 trials, 2 reruns."""
 
 
 def _key(request: Mapping[str, Any]) -> str:
@@ -93,6 +96,7 @@ def _stored_runs(folder: Path) -> dict[str, dict[str, Any]]:
                        key=lambda p: int(p.stem.rsplit("_a", 1)[1])):
         stored = json.loads(path.read_text())
         runs[_key(stored["request"])] = stored
+
     def order(item: tuple[str, dict[str, Any]]) -> tuple[int, int]:
         request = item[1]["request"]
         return request["replica"], request["trial_index"]
@@ -222,8 +226,6 @@ def _tune(root: Path, the_spec: dict[str, Any], runs: list[dict[str, Any]],
                                "tune_session(sys.argv[1])", str(args_path)],
                               cwd=_REPO, env=env, capture_output=True, text=True)
     finally:
-        import shutil
-
         shutil.rmtree(ray_dir, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the Tune session failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -363,7 +365,10 @@ def _breakdown(m: Mapping[str, Any], parallel: int) -> dict[str, dict[str, Any]]
 def run(*, rounds: int = 2, quick: bool = False) -> dict[str, Any]:
     """Run the three paths ``rounds`` times (the order rotating each round); report medians,
     runs per hour, the ratios against Tune, the fairness check and where the time went."""
-    the_spec = spec(quick=quick)
+    from batchlab.runner.resources import plan_execution
+
+    parallel = plan_execution([SPEC["workloads"][0]["workload"]]).parallel
+    the_spec = spec(quick=quick, parallel=parallel)
     measured: list[dict[str, Any]] = []
     reference = execution = None
     for r in range(rounds):
@@ -378,6 +383,9 @@ def run(*, rounds: int = 2, quick: bool = False) -> dict[str, Any]:
                     m["local"] = _local(root, the_spec)
                     if reference is None:
                         reference, execution = m["local"]["cold"], m["local"]["execution"]
+                        if execution["parallel"] != parallel:
+                            log.warning("local run chose P=%d, the study was sized for P=%d: its waves "
+                                        "are not whole", execution["parallel"], parallel)
                 elif path == "services":
                     m["services"] = _services(root, the_spec, execution)
                 else:

@@ -77,13 +77,17 @@ def test_stored_runs_keep_the_last_attempt_tuning_first_in_trial_order(tmp_path)
     assert runs["t2_r0"]["request"]["attempt"] == 2 and runs["t2_r0"]["result"]["outcome"] == "SUCCEEDED"
 
 
-def test_the_full_study_fills_the_slots_in_whole_waves():
-    # The protocol starts reruns only after tuning; Tune gets the list whole. With whole waves of
-    # P = 2 neither gains from that on this machine's plan (see the module docstring).
-    for quick in (False, True):
-        spec = bench.spec(quick=quick)
-        assert spec["trials_per_study"] % 2 == 0 and spec["seeds_per_best"] % 2 == 0
-        assert spec["max_total_trials"] == spec["trials_per_study"]
+@pytest.mark.parametrize("parallel", [1, 2, 3, 16])
+def test_the_study_fills_the_slots_in_whole_waves(parallel):
+    # The protocol starts reruns only after tuning; Tune gets the list whole. In whole waves of
+    # P neither gains from that (see the module docstring).
+    spec = bench.spec(parallel=parallel)
+    assert spec["trials_per_study"] == spec["max_total_trials"] == 2 * parallel
+    assert spec["seeds_per_best"] == parallel
+    (study,) = expand_studies(load_spec(spec))
+    assert study.step_budget == 150 and study.eval_every_steps == 50  # system.SPEC's point
+    quick = bench.spec(quick=True, parallel=parallel)
+    assert (quick["trials_per_study"], quick["seeds_per_best"]) == (2, 0)
     assert (bench.SPEC["trials_per_study"], bench.SPEC["seeds_per_best"]) == (4, 2)
 
 

@@ -73,7 +73,7 @@ def summary_line(experiment: controller_pb2.Experiment) -> str:
     return line
 
 
-def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *, target_metric_goal: object = None,
+def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *,
           console: Console | None = None) -> controller_pb2.Experiment | None:
     """Render the stream until it ends; return the last experiment seen.
 

@@ -440,12 +440,14 @@ def plot_best_schedules(experiment: Experiment, workload: str, batch_size: int,
                              dpi=120, sharex=True, squeeze=False)
     for ax, study in zip(axes[:, 0], studies, strict=True):
         run = study.best_run()
-        keys = _lr_keys(run) if run is not None else []
-        for j, key in enumerate(keys):
-            steps, values = run.series(key)  # type: ignore[union-attr]
-            ax.plot(steps, values, color=colors[study.info.optimizer],
-                    linestyle="-" if j == 0 else "--", linewidth=1.6,
-                    marker="." if len(steps) <= 60 else None, label=key)
+        keys: list[str] = []
+        if run is not None:
+            keys = _lr_keys(run)
+            for j, key in enumerate(keys):
+                steps, values = run.series(key)
+                ax.plot(steps, values, color=colors[study.info.optimizer],
+                        linestyle="-" if j == 0 else "--", linewidth=1.6,
+                        marker="." if len(steps) <= 60 else None, label=key)
         title = study.info.optimizer
         if run is not None:
             title += f" (best trial {study.best_trial})"
