@@ -19,23 +19,21 @@ for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"
 _HEAVY_FOLDERS = {"integration": "system", "benchmarks": "benchmarks"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Group the heavy tests for xdist (``make test`` runs two workers, --dist loadgroup).
 
     The tests that start Ray or a stack of services run one after another on one worker, and
     the benchmark smoke runs one after another on a worker, so at most two such things run at
     once on the machine; the unit tests fill the gaps (much of a system test is waiting for
-    processes to start). Without xdist the marks do nothing.
+    processes to start). Marked as each item is collected, before any collection hook (xdist
+    reads the marks in its own). Without xdist the marks do nothing.
     """
-    tests_root = config.rootpath / "tests"
-    for item in items:
-        folder = item.path.relative_to(tests_root).parts[0]
-        group = _HEAVY_FOLDERS.get(folder)
-        if group is None and "ray_cluster" in getattr(item, "fixturenames", ()):
-            group = "system"
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+    folder = item.path.relative_to(item.config.rootpath / "tests").parts[0]
+    group = _HEAVY_FOLDERS.get(folder)
+    if group is None and "ray_cluster" in getattr(item, "fixturenames", ()):
+        group = "system"
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

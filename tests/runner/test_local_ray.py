@@ -4,6 +4,7 @@ tried again, whatever the case of Ray's message ("Timed out waiting for file
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -21,6 +22,7 @@ def fake_ray(monkeypatch):
 
     def init(**kwargs):
         calls["init"] += 1
+        calls["kwargs"] = kwargs
         if calls["errors"]:
             raise calls["errors"].pop(0)
 
@@ -53,3 +55,27 @@ def test_other_failures_are_not_retried(fake_ray):
     with pytest.raises(ValueError):
         ensure_local_ray(attempts=3)
     assert fake_ray["init"] == 1
+
+
+@pytest.mark.parametrize("long_tmpdir", [True, False])
+def test_a_long_tmpdir_gets_ray_a_short_session_folder(fake_ray, monkeypatch, tmp_path,
+                                                      long_tmpdir):
+    """Ray's sockets live under its session folder (a unix socket path is at most 107 bytes):
+    under xdist's longer TMPDIR the controller's ray.init failed forever."""
+    import shutil
+    import tempfile
+
+    folder = tmp_path / ("x" * 80) if long_tmpdir else tempfile.mkdtemp(dir="/tmp", prefix="s")
+    os.makedirs(folder, exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    try:
+        ensure_local_ray(attempts=1)
+    finally:
+        if not long_tmpdir:
+            shutil.rmtree(folder)
+    given = fake_ray["kwargs"].get("_temp_dir")
+    if long_tmpdir:
+        assert given.startswith("/tmp/bl-ray-") and len(given) < 36
+        shutil.rmtree(given)
+    else:
+        assert given is None

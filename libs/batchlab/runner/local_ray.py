@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 __all__ = ["LOCAL_RAY_ENV", "RayStartTimeout", "ensure_local_ray"]
 
 log = logging.getLogger(__name__)
+
+# The longest session-folder root that leaves room for Ray's socket paths under it
+# ("session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" adds about 70 characters).
+_MAX_TEMP_DIR_CHARS = 36
 
 class RayStartTimeout(RuntimeError):
     """Ray's node did not start in time, on every attempt: a passing condition (a loaded
@@ -52,6 +57,11 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}  # Ray's private options (ray.init(**kwargs))
+        if temp_dir is None and len(str(Path(tempfile.gettempdir()) / "ray")) > _MAX_TEMP_DIR_CHARS:
+            # Ray's session folder holds unix sockets, whose paths may not exceed 107 bytes;
+            # under a long TMPDIR (a test runner's, say) every ray.init would fail.
+            temp_dir = tempfile.mkdtemp(prefix="bl-ray-", dir="/tmp")
+            log.info("TMPDIR is too long for Ray's sockets: its session folder is %s", temp_dir)
         if temp_dir is not None:
             Path(temp_dir).mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(Path(temp_dir).absolute())
