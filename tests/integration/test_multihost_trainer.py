@@ -33,7 +33,8 @@ def test_two_process_trial_matches_one_process(ray_cluster, tfds_dir, jax_cache_
     alone = TrainerActor.options(num_cpus=0.5).remote({**settings, "name": "alone"})
     try:
         coordinator = ray.get(hosts[0].coordinator_address.remote(), timeout=60)
-        assert coordinator.startswith("127.0.0.1:") or ":" in coordinator
+        host, port = coordinator.rsplit(":", 1)
+        assert host == "127.0.0.1" and 0 < int(port) < 65536  # Ray on loopback
         results = ray.get([actor.run_distributed.remote(run, i, 2, coordinator)
                            for i, actor in enumerate(hosts)], timeout=300)
         single = ray.get(alone.run.remote(run), timeout=300)

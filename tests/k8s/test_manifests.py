@@ -274,7 +274,8 @@ def test_trainer_pods_have_what_the_controller_hands_its_actors(build, rendered)
 
 
 def test_controller_knows_the_registered_workloads(rendered):
-    workloads = pytest.importorskip("batchlab.train.workloads")
+    from batchlab.train import workloads
+
     names = ",".join(workloads.workload_names())
     assert controller_env(rendered("base"))["BATCHLAB_WORKLOADS"] == names, (
         f"set BATCHLAB_WORKLOADS in k8s/base/controller.yaml to {names}"

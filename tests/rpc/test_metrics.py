@@ -118,7 +118,8 @@ def test_roles_get_only_their_metrics():
 
 
 def test_rpc_observe_accepts_status_codes_and_names():
-    grpc = pytest.importorskip("grpc")
+    import grpc
+
     metrics = make_metrics(CollectorRegistry(), roles=[])
     metrics.rpc.observe("batchlab.v1.Sharding", "ReadBatch", grpc.StatusCode.NOT_FOUND, 0.002)
     metrics.rpc.observe("batchlab.v1.Sharding", "ReadBatch", "OK", 0.001)

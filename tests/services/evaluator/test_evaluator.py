@@ -9,29 +9,10 @@ import pytest
 from google.protobuf import struct_pb2
 
 from batchlab.proto.v1 import evaluation_pb2
+from batchlab.rpc.testing import Aborted, FakeContext
 from services.evaluator.servicer import EvaluationServicer
 
 HP = {"optimizer": {"optimizer": "nesterov", "learning_rate": 0.05, "momentum": 0.9}, "workload": {}}
-
-
-class _Aborted(Exception):
-    pass
-
-
-class FakeContext:
-    def __init__(self):
-        self.code = None
-        self.details = None
-
-    def abort(self, code, details):
-        self.code, self.details = code, details
-        raise _Aborted(details)
-
-    def set_trailing_metadata(self, md):
-        pass
-
-    def is_active(self):
-        return True
 
 
 def _request(**overrides):
@@ -55,18 +36,18 @@ def _request(**overrides):
 def test_bad_requests_are_invalid_argument_naming_the_field(overrides, field):
     servicer = EvaluationServicer(lambda *a: None, evaluate=lambda *a: (0, {}))
     ctx = FakeContext()
-    with pytest.raises(_Aborted):
+    with pytest.raises(Aborted):
         servicer.Evaluate(_request(**overrides), ctx)
-    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert field in ctx.details
+    assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in ctx.details()
 
 
 def test_missing_checkpoint_is_not_found():
     servicer = EvaluationServicer(lambda *a: None, evaluate=lambda *a: (0, {}))
     ctx = FakeContext()
-    with pytest.raises(_Aborted):
+    with pytest.raises(Aborted):
         servicer.Evaluate(_request(), ctx)
-    assert ctx.code == grpc.StatusCode.NOT_FOUND
+    assert ctx.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.slow
@@ -126,17 +107,17 @@ def test_splits_are_evaluated_together_and_named_by_index_when_wrong():
     assert calls == [("train", "validation")]
     assert dict(response.metrics) == {"train/accuracy": 0.5, "validation/accuracy": 0.5}
     ctx = FakeContext()
-    with pytest.raises(_Aborted):
+    with pytest.raises(Aborted):
         servicer.Evaluate(_request(splits=["validation", "test"]), ctx)
-    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and ctx.details.startswith("splits[1]")
+    assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT and ctx.details().startswith("splits[1]")
 
 
 def test_an_exact_step_is_never_replaced_by_an_older_one():
     servicer = EvaluationServicer(_load_at(10), evaluate=lambda *a: (10, {}))
     ctx = FakeContext()
-    with pytest.raises(_Aborted):
+    with pytest.raises(Aborted):
         servicer.Evaluate(_request(step=20), ctx)
-    assert ctx.code == grpc.StatusCode.DATA_LOSS and "step 20" in ctx.details
+    assert ctx.code() == grpc.StatusCode.DATA_LOSS and "step 20" in ctx.details()
 
 
 def test_the_recorded_metric_goes_to_the_checkpoint_service():
@@ -157,7 +138,7 @@ def test_the_recorded_metric_goes_to_the_checkpoint_service():
     assert recorded[-1] == (_request().trial, 10, None, False)
     for metric in ("train/accuracy", "validation/nope"):
         ctx = FakeContext()
-        with pytest.raises(_Aborted):
+        with pytest.raises(Aborted):
             servicer.Evaluate(_request(step=10, record_metric=metric), ctx)
-        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert ctx.details.startswith("record_metric")
+        assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ctx.details().startswith("record_metric")
