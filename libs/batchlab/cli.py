@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -140,6 +141,11 @@ def _local_run(args: argparse.Namespace) -> int:
                                    "the same command resumes (unfinished runs start again)")
         return 130
     Console().print(f"results in {out}; report: {Path(out) / 'report' / 'report.md'}")
+    experiment = json.loads((Path(out) / "experiment.json").read_text())
+    if experiment.get("status") == "FAILED":
+        Console(stderr=True).print(f"[red]FAILED:[/red] {escape(experiment.get('error', ''))}",
+                                   soft_wrap=True)
+        return 1
     return 0
 
 
@@ -298,7 +304,8 @@ def _watch_until_done(client: ExperimentClient, name: str) -> int:
 
     last = watch(client.watch(name)) or client.get(name)
     state = controller_pb2.Experiment.State.Name(last.state)
-    Console().print(f"{last.name}: {state}")
+    Console().print(f"{last.name}: {state}" + (f": {last.error}" if last.error else ""),
+                    highlight=False, markup=False, soft_wrap=True)
     return 0 if state == "SUCCEEDED" else 1
 
 

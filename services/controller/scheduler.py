@@ -44,7 +44,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
-from batchlab.search import Study, expand_studies, next_runs, score_study
+from batchlab.search import Study, expand_studies, next_runs, score_study, unfilled_runs
 from services.controller.evaluations import evaluated_result, target_result
 from services.controller.pool import Finished, TrainerPool
 from services.controller.results import run_record
@@ -374,6 +374,7 @@ class Scheduler:
             numbers[attempt.trial] = max(numbers.get(attempt.trial, 0), attempt.attempt)
         new: list[NewAttempt] = []
         all_done = True
+        unfilled: list[str] = []
         for study in studies:
             mine = by_study[study.id]
             # An attempt lost with the controller is not the run's nor the cluster's doing:
@@ -393,6 +394,8 @@ class Scheduler:
             self._store_score(experiment.id, study, records, decision.phase.value,
                               decision.best_trial)
             all_done = all_done and decision.done and not in_flight
+            if decision.done:
+                unfilled += unfilled_runs(study, decision.state)
         if new:
             stored = self.storage.add_attempts(new)
             now = time.monotonic()
@@ -401,7 +404,7 @@ class Scheduler:
                 log.info("queued %s attempt %d (%s)", attempt.trial.name, attempt.attempt,
                          attempt.kind)
         if all_done:
-            self._finish(experiment, attempts)
+            self._finish(experiment, attempts, unfilled)
 
     def _store_score(self, experiment_id: str, study: Study, records: list, phase: str,
                      best_trial: int | None) -> None:
@@ -413,25 +416,25 @@ class Scheduler:
                                                           score.to_dict()))
         self._scores[(experiment_id, study.id)] = marker
 
-    def _finish(self, experiment: ExperimentRecord, attempts: Sequence[AttemptRecord]) -> None:
+    def _finish(self, experiment: ExperimentRecord, attempts: Sequence[AttemptRecord],
+                unfilled: Sequence[str]) -> None:
         results = [a for a in attempts if a.outcome in ("SUCCEEDED", "DIVERGED")]
         if attempts and not results:
             last = next((a.error for a in reversed(attempts) if a.error), "")
             self._fail(experiment, f"every run failed; last error: {last}")
             return
-        # A run that failed for good (a best trial's rerun seed, say) is missing from the
-        # results, so its study did not get the budget the protocol promises the others: the
-        # experiment FAILS (as Ray Tune ends with an error when a trial errored), naming the
-        # missing runs; its stored runs and scores stay readable (GetReport, ListTrials).
-        ended = {a.trial for a in results}
-        lost = sorted({a.trial.name for a in attempts if a.trial not in ended})
-        if lost:
+        # Runs abandoned after max_attempts failures left a study short of the effort the
+        # protocol budgets (batchlab.search.unfilled_runs): the comparison is not on equal
+        # budgets, so the experiment FAILS (as Ray Tune ends with an error when a trial
+        # errored), naming what is missing; its stored runs and scores stay readable
+        # (GetReport, ListTrials). An abandoned tuning trial the protocol replaced is not
+        # missing. batchlab local run applies the same rule.
+        if unfilled:
+            ended = {a.trial for a in results}
             last = next((a.error for a in reversed(attempts)
-                         if a.error and a.trial.name in lost), "")
-            self._fail(experiment, f"{len(lost)} run{'s' if len(lost) > 1 else ''} failed for "
-                                   f"good and {'are' if len(lost) > 1 else 'is'} missing from "
-                                   f"the results, so the studies' budgets are not equal: "
-                                   f"{', '.join(lost)}; last error: {last}")
+                         if a.error and a.trial not in ended), "")
+            self._fail(experiment, f"runs were abandoned and the studies' budgets are not "
+                                   f"equal: missing {'; '.join(unfilled)}; last error: {last}")
             return
         if self.storage.set_experiment_state(experiment.id, ExperimentState.SUCCEEDED,
                                              expected=[ExperimentState.PENDING,
@@ -488,10 +491,14 @@ class Scheduler:
                         self._unschedulable(experiment, attempt, refused.reason)
                     break  # the experiment's other runs ask for the same resources
                 if not free:
+                    # The cluster can hold it now: whatever refused it before no longer
+                    # does, so the unschedulable clock stops (it waits for a trainer).
+                    self._set_pending(attempt, "")
                     continue
                 lease = self.pool.acquire(resources, hosts)
                 if lease is None:
                     free = False  # no trainer free: the rest wait, oldest first
+                    self._set_pending(attempt, "")
                     continue
                 if not self.storage.activate_attempt(attempt.id, lease.worker):
                     self.pool.release(lease)

@@ -488,7 +488,12 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     reconciler = None
     try:
-        controller.start()
+        try:
+            controller.start()
+        except OSError as error:  # a taken port: a setting, which starting again cannot fix
+            log.error("controller cannot start: %s (BATCHLAB_CONTROLLER_PORT, "
+                      "BATCHLAB_METRICS_PORT)", error)
+            return 2
         # Experiments as Kubernetes resources (BATCHLAB_RECONCILE_EXPERIMENTS, in a pod only):
         # services/controller/reconciler.py, a client of this controller's own API.
         reconciler = start_experiment_reconciler(controller.address, token=config.auth_token,

@@ -120,3 +120,15 @@ def test_watch_without_a_terminal_prints_one_line_per_change():
     assert len(lines) == 2  # the repeated snapshot printed nothing
     assert lines[0].startswith("experiments/a ") and "waits" not in lines[0]
     assert lines[1].endswith(f"waits: {REASON}")
+
+
+def test_a_failed_experiments_error_is_shown_in_the_view_and_the_lines():
+    failed = _experiment("experiments/f")
+    failed.state = controller_pb2.Experiment.FAILED
+    failed.error = "runs were abandoned and the studies' budgets are not equal: missing x"
+    console = Console(record=True, width=300)
+    console.print(render(failed, {}))
+    assert f"error: {failed.error}" in console.export_text()
+    from batchlab.client.watch import summary_line
+
+    assert summary_line(failed).endswith(f"; error: {failed.error}")

@@ -5,6 +5,7 @@ real ones (which need Ray): the same Stack code starts, watches and stops them."
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import textwrap
@@ -214,3 +215,44 @@ def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path,
             again.up(timeout=60)
     finally:
         assert sorted(first.down(timeout=10)) == ["checkpoints", "sharding"]
+
+
+def _record(tmp_path, **service):
+    import json
+
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    info = {"pid": os.getpid(), "address": "127.0.0.1:1", "port": 1, "metrics_port": 2,
+            "log": "x", **service}
+    (state / "stack.json").write_text(json.dumps({"services": {"sharding": info}}))
+    return state
+
+
+def test_a_reused_pid_is_not_the_recorded_service_and_down_leaves_it_alone(tmp_path):
+    """The record's pid now belongs to another process (here: this test's): not alive, and
+    `down` does not signal it (it killed an unrelated process before)."""
+    state = _record(tmp_path, start_ticks=stack_module._start_ticks(os.getpid()) + 1)
+    stack = Stack(state, environ={})
+    assert [s["alive"] for s in stack.status()] == [False]
+    assert stack.down(timeout=1) == []  # and this process is still here to assert it
+
+
+def test_a_partial_restart_refuses_other_ports_or_another_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(stack_module, "SERVICES", (
+        ServiceDef("sharding", "fake_sharding", 1, (), "starting", ("",)),
+        ServiceDef("checkpoints", "fake_checkpoints", 1, (), "starting", ("",))))
+    digest = stack_module._token_digest("s3cret", tmp_path / "state")
+    state = _record(tmp_path, start_ticks=stack_module._start_ticks(os.getpid()),
+                    token_sha256=digest)
+    with pytest.raises(StackError, match="listens on port 1, not 7 as asked"):
+        Stack(state, ports={"sharding": 7}, token="s3cret", environ={}).up(timeout=5)
+    with pytest.raises(StackError, match="was started with a token"):
+        Stack(state, environ={}).up(timeout=5)
+
+
+def test_one_up_or_down_at_a_time_per_state_folder(tmp_path):
+    stack = Stack(tmp_path / "state", environ={})
+    other = Stack(tmp_path / "state", environ={})
+    with stack._exclusive(), pytest.raises(StackError, match="another `batchlab up` or `down`"):
+        other.down()
+    assert other.down() == []  # free again

@@ -107,3 +107,30 @@ def test_real_runs_are_deterministic(tmp_path, small_data_dir):
             assert result["outcome"] in ("SUCCEEDED", "DIVERGED")
             assert not math.isnan(result["final_metrics"]["validation/accuracy"])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("max_total, failed_status", [(3, "SUCCEEDED"), (2, "FAILED")])
+def test_abandoned_runs_fail_the_experiment_only_when_a_budgeted_run_is_missing(
+        tmp_path, max_total, failed_status):
+    """The services' rule (tests/services/controller/test_controller_attempts.py): trial 0
+    fails for good; with room in max_total_trials another trial takes its place."""
+    calls = []
+    ok = _fake_train(calls)
+
+    def train(request, study, data_dir):
+        if request.trial_index == 0:
+            return {"outcome": "FAILED", "error": "out of memory", "steps_completed": 3,
+                    "curve": [], "final_metrics": {}, "steps_to_target": None}
+        return ok(request, study, data_dir)
+
+    spec = {**json.loads(json.dumps(TINY)), "trials_per_study": 2, "max_total_trials": max_total,
+            "max_attempts": 1}
+    run_experiment(spec, tmp_path, train_fn=train, progress=False, write_report=False,
+                   in_process=True)
+    experiment = json.loads((tmp_path / "experiment.json").read_text())
+    assert experiment["status"] == failed_status
+    if failed_status == "FAILED":
+        assert "1 of 2 tuning trials feasible within max_total_trials (abandoned: trial 0)" \
+            in experiment["error"]
+    else:
+        assert "error" not in experiment

@@ -24,7 +24,10 @@ status and what the service last logged. Ray's own wait for its GCS is raised to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +134,37 @@ def _dial_host(host: str) -> str:
 def _port_in_use(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As a server binds: a port left in TIME-WAIT by a killed service (its peers held
+        # connections) is free to listen on, and must not read as taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             return True
     return False
+
+
+def _token_digest(token: str | None, state_dir: Path) -> str:
+    """A salted digest of the stack's token for its record (the token itself is not written)."""
+    return hashlib.sha256(f"{state_dir}\0{token or ''}".encode()).hexdigest()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def _alive_as(info: Mapping[str, Any]) -> bool:
+    """Whether a recorded service still runs: its pid is alive and is the same process (a
+    reused pid, after a reboot say, belongs to something else)."""
+    if not _alive(info["pid"]):
+        return False
+    recorded = info.get("start_ticks")
+    return recorded is None or _start_ticks(info["pid"]) in (None, recorded)
 
 
 def _alive(pid: int) -> bool:
@@ -195,10 +224,13 @@ class Stack:
                                            or service.port)
         roles = [s.name for s in SERVICES] + ["trainer"]
         self.metrics_ports = {r: (metrics_ports or {}).get(r, METRICS_PORTS[r]) for r in roles}
+        self._explicit_ports = {name for name in self.ports
+                                if (ports or {}).get(name) or from_env.get(name)}
         self._explicit_metrics = set(metrics_ports or {})
         self.token = token
         self.num_trainers = num_trainers
         self.extra_env = dict(extra_env or {})
+        self._lock_depth = 0
 
     @property
     def host(self) -> str:
@@ -271,8 +303,39 @@ class Stack:
                 self.metrics_ports[role] = free
             taken.add(self.metrics_ports[role])
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the state folder's lock: one `up` or `down` at a time (two `up` runs after a
+        crash would otherwise both start the missing controller on one database)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "stack.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StackError(f"another `batchlab up` or `down` is running on "
+                                 f"{self.state_dir}; wait for it to finish") from None
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def up(self, *, timeout: float = 180.0, retries: int = 2,
            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Start the stack, holding the state folder's lock; see :meth:`_up`."""
+        with self._exclusive():
+            return self._up(timeout=timeout, retries=retries, progress=progress)
+
+    def _up(self, *, timeout: float, retries: int,
+            progress: Callable[[str], None] | None) -> dict[str, Any]:
         """Start every service and wait until all are SERVING.
 
         Args:
@@ -296,7 +359,7 @@ class Stack:
         say = progress or (lambda line: log.info("%s", line))
         record = self.read_record()
         alive = {name for name, p in (record or {"services": {}})["services"].items()
-                 if _alive(p["pid"])}
+                 if _alive_as(p)}
         if record and alive >= {s.name for s in SERVICES}:
             raise StackError(f"a stack is already running from {self.state_dir} "
                              "(`batchlab down` first, or another --state-dir)")
@@ -331,6 +394,8 @@ class Stack:
                         "port": self.ports[service.name],
                         "metrics_port": self.metrics_ports[service.name],
                         "trainer_metrics_port": self.metrics_ports["trainer"],
+                        "start_ticks": _start_ticks(proc.pid),
+                        "token_sha256": _token_digest(self.token, self.state_dir),
                         "log": str(log_path),
                     }
                     atomic_write(self.record_path, json.dumps(record, indent=1))
@@ -352,11 +417,24 @@ class Stack:
 
     def _adopt(self, record: Mapping[str, Any], alive: set[str]) -> None:
         """Take every service's interface and ports from a running stack's record; the ports
-        of the services to start again must be free."""
+        of the services to start again must be free, and what this call was told (ports,
+        hosts, token) must not contradict the running stack."""
         for name, info in record["services"].items():
             if name not in self.ports:
                 continue
-            self.ports[name] = int(info.get("port") or info["address"].rsplit(":", 1)[1])
+            port = int(info.get("port") or info["address"].rsplit(":", 1)[1])
+            if name in self._explicit_ports and self.ports[name] != port:
+                raise StackError(
+                    f"{name} of the running stack in {self.state_dir} listens on port {port}, "
+                    f"not {self.ports[name]} as asked: start it again without the port, or "
+                    f"`batchlab down` first")
+            digest = info.get("token_sha256")
+            if digest is not None and digest != _token_digest(self.token, self.state_dir):
+                raise StackError(
+                    f"the running stack in {self.state_dir} was started with "
+                    f"{'another' if self.token else 'a'} token: pass the same --token (or "
+                    f"BATCHLAB_AUTH_TOKEN) to start its missing services, or `batchlab down` first")
+            self.ports[name] = port
             self.hosts[name] = info.get("bind_host") or self.hosts[name]
             self.metrics_ports[name] = int(info["metrics_port"])
             if info.get("trainer_metrics_port"):
@@ -424,16 +502,20 @@ class Stack:
 
     def down(self, *, timeout: float = 30.0) -> list[str]:
         """Stop every recorded service (SIGTERM, then SIGKILL after ``timeout``); return their names."""
+        with self._exclusive():
+            return self._down(timeout)
+
+    def _down(self, timeout: float) -> list[str]:
         record = self.read_record()
         if not record:
             return []
         stopped = []
         services = list(record["services"].items())[::-1]  # the controller first
+        # Only the recorded processes themselves: a pid reused by another process is left be.
+        services = [(name, info) for name, info in services if _alive_as(info)]
         for name, info in services:
-            pid = info["pid"]
-            if _alive(pid):
-                _signal_group(pid, signal.SIGTERM)
-                stopped.append(name)
+            _signal_group(info["pid"], signal.SIGTERM)
+            stopped.append(name)
         deadline = time.monotonic() + timeout
         for name, info in services:
             while _alive(info["pid"]) and time.monotonic() < deadline:
@@ -448,7 +530,7 @@ class Stack:
         """Each recorded service: name, pid, address, alive."""
         record = self.read_record() or {"services": {}}
         return [
-            {"name": name, "pid": info["pid"], "address": info["address"], "alive": _alive(info["pid"]), "log": info["log"]}
+            {"name": name, "pid": info["pid"], "address": info["address"], "alive": _alive_as(info), "log": info["log"]}
             for name, info in record["services"].items()
         ]
 
@@ -459,8 +541,8 @@ def _signal_group(pid: int, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         try:
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        except (ProcessLookupError, PermissionError):
+            log.warning("could not signal process %d (gone, or not ours)", pid)
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -54,10 +54,12 @@ def render(experiment: controller_pb2.Experiment, best: dict[str, float]) -> Gro
             _fmt(median),
             f"{agg.fraction_reaching_target:.0%}" if agg.seeds else "-",
         )
+    lines = []
     if experiment.pending_reason:
-        waits = Text.assemble(("waits: ", "yellow"), experiment.pending_reason)
-        return Group(head, waits, table)
-    return Group(head, table)
+        lines.append(Text.assemble(("waits: ", "yellow"), experiment.pending_reason))
+    if experiment.error:
+        lines.append(Text.assemble(("error: ", "red"), experiment.error))
+    return Group(head, *lines, table)
 
 
 def summary_line(experiment: controller_pb2.Experiment) -> str:
@@ -70,6 +72,8 @@ def summary_line(experiment: controller_pb2.Experiment) -> str:
             f"{len(experiment.studies)}")
     if experiment.pending_reason:
         line += f"; waits: {experiment.pending_reason}"
+    if experiment.error:
+        line += f"; error: {experiment.error}"
     return line
 
 

@@ -229,7 +229,8 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
         port = rng.randrange(_PROBE_FLOOR, ceiling)
         if port in _handed_out or port in chosen:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:

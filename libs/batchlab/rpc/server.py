@@ -580,6 +580,9 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=max_workers + max_streams,
                                    thread_name_prefix=f"{service_name}-rpc"),
         interceptors=interceptors,
+        # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then
+        # start and share its connections (two controllers on one database). Refuse instead.
+        options=[("grpc.so_reuseport", 0)],
     )
     for registration in entries:
         registration.add_to_server(registration.servicer, grpc_server)
@@ -726,9 +729,10 @@ def configure_logging(environ: Mapping[str, str] | None = None) -> None:
     )
     # Orbax (through absl), JAX and tfds log every save, restore and compile at INFO: a dozen
     # lines per evaluation that bury the service's own. They speak at DEBUG level only.
-    if logging.getLevelNamesMapping()[level] > logging.DEBUG:
+    number = logging.getLevelNamesMapping()[level]
+    if number > logging.DEBUG:
         for noisy in _NOISY_LOGGERS:
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, number))
 
 
 def run_service(

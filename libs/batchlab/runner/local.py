@@ -23,7 +23,14 @@ from batchlab.runner.provenance import code_version
 from batchlab.runner.resources import ExecutionPlan, available_cpus, plan_execution
 from batchlab.runner.store import ResultStore
 from batchlab.runner.workers import WorkerPool, cache_root_of, function_reference
-from batchlab.search import expand_studies, load_spec, next_runs, score_study, spec_to_dict
+from batchlab.search import (
+    expand_studies,
+    load_spec,
+    next_runs,
+    score_study,
+    spec_to_dict,
+    unfilled_runs,
+)
 from batchlab.search.protocol import RunRecord, RunRequest
 from batchlab.search.study import Study
 
@@ -187,8 +194,14 @@ def run_experiment(
         threads_label = f"{width} at once, {counts} XLA thread(s) per run"
     with runner, _progress(progress) as bar:
         task = bar.add_task(f"{spec.name} ({threads_label})", total=None)
-        _drive(studies, store, runner, plan, width, bar, task)
-    experiment["status"] = "SUCCEEDED"
+        unfilled = _drive(studies, store, runner, plan, width, bar, task)
+    # The services' rule (services/controller/scheduler.py): abandoned runs that leave a
+    # study short of its budget fail the experiment; its results and report stay.
+    experiment["status"] = "FAILED" if unfilled else "SUCCEEDED"
+    if unfilled:
+        experiment["error"] = ("runs were abandoned and the studies' budgets are not equal: "
+                               f"missing {'; '.join(unfilled)}")
+        log.error("%s FAILED: %s", spec.name, experiment["error"])
     experiment["finished_at"] = _now()
     store.write_experiment(experiment)
     if write_report:
@@ -199,8 +212,11 @@ def run_experiment(
 
 
 def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | WorkerPool,
-           plan: ExecutionPlan | None, width: int, bar: Progress, task: Any) -> None:
+           plan: ExecutionPlan | None, width: int, bar: Progress, task: Any) -> list[str]:
     """Launch what the protocol allows, up to ``width`` runs in flight, until every study is done.
+
+    Returns the runs the studies budgeted but lack because runs were abandoned
+    (batchlab.search.unfilled_runs; empty when none).
 
     Studies are visited in spec order, so with free slots an earlier study's runs start first
     and the next study's runs fill what is left (e.g. while a study waits for its last tuning
@@ -209,6 +225,7 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
     records = {s.id: store.records(s.id) for s in studies}
     flying: dict[str, list[RunRequest]] = {s.id: [] for s in studies}
     finished: set[str] = set()
+    unfilled: list[str] = []
     planned = sum(s.trials_per_study + s.seeds_per_best for s in studies)
     while True:
         free = width - sum(len(v) for v in flying.values())
@@ -221,6 +238,7 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
             if decision.done:
                 _write_study(store, study, records[study.id], decision.best_trial)
                 finished.add(study.id)
+                unfilled += unfilled_runs(study, decision.state)
                 continue
             for request in decision.launch[:max(free, 0)]:
                 runner.submit(request, threads=plan.threads_for(study.workload) if plan else 0)
@@ -230,7 +248,7 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
         running = sum(len(v) for v in flying.values())
         bar.update(task, completed=done, total=max(planned, done + running))
         if len(finished) == len(studies):
-            return
+            return unfilled
         if running == 0:
             raise RuntimeError("the protocol launched nothing while studies are unfinished: "
                                f"{sorted(set(records) - finished)}")

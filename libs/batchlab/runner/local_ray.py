@@ -57,7 +57,9 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
 
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {}  # Ray's private options (ray.init(**kwargs))
-        if temp_dir is None and len(str(Path(tempfile.gettempdir()) / "ray")) > _MAX_TEMP_DIR_CHARS:
+        # Ray's own rule for its folder: RAY_TMPDIR, else the temp folder.
+        ray_root = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+        if temp_dir is None and len(str(Path(ray_root) / "ray")) > _MAX_TEMP_DIR_CHARS:
             # Ray's session folder holds unix sockets, whose paths may not exceed 107 bytes;
             # under a long TMPDIR (a test runner's, say) every ray.init would fail.
             temp_dir = tempfile.mkdtemp(prefix="bl-ray-", dir="/tmp")

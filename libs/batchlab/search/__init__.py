@@ -34,6 +34,7 @@ from batchlab.search.protocol import (
     next_runs,
     select_best,
     study_state,
+    unfilled_runs,
 )
 from batchlab.search.scoring import (
     Effort,
@@ -98,6 +99,7 @@ __all__ = [
     "score_study",
     "select_best",
     "set_path",
+    "unfilled_runs",
     "spec_to_dict",
     "steps_to_target",
     "study_id",

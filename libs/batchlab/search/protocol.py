@@ -525,6 +525,29 @@ def _request(study: Study, state: RunState) -> RunRequest:
     )
 
 
+def unfilled_runs(study: Study, state: StudyState) -> list[str]:
+    """The runs a finished study budgeted but lacks because runs were abandoned, for people.
+
+    A rerun of the best trial abandoned after max_attempts failures leaves its seed out of the
+    median; abandoned tuning trials that used up max_total_trials before trials_per_study
+    trials were feasible leave the search short. Either way the study did not get the effort
+    the protocol promises every optimizer, so its comparisons are not on equal budgets. A
+    tuning trial abandoned and then replaced by another within max_total_trials is not
+    missing. Empty when nothing is missing.
+
+    Args:
+      study: the study.
+      state: its protocol state (study_state), once done.
+    """
+    missing = [f"{study.id} rerun {run.replica} of trial {state.best_trial}"
+               for run in state.reruns if run.status is RunStatus.ABANDONED]
+    if state.abandoned_trials and len(state.counted_trials) < study.trials_per_study:
+        missing.append(f"{study.id}: {len(state.counted_trials)} of {study.trials_per_study} "
+                       f"tuning trials feasible within max_total_trials (abandoned: trial "
+                       f"{', '.join(map(str, state.trials_with(RunStatus.ABANDONED)))})")
+    return missing
+
+
 def next_runs(study: Study, records: Iterable[RunRecord], *, in_flight: Iterable[Any] = (),
               parallelism: int = 1) -> Decision:
     """Decide which runs of a study to launch now, and whether the study is done.

@@ -630,7 +630,61 @@ def test_an_experiment_with_a_run_that_failed_for_good_fails_and_names_it():
     _ticks(scheduler, 5)
     experiment = storage.get_experiment("e1")
     assert experiment.state is ExperimentState.FAILED
-    assert "1 run failed for good" in experiment.error
     assert "budgets are not equal" in experiment.error
+    assert "1 of 2 tuning trials feasible within max_total_trials (abandoned: trial 1)" in experiment.error
     assert storage.studies("e1")  # the scores stay readable
-    assert attempts[1].trial.name in experiment.error and "NOT_FOUND" in experiment.error
+    assert "NOT_FOUND" in experiment.error
+
+
+def _failing(indices, *, replicas=(0,)):
+    def run(request):
+        if request["trial_index"] in indices and request["replica"] in replicas:
+            raise RuntimeError("out of memory")
+        return fake_result(request)
+    return run
+
+
+def test_an_abandoned_tuning_trial_the_protocol_replaced_is_not_missing():
+    """Trial 0 fails for good; trial 2 takes its place within max_total_trials: every study got
+    its budget (review finding: the experiment ended FAILED though nothing was missing)."""
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=2, max_total_trials=3,
+                                                   seeds_per_best=1, max_attempts=1))
+    _ticks(Scheduler(storage, FakePool(run=_failing({0}))), 12)
+    experiment = storage.get_experiment("e1")
+    assert experiment.state is ExperimentState.SUCCEEDED, experiment.error
+    assert sorted({a.trial.trial_index for a in storage.attempts("e1")}) == [0, 1, 2]
+
+
+def test_an_abandoned_rerun_fails_the_experiment_naming_it():
+    storage = InMemoryStorage()
+    storage.create_experiment("e1", "", spec_dict(trials_per_study=2, max_total_trials=2,
+                                                   seeds_per_best=2, max_attempts=1))
+    _ticks(Scheduler(storage, FakePool(run=_failing({0, 1}, replicas=(1,)))), 12)
+    experiment = storage.get_experiment("e1")
+    assert experiment.state is ExperimentState.FAILED
+    assert "rerun 1 of trial" in experiment.error and "out of memory" in experiment.error
+
+
+def test_a_run_the_cluster_could_hold_for_a_while_restarts_the_unschedulable_clock():
+    """Refused, then placeable but every trainer busy for 20 min, then refused again: the wait
+    counts from the new refusal (review finding: it failed at once, 'waited 1210 s')."""
+    clock = Clock()
+    storage = InMemoryStorage(clock=clock)
+    reason = "needs 1 host with CPU 1, GPU 99 each; the Ray cluster's 1 node cannot hold that"
+    pool = PlacingPool(Placement(reason, permanent=True))
+    scheduler = Scheduler(storage, pool, unschedulable_after_s=60, clock=clock)
+    storage.create_experiment("e1", "", spec_dict(resources={"gpus": 99}))
+    _ticks(scheduler)
+    clock.now += 10
+    pool.refused = None  # the autoscaler added the node; every trainer is busy
+    pool.acquire = lambda resources, hosts=1: None
+    _ticks(scheduler)
+    assert not storage.attempts("e1")[0].pending_reason
+    clock.now += 1200
+    pool.refused = Placement(reason, permanent=True)  # scaled away again
+    _ticks(scheduler, 2)
+    assert storage.get_experiment("e1").state is ExperimentState.PENDING
+    clock.now += 61
+    _ticks(scheduler, 2)
+    assert storage.get_experiment("e1").error.startswith(f"unschedulable: {reason}; waited 61 s")

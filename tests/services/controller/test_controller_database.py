@@ -191,3 +191,22 @@ def test_the_scheduler_backs_up_at_start_and_stops(tmp_path):
     scheduler.stop()
     assert latest_backup(storage.path) is not None
     assert len(list((tmp_path / "backups").glob("controller-*.sqlite3"))) <= 2
+
+
+def test_a_taken_metrics_port_ends_the_controller_with_status_2(tmp_path):
+    """Status 1 and a traceback made `batchlab up` retry it three times on the same port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = {**os.environ, "BATCHLAB_STATE_DIR": str(tmp_path / "state"),
+               "BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_CONTROLLER_PORT": "0",
+               "BATCHLAB_METRICS_PORT": str(taken), "BATCHLAB_EVALUATION": "in-process"}
+        done = subprocess.run([sys.executable, "-m", "services.controller.server"], env=env,
+                              capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "controller cannot start" in x]
+    assert "Address already in use" in line and "BATCHLAB_METRICS_PORT" in line
