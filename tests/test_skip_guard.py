@@ -10,10 +10,16 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_an_unlisted_skip_fails_the_run_and_a_listed_one_does_not(pytester, monkeypatch):
+def _run(pytester, monkeypatch, tests: str):
+    """Run `tests` in a fresh pytest process that has only the guard's two hooks."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     pytester.makeconftest("from tests.conftest import pytest_runtest_logreport, pytest_sessionfinish\n")
-    pytester.makepyfile(test_x="""
+    pytester.makepyfile(test_x=tests)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+
+def test_an_unlisted_skip_fails_the_run_and_a_listed_one_does_not(pytester, monkeypatch):
+    result = _run(pytester, monkeypatch, """
         import pytest
 
         def test_needs_the_network():
@@ -25,7 +31,6 @@ def test_an_unlisted_skip_fails_the_run_and_a_listed_one_does_not(pytester, monk
         def test_runs():
             pass
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*skips not on tests/conftest.py's ALLOWED_SKIPS*",
                                  "*test_x.py::test_needs_the_network*the network is down*"])
@@ -33,12 +38,9 @@ def test_an_unlisted_skip_fails_the_run_and_a_listed_one_does_not(pytester, monk
 
 
 def test_allowed_skips_only_leave_the_run_green(pytester, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    pytester.makeconftest("from tests.conftest import pytest_runtest_logreport, pytest_sessionfinish\n")
-    pytester.makepyfile(test_y="""
+    assert _run(pytester, monkeypatch, """
         import pytest
 
         def test_needs_cores():
             pytest.skip("needs 2 CPUs")
-    """)
-    assert pytester.runpytest_subprocess("-p", "no:cacheprovider").ret == 0
+    """).ret == 0

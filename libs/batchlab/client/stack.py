@@ -230,7 +230,6 @@ class Stack:
         self.token = token
         self.num_trainers = num_trainers
         self.extra_env = dict(extra_env or {})
-        self._lock_depth = 0
 
     @property
     def host(self) -> str:
@@ -307,13 +306,6 @@ class Stack:
     def _exclusive(self) -> Iterator[None]:
         """Hold the state folder's lock: one `up` or `down` at a time (two `up` runs after a
         crash would otherwise both start the missing controller on one database)."""
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / "stack.lock", "a") as handle:
             try:
@@ -321,11 +313,9 @@ class Stack:
             except BlockingIOError:
                 raise StackError(f"another `batchlab up` or `down` is running on "
                                  f"{self.state_dir}; wait for it to finish") from None
-            self._lock_depth = 1
             try:
                 yield
             finally:
-                self._lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def up(self, *, timeout: float = 180.0, retries: int = 2,
@@ -411,7 +401,7 @@ class Stack:
                     if pid and _alive(pid):
                         _signal_group(pid, signal.SIGTERM)
             else:
-                self.down()
+                self._down(30.0)  # the lock is held already
             raise
         return record
 
