@@ -605,20 +605,21 @@ class SQLiteStorage(ExperimentStorage):
         log.info("storage at %s", self.path)
 
     # -- connections ------------------------------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
+    def _open(self) -> ThreadConnections:
         if self._db.closed:
             raise StorageError(f"{self.path}: storage is closed")
-        return self._db.get()
+        return self._db
+
+    def _connection(self) -> sqlite3.Connection:
+        return self._open().get()
 
     def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One write transaction; rolled back on any exception."""
-        self._connection()
-        return self._db.write()
+        return self._open().write()
 
     def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """One read transaction: every query inside sees the same snapshot."""
-        self._connection()
-        return self._db.read()
+        return self._open().read()
 
     def close(self) -> None:
         """Close every thread's connection."""
