@@ -44,3 +44,23 @@ def test_train_examples_is_a_checked_workload_hyperparameter():
         workload.hyperparameters({"train_examples": -1})
     with pytest.raises(ValueError, match="train_examples"):
         workload.hyperparameters({"train_examples": 2.5})
+
+
+def test_a_split_is_read_from_disk_once_per_process(data_dir, monkeypatch):
+    """Every run of a worker trains and evaluates on one in-memory copy of a small split."""
+    first = data.in_memory_split("mnist1d", "validation", data_dir, config="small")
+    reads = []
+    monkeypatch.setattr(data, "get_dataset", lambda *a, **k: reads.append(a))
+    again = data.in_memory_split("mnist1d", "validation", data_dir, config="small")
+    head = data.in_memory_split("mnist1d", "validation", data_dir, config="small", max_examples=30)
+    assert again is first and reads == []
+    assert len(head) == 30
+    np.testing.assert_array_equal(head.arrays["x"], first.arrays["x"][:30])
+    assert first.arrays["x"].dtype == np.float32 and first.arrays["label"].dtype == np.int32
+
+
+def test_in_memory_split_refuses_what_does_not_fit_or_does_not_exist(data_dir):
+    with pytest.raises(ValueError, match="name: 'imagenet2012'"):
+        data.in_memory_split("imagenet2012", "train", data_dir)
+    with pytest.raises(ValueError, match="max_examples"):
+        data.in_memory_split("mnist1d", "validation", data_dir, config="small", max_examples=10**6)

@@ -62,6 +62,7 @@ __all__ = [
     "example_rng",
     "examples_per_shard",
     "get_dataset",
+    "in_memory_split",
     "input_pipeline",
     "list_datasets",
     "make_config",
@@ -265,6 +266,49 @@ def _in_memory_split(name: str, split: str, data_dir: str | None, config: str | 
     return _in_memory_classification(source, dataset_info(name).input_key)
 
 
+def in_memory_split(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    config: Any = None,
+    max_examples: int | None = None,
+) -> ArraySource:
+    """A small classification split in memory: float32 inputs and int32 labels.
+
+    A split named by a config name (or none) is read from disk once per process and shared
+    by every later call (training and evaluation of every run in a worker alike); a config
+    object is read each time.
+
+    Args:
+      name: an offline classification dataset (not mlm_corpus or imagenet2012).
+      split: 'train' or 'validation'.
+      data_dir: tfds data folder; :func:`default_data_dir` when None.
+      config: builder config (name or object).
+      max_examples: only the first this many examples (None or 0: all of them).
+
+    Returns:
+      The split, in its stored order.
+
+    Raises:
+      ValueError: for a dataset that does not fit in memory, an unknown name or split, or
+        ``max_examples`` beyond the split's size.
+    """
+    if name in ("mlm_corpus", "imagenet2012"):
+        raise ValueError(f"name: {name!r} is not an in-memory classification dataset")
+    if config is None or isinstance(config, str):
+        source = _in_memory_split(name, split, None if data_dir is None else os.fspath(data_dir), config)
+    else:
+        source = _in_memory_classification(get_dataset(name, split, data_dir, config=config),
+                                           dataset_info(name).input_key)
+    if max_examples:
+        if max_examples > len(source):
+            raise ValueError(f"max_examples: {name} {split} has {len(source)} examples, "
+                             f"got {max_examples}")
+        source = ArraySource({k: v[:max_examples] for k, v in source.arrays.items()})
+    return source
+
+
 def _in_memory_classification(source: Any, input_key: str) -> ArraySource:
     """Loads a small classification split into memory as float32 inputs and int32 labels."""
     arrays = ArraySource.from_source(source).arrays
@@ -337,7 +381,7 @@ def input_pipeline(
     Raises:
       ValueError: for an unknown name, split, keyword argument or bad shard/batch argument.
     """
-    info = dataset_info(name)
+    dataset_info(name)  # Rejects unknown names, listing the allowed ones.
     train = (split == "train") if train is None else bool(train)
     if num_epochs is None and not train:
         num_epochs = 1
@@ -364,19 +408,9 @@ def input_pipeline(
         default_preprocess = imagenet.train_preprocess if train else imagenet.eval_preprocess
     else:
         # Small enough to hold in memory; batches are then gathered, not built per example.
-        cacheable = not kwargs and (config is None or isinstance(config, str))
-        if cacheable:
-            source = _in_memory_split(name, split, None if data_dir is None else os.fspath(data_dir), config)
-        else:
-            source = _in_memory_classification(
-                get_dataset(name, split, data_dir, config=config, **kwargs), info.input_key
-            )
+        _check_kwargs(name, kwargs, set())
+        source = in_memory_split(name, split, data_dir, config=config, max_examples=max_examples)
         default_preprocess = None
-        if max_examples:
-            if max_examples > len(source):
-                raise ValueError(f"max_examples: {name} {split} has {len(source)} examples, "
-                                 f"got {max_examples}")
-            source = ArraySource({k: v[:max_examples] for k, v in source.arrays.items()})
     if max_examples and name in ("mlm_corpus", "imagenet2012"):
         raise ValueError(f"max_examples: supported for in-memory datasets only, not {name!r}")
     iterator = BatchIterator(

@@ -330,16 +330,18 @@ class _Run:
             return it, max_batches
         source = self._eval_sources.get(split)
         if source is None:
-            source = bdata.get_dataset(w.dataset, split, self.data_dir, config=w.dataset_config)
-            if limit:
-                source = _Subset(source, limit)
-            if w.dataset != "imagenet2012":
-                # Small enough to hold in memory: read once per run, not at every evaluation.
-                arrays = bdata.ArraySource.from_source(source).arrays
-                source = bdata.ArraySource({
-                    self.input_key: arrays[self.input_key].astype(np.float32, copy=False),
-                    "label": arrays["label"].astype(np.int32),
-                })
+            if w.dataset == "imagenet2012":
+                source = bdata.get_dataset(w.dataset, split, self.data_dir, config=w.dataset_config)
+                if limit:
+                    source = _Subset(source, limit)
+            else:
+                # Small enough to hold in memory, and read from disk once per process: every
+                # run of a worker evaluates on the same arrays its training input gathers from.
+                full = bdata.in_memory_split(w.dataset, split, self.data_dir, config=w.dataset_config)
+                source = bdata.in_memory_split(
+                    w.dataset, split, self.data_dir, config=w.dataset_config,
+                    max_examples=min(limit, len(full)) if limit else None,
+                )
             self._eval_sources[split] = source
         preprocess = bdata.imagenet.eval_preprocess if w.dataset == "imagenet2012" else None
         it = bdata.BatchIterator(
