@@ -495,8 +495,10 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             more_points = len(points) == MAX_POINTS_PER_MESSAGE
             if record.terminal and not more_points:
                 return
+            if self._stopping.is_set() or not _active(context):
+                return
             if more_points:
-                continue
+                continue  # a backlog goes out page after page, as fast as the client reads
             deadline = time.monotonic() + period
             while time.monotonic() < deadline:
                 if self._stopping.is_set() or not _active(context):

@@ -295,3 +295,33 @@ def test_a_watch_period_below_the_floor_is_raised_to_it():
         list(servicer.WatchExperiment(controller_pb2.WatchExperimentRequest(
             name=name, period_seconds=asked), None))
     assert seen == [0.5, 1.0, 5.0, 60.0]
+
+
+def test_a_watch_whose_client_left_stops_reading_its_backlog(harness, monkeypatch):
+    """A backlog is streamed page after page; a client gone after the first page ends it."""
+    import services.controller.servicer as servicer_module
+    from services.controller.storage import PointRecord, TrialKey
+
+    monkeypatch.setattr(servicer_module, "MAX_POINTS_PER_MESSAGE", 2)
+    name = harness.submit().name
+    experiment_id = name.split("/")[1]
+    trial = TrialKey(experiment_id, "study", 0, 0)
+    harness.servicer.storage.add_points(
+        [PointRecord(trial=trial, attempt=1, step=s, values={"loss": 1.0}) for s in range(1, 8)])
+    reads = []
+    real_points = harness.servicer.storage.points
+    monkeypatch.setattr(harness.servicer.storage, "points",
+                        lambda *a, **k: reads.append(k) or real_points(*a, **k))
+    context = FakeContext()
+    stream = harness.servicer.WatchExperiment(
+        controller_pb2.WatchExperimentRequest(name=name, period_seconds=0.5), context)
+    first = next(stream)
+    assert [p.step for p in first.points] == [1, 2]
+    context.cancel()
+    assert list(stream) == []  # no further page is read for a client that left
+    assert len(reads) == 1
+    # A client that stays reads the whole backlog, two points a message, without waiting.
+    stream = harness.servicer.WatchExperiment(
+        controller_pb2.WatchExperimentRequest(name=name, period_seconds=60), FakeContext())
+    steps = [p.step for _ in range(4) for p in next(stream).points]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]
