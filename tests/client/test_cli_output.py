@@ -132,3 +132,27 @@ def test_a_failed_experiments_error_is_shown_in_the_view_and_the_lines():
     from batchlab.client.watch import summary_line
 
     assert summary_line(failed).endswith(f"; error: {failed.error}")
+
+
+def test_watch_lines_show_the_best_target_metric_so_far_per_study():
+    """A long trial changes no count; its evaluation points still move the best so far."""
+    from batchlab.client.watch import watch
+
+    exp = _experiment("experiments/b")
+    study = exp.studies.add(name="experiments/b/studies/w.nesterov.b128")
+    study.target.metric, study.target.goal = "validation/accuracy", 1  # MAXIMIZE
+
+    def points(*values):
+        return controller_pb2.WatchExperimentResponse(points=[controller_pb2.MetricPoint(
+            trial=f"{study.name}/trials/0-r0", step=i + 1, values={"validation/accuracy": v})
+            for i, v in enumerate(values)])
+
+    messages = [controller_pb2.WatchExperimentResponse(experiment=exp), points(0.5),
+                points(0.4), points(0.75, float("nan"))]
+    console = Console(record=True, width=300, force_terminal=False)
+    watch(iter(messages), console=console)
+    lines = console.export_text().splitlines()
+    assert len(lines) == 3  # a worse point changes nothing
+    assert "best so far" not in lines[0]
+    assert lines[1].endswith("; best so far: w.nesterov.b128 0.5")
+    assert lines[2].endswith("; best so far: w.nesterov.b128 0.75")

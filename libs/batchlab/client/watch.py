@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -62,14 +62,19 @@ def render(experiment: controller_pb2.Experiment, best: dict[str, float]) -> Gro
     return Group(head, *lines, table)
 
 
-def summary_line(experiment: controller_pb2.Experiment) -> str:
-    """One plain line for logs and pipes: state, trial counts, studies done, why runs wait."""
+def summary_line(experiment: controller_pb2.Experiment, best: Mapping[str, float] | None = None) -> str:
+    """One plain line for logs and pipes: state, trial counts, studies done, the best target
+    metric so far per study (from ``best``, by study name), why runs wait."""
     counts = experiment.trial_counts
     done = sum(1 for study in experiment.studies if study.phase == "done")
     line = (f"{experiment.name} {_STATE.Name(experiment.state)}: queued {counts.pending} "
             f"running {counts.running} succeeded {counts.succeeded} diverged {counts.diverged} "
             f"failed {counts.failed} cancelled {counts.cancelled}; studies done {done} of "
             f"{len(experiment.studies)}")
+    shown = [f"{study.name.rsplit('/', 1)[-1]} {_fmt(best[study.name])}"
+             for study in experiment.studies if best and study.name in best]
+    if shown:
+        line += "; best so far: " + ", ".join(shown)
     if experiment.pending_reason:
         line += f"; waits: {experiment.pending_reason}"
     if experiment.error:
@@ -107,7 +112,7 @@ def watch(stream: Iterable[controller_pb2.WatchExperimentResponse], *,
                 continue
             if live is not None:
                 live.update(render(last, best))
-            elif (line := summary_line(last)) != printed:
+            elif (line := summary_line(last, best)) != printed:
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
                 printed = line
     return last
