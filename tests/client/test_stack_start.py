@@ -34,6 +34,14 @@ FAKE_SERVICE = textwrap.dedent("""
     if mode == "never":
         print("still loading the model zoo", flush=True)
         threading.Event().wait(600)
+    from prometheus_client import CollectorRegistry
+    from batchlab.rpc.metrics import start_metrics_server
+    try:  # as a real service: a taken metrics port ends it with status 2
+        start_metrics_server(int(os.environ["BATCHLAB_METRICS_PORT"]), CollectorRegistry(),
+                             addr=os.environ["BATCHLAB_BIND_HOST"])
+    except OSError as exc:
+        print(f"metrics port: {exc}", flush=True)
+        sys.exit(2)
     server = build_server([], host=os.environ["BATCHLAB_BIND_HOST"],
                           port=int(os.environ["BATCHLAB_SHARDING_PORT"]))
     if mode == "trainers_later":
@@ -175,13 +183,8 @@ def test_every_health_name_the_service_is_ready_under_is_awaited(fake_stack, mon
     assert lines[-1].startswith("sharding is SERVING on ")
 
 
-def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path, monkeypatch):
-    """After the controller crashed, `up` refused ("already running") while the client said
-    "start it with `batchlab up`": now `up` starts what is missing, on its recorded ports."""
-    import os
-    import signal
-    import time
-
+def _fake_pair(tmp_path, monkeypatch):
+    """Two fake services (sharding, checkpoints) in place of the real ones; their env."""
     package = tmp_path / "fakes"
     package.mkdir()
     for name in ("sharding", "checkpoints"):
@@ -190,18 +193,32 @@ def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path,
     monkeypatch.setattr(stack_module, "SERVICES", tuple(
         ServiceDef(name, f"fake_{name}", 1, (), "starting", ("",))
         for name in ("sharding", "checkpoints")))
-    env = {"PYTHONPATH": f"{package}:{':'.join(sys.path)}", "FAKE_MODE": "ok",
-           "FAKE_COUNTER": str(tmp_path / "attempts")}
+    return {"PYTHONPATH": f"{package}:{':'.join(sys.path)}", "FAKE_MODE": "ok",
+            "FAKE_COUNTER": str(tmp_path / "attempts")}
+
+
+def _kill_and_wait(pid):
+    import os
+    import signal
+    import time
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while stack_module._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path, monkeypatch):
+    """After the controller crashed, `up` refused ("already running") while the client said
+    "start it with `batchlab up`": now `up` starts what is missing, on its recorded ports."""
+    env = _fake_pair(tmp_path, monkeypatch)
     ports = dict(zip(["sharding", "checkpoints"], free_ports(2), strict=True))
     metrics = dict(zip(["sharding", "checkpoints", "trainer"], free_ports(3), strict=True))
     first = Stack(tmp_path / "state", ports=ports, metrics_ports=metrics, environ={},
                   extra_env=env)
     try:
         before = first.up(timeout=60)["services"]
-        os.kill(before["checkpoints"]["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while stack_module._alive(before["checkpoints"]["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _kill_and_wait(before["checkpoints"]["pid"])
         # A new `batchlab up` with default ports: the record's ports win.
         again = Stack(tmp_path / "state", environ={}, extra_env=env)
         lines: list[str] = []
@@ -213,6 +230,29 @@ def test_up_after_a_crash_starts_only_the_missing_service_where_it_was(tmp_path,
         assert after["checkpoints"]["metrics_port"] == before["checkpoints"]["metrics_port"]
         with pytest.raises(StackError, match="already running"):
             again.up(timeout=60)
+    finally:
+        assert sorted(first.down(timeout=10)) == ["checkpoints", "sharding"]
+
+
+def test_a_restarted_service_whose_metrics_port_was_taken_gets_another(tmp_path, monkeypatch):
+    """The crashed service's metrics port went to another program meanwhile: the service
+    would exit on it, so it starts on a free one, which the record then names."""
+    import socket
+
+    env = _fake_pair(tmp_path, monkeypatch)
+    ports = dict(zip(["sharding", "checkpoints"], free_ports(2), strict=True))
+    first = Stack(tmp_path / "state", ports=ports, environ={}, extra_env=env)
+    try:
+        before = first.up(timeout=60)["services"]
+        _kill_and_wait(before["checkpoints"]["pid"])
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", before["checkpoints"]["metrics_port"]))
+            squatter.listen()
+            after = Stack(tmp_path / "state", environ={}, extra_env=env).up(timeout=60)["services"]
+        assert after["checkpoints"]["address"] == before["checkpoints"]["address"]
+        assert after["checkpoints"]["metrics_port"] != before["checkpoints"]["metrics_port"]
+        assert after["sharding"]["metrics_port"] == before["sharding"]["metrics_port"]
+        assert stack_module._alive(after["checkpoints"]["pid"])
     finally:
         assert sorted(first.down(timeout=10)) == ["checkpoints", "sharding"]
 

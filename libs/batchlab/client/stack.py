@@ -430,6 +430,16 @@ class Stack:
             if info.get("trainer_metrics_port"):
                 self.metrics_ports["trainer"] = int(info["trainer_metrics_port"])
         for service in SERVICES:
+            name = service.name
+            port = self.metrics_ports[name]
+            if (name not in alive and name not in self._explicit_metrics and port
+                    and _port_in_use(self.hosts[name], port)):
+                # Nothing dials a service's metrics port but the scraper, which `batchlab
+                # status` and the record point at: another one serves as well.
+                (free,) = free_ports(1, _dial_host(self.hosts[name]))
+                log.info("metrics port %d of %s is in use now: using %d", port, name, free)
+                self.metrics_ports[name] = free
+        for service in SERVICES:
             if service.name not in alive and _port_in_use(self.hosts[service.name],
                                                           self.ports[service.name]):
                 raise StackError(
