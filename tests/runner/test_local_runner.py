@@ -134,3 +134,29 @@ def test_abandoned_runs_fail_the_experiment_only_when_a_budgeted_run_is_missing(
             in experiment["error"]
     else:
         assert "error" not in experiment
+
+
+def test_a_folder_resumed_by_other_code_names_every_version_in_its_report(tmp_path, monkeypatch):
+    """A resumed experiment.json said only the last commit, as if it had made every run."""
+    from batchlab.report import write_report
+    from batchlab.runner import local
+
+    calls = []
+    versions = iter([{"commit": "aaaa", "dirty": True, "version": "0.1.0"},
+                     {"commit": "bbbb", "dirty": False, "version": "0.1.0"}])
+    monkeypatch.setattr(local, "code_version", lambda: version)
+    version = next(versions)
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
+    done = len(calls)
+    victim = sorted((tmp_path / "runs").glob("*/*.json"))[-1]
+    victim.unlink()  # one run is left for the second session
+    version = next(versions)
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
+    sessions = ResultStore(tmp_path).read_experiment()["sessions"]
+    assert [s["code"]["commit"] for s in sessions] == ["aaaa", "bbbb"]
+    assert [s["runs_before"] for s in sessions] == [0, done - 1]
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    assert ("from run file 1 on, commit `aaaa` with uncommitted changes" in report
+            and f"from run file {done} on, commit `bbbb` (batchlab 0.1.0)" in report)

@@ -16,7 +16,9 @@ References:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from batchlab.files import atomic_write
 from batchlab.report import figures
@@ -128,14 +130,26 @@ def _provenance(experiment: Experiment) -> list[str]:
         "in the spec section.",
     ]
     code = experiment.code
-    if code:
-        lines.append(f"- Results produced by the code at commit `{code.get('commit', '?')}`"
-                     + (" with uncommitted changes" if code.get("dirty") else "")
-                     + f" (batchlab {code.get('version', '?')}).")
+    versions = {_code_text(session.get("code") or {}) for session in experiment.sessions}
+    if len(versions) > 1:
+        lines.append("- Results produced by more than one version of the code (the runner was "
+                     "started again on this folder): "
+                     + "; ".join(f"from run file {session.get('runs_before', 0) + 1} on, "
+                                 f"{_code_text(session.get('code') or {})} (started "
+                                 f"{session.get('started_at', '?')})"
+                                 for session in experiment.sessions) + ".")
+    elif code:
+        lines.append(f"- Results produced by the code at {_code_text(code)}.")
     if provisional:
         lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
                      "provisional, scored from their run files so far.")
     return lines + [""]
+
+
+def _code_text(code: Mapping[str, Any]) -> str:
+    return (f"commit `{code.get('commit', '?')}`"
+            + (" with uncommitted changes" if code.get("dirty") else "")
+            + f" (batchlab {code.get('version', '?')})")
 
 
 def _spec_check(experiment: Experiment) -> list[str]:

@@ -528,6 +528,8 @@ class Experiment:
         when the stored spec is not valid).
       code: the code that produced the results as the runner stored it ({"commit", "dirty",
         "version"}); empty when not stored.
+      sessions: every start of the runner on this folder, oldest first: {"started_at",
+        "code", "runs_before": run files already stored}; empty when not stored.
     """
 
     path: Path
@@ -540,6 +542,7 @@ class Experiment:
     studies: tuple[StudyResult, ...]
     protocol: Mapping[str, Study] = field(default_factory=lambda: MappingProxyType({}))
     code: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    sessions: tuple[Mapping[str, Any], ...] = ()
 
     def study(self, study_id: str) -> StudyResult:
         """The study with this id.
@@ -916,6 +919,7 @@ def load_results(results_dir: str | Path) -> Experiment:
         studies=tuple(studies),
         protocol=MappingProxyType(rebuilt),
         code=_freeze(reader.get(data, "code", Mapping, optional=True, default={})),
+        sessions=_freeze(reader.get(data, "sessions", list, optional=True, default=[])),
     )
 
 

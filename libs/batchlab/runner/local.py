@@ -171,6 +171,11 @@ def run_experiment(
         "command": " ".join(sys.argv),
         "code": code_version(),
         "execution": execution,
+        # Every start of this folder's runner, with its code and the run files already there:
+        # a study resumed by other code says so (the report lists the sessions).
+        "sessions": [*(previous or {}).get("sessions", []),
+                     {"started_at": _now(), "code": code_version(),
+                      "runs_before": sum(1 for _ in (Path(out_dir) / "runs").glob("*/*.json"))}],
     }
     store.write_experiment(experiment)
     if train_fn is None:
