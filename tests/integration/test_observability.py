@@ -22,13 +22,13 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-
-from batchlab.rpc.client import free_ports
-from batchlab.rpc.observability import (
+from observability_queries import (
     observability_queries,
     promql_metric_names,
     recording_rule_names,
 )
+
+from batchlab.rpc.client import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "k8s" / "components" / "prometheus" / "batchlab.rules.yml"

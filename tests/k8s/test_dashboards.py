@@ -8,15 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
-
-from batchlab.rpc.metrics import make_metrics, series_names
-from batchlab.rpc.observability import (
+from observability_queries import (
     DASHBOARDS_DIR,
     RULES_FILE,
     observability_queries,
     promql_metric_names,
     recording_rule_names,
 )
+
+from batchlab.rpc.metrics import make_metrics, series_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO_ROOT / DASHBOARDS_DIR).glob("*.json"))

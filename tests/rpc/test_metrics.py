@@ -113,8 +113,16 @@ def test_roles_get_only_their_metrics():
     assert "batchlab_queue_depth" not in names
     with pytest.raises(ValueError, match="unknown roles"):
         make_metrics(CollectorRegistry(), roles=["controller", "scheduler"])
-    for role in ROLES:
-        assert getattr(make_metrics(CollectorRegistry(), roles=[role]), role) is not None
+    # Each role adds series of its own to the common RPC ones; two roles share only the
+    # evaluation gauge (set by the trainer evaluating in process, or the controller relaying
+    # the evaluation service's points).
+    common = set(series_names(make_metrics(CollectorRegistry(), roles=[]).registry))
+    own = {role: set(series_names(make_metrics(CollectorRegistry(), roles=[role]).registry)) - common
+           for role in ROLES}
+    assert all(own.values()), own
+    shared = {name for a in ROLES for b in ROLES if a < b for name in own[a] & own[b]}
+    assert shared == {"batchlab_trial_eval_metric"}
+    assert "batchlab_trial_eval_metric" in own["controller"] & own["trainer"]
 
 
 def test_rpc_observe_accepts_status_codes_and_names():

@@ -1,4 +1,5 @@
-"""Every PromQL expression the dashboards and rules hold, and the metric names each one reads.
+"""Test tooling: every PromQL expression the dashboards and rules hold, and the metric names
+each one reads.
 
 The Grafana dashboards (k8s/components/grafana/dashboards/*.json) and the Prometheus rules
 (k8s/components/prometheus/batchlab.rules.yml) are data that only a running Prometheus would
