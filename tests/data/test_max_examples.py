@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from batchlab import data
+from batchlab.data import loaders
 
 
 def _rows(batches):
@@ -50,7 +51,7 @@ def test_a_split_is_read_from_disk_once_per_process(data_dir, monkeypatch):
     """Every run of a worker trains and evaluates on one in-memory copy of a small split."""
     first = data.in_memory_split("mnist1d", "validation", data_dir, config="small")
     reads = []
-    monkeypatch.setattr(data, "get_dataset", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(loaders, "get_dataset", lambda *a, **k: reads.append(a))
     again = data.in_memory_split("mnist1d", "validation", data_dir, config="small")
     head = data.in_memory_split("mnist1d", "validation", data_dir, config="small", max_examples=30)
     assert again is first and reads == []

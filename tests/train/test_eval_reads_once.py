@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchlab import data
+from batchlab.data import loaders
 from batchlab.targets import Outcome
 from batchlab.train import RunConfig, train_and_evaluate
 
@@ -17,8 +17,8 @@ def test_runs_after_the_first_read_no_split_from_disk(tfds_dir, monkeypatch):
 
     first = run(0)
     reads = []
-    real = data.get_dataset
-    monkeypatch.setattr(data, "get_dataset", lambda *a, **k: reads.append(a[:2]) or real(*a, **k))
+    real = loaders.get_dataset
+    monkeypatch.setattr(loaders, "get_dataset", lambda *a, **k: reads.append(a[:2]) or real(*a, **k))
     second = run(1)
     assert first.outcome == second.outcome == Outcome.SUCCEEDED
     assert "validation/accuracy" in second.final_metrics and "train/accuracy" in second.final_metrics
