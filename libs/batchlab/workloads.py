@@ -24,6 +24,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from batchlab.errors import FieldError
+
 __all__ = [
     "DECLARATIONS",
     "HyperparameterError",
@@ -74,7 +76,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-class HyperparameterError(ValueError):
+class HyperparameterError(FieldError):
     """A workload hyperparameter is unknown, of the wrong kind or out of range.
 
     Servers map it to INVALID_ARGUMENT naming ``field_path`` (batchlab.rpc.errors.status_for).
@@ -83,11 +85,6 @@ class HyperparameterError(ValueError):
       field_path: e.g. "workload.bn_momentum".
       reason: what is wrong and what is expected.
     """
-
-    def __init__(self, field_path: str, reason: str):
-        super().__init__(f"{field_path}: {reason}" if field_path else reason)
-        self.field_path = field_path
-        self.reason = reason
 
 
 def metrics_of_kind(kind: str) -> frozenset[str]:

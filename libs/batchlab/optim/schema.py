@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchlab.errors import FieldError
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
@@ -31,13 +33,8 @@ __all__ = [
 GROUP_NAMES = ("weights", "bias_bn")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value, with the dotted path of the offending field."""
-
-    def __init__(self, field_path: str, reason: str):
-        super().__init__(f"{field_path}: {reason}")
-        self.field_path = field_path
-        self.reason = reason
+class ConfigError(FieldError):
+    """An invalid optimizer configuration value, with the dotted path of the offending field."""
 
 
 @dataclass(frozen=True)

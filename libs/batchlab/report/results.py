@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.errors import FieldError
 from batchlab.search.compare import Arm
 from batchlab.search.protocol import ProtocolError, RunRecord
 from batchlab.search.scoring import (
@@ -50,6 +51,7 @@ from batchlab.targets import Goal, Outcome, Target, TargetReading
 
 __all__ = [
     "Experiment",
+    "ResultsFileError",
     "Run",
     "StudyGroup",
     "StudyInfo",
@@ -137,6 +139,21 @@ def train_metric_name(metric: str) -> str | None:
     return None
 
 
+class ResultsFileError(FieldError):
+    """A stored results file that does not hold what it should, naming the file and the field.
+
+    Args:
+      file: the file's path.
+      field_path: the field inside it, dotted.
+      reason: what is wrong.
+    """
+
+    def __init__(self, file: Path | str, field_path: str, reason: str):
+        super().__init__(field_path, reason)
+        self.file = str(file)
+        self.args = (f"{file}: {field_path}: {reason}",)
+
+
 class _Reader:
     """Reads one JSON file; every error names the file and the field path."""
 
@@ -157,8 +174,8 @@ class _Reader:
         except UnicodeDecodeError as error:
             raise ValueError(f"{self.path}: not UTF-8 text ({error})") from error
 
-    def error(self, field: str, message: str) -> ValueError:
-        return ValueError(f"{self.path}: {field}: {message}")
+    def error(self, field: str, message: str) -> ResultsFileError:
+        return ResultsFileError(self.path, field, message)
 
     def get(self, data: Any, field: str, kind: type | tuple[type, ...], *,
             optional: bool = False, default: Any = None) -> Any:

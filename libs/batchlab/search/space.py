@@ -21,13 +21,14 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from batchlab.errors import FieldError
 from batchlab.limits import shorten
 
 PATH_ROOTS = ("optimizer", "workload")
 _PATH_RE = re.compile(r"^(optimizer|workload)(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """An invalid experiment spec or search space, naming the offending field.
 
     `field_path` is the first problem's path in the spec (e.g.
@@ -42,10 +43,11 @@ class SpecError(ValueError):
 
     def __init__(self, field_path: str, message: str,
                  problems: Sequence[tuple[str, str]] = ()) -> None:
-        self.field_path = field_path
-        self.message = message
         self.problems: tuple[tuple[str, str], ...] = tuple(problems) or ((field_path, message),)
-        super().__init__("\n".join(_format_problem(p, m) for p, m in self.problems))
+        super().__init__(field_path, message)
+        self.message = message
+        # Every problem, one per line (FieldError's message names the first only).
+        self.args = ("\n".join(_format_problem(p, m) for p, m in self.problems),)
 
     @classmethod
     def from_problems(cls, problems: Sequence[tuple[str, str]]) -> SpecError:
