@@ -91,7 +91,13 @@ from batchlab.proto.v1 import (
     evaluation_pb2_grpc,
 )
 from batchlab.rpc.client import StartupError, channel, peer_address
-from batchlab.rpc.server import Registration, build_server, configure_logging
+from batchlab.rpc.server import (
+    Registration,
+    build_server,
+    configure_logging,
+    env_port,
+    settings_from_env,
+)
 from batchlab.runner.local_ray import LOCAL_RAY_ENV, ensure_local_ray
 from services.controller.backups import BackupScheduler
 from services.controller.evaluations import EvaluationDriver
@@ -238,10 +244,15 @@ class ControllerConfig:
         # The evaluation service is a required peer (a missing address is a startup error),
         # unless in-process evaluation is asked for explicitly.
         evaluator = peer_address("evaluator", environ=env) if evaluation == "service" else ""
+        # What every server reads (interface, ports, token, grace), read as every server does;
+        # the controller alone stays on loopback unless told otherwise.
+        server = settings_from_env("controller", default_port=DEFAULT_PORT,
+                                   default_metrics_port=DEFAULT_METRICS_PORT,
+                                   default_host="127.0.0.1", environ=env)
         return cls(
-            host=env.get("BATCHLAB_BIND_HOST", "").strip() or "127.0.0.1",
-            port=_int(env, "BATCHLAB_CONTROLLER_PORT", DEFAULT_PORT),
-            metrics_port=_int(env, "BATCHLAB_METRICS_PORT", DEFAULT_METRICS_PORT),
+            host=server.host,
+            port=server.port,
+            metrics_port=server.metrics_port,
             state_dir=env.get("BATCHLAB_STATE_DIR", "").strip() or DEFAULT_STATE_DIR,
             advertised_address=env.get("BATCHLAB_CONTROLLER_ADDR", "").strip(),
             ray_address=env.get("BATCHLAB_RAY_ADDRESS", "").strip(),
@@ -258,10 +269,11 @@ class ControllerConfig:
             workloads=tuple(w.strip() for w in workloads.split(",") if w.strip())
             if workloads else None,
             report_interval_s=_float(env, "BATCHLAB_REPORT_INTERVAL_SECONDS", 2.0),
-            auth_token=env.get("BATCHLAB_AUTH_TOKEN", "") or "",
-            trainer_metrics_port=int(trainer_metrics) if trainer_metrics else None,
+            auth_token=server.auth_token or "",
+            trainer_metrics_port=(env_port("BATCHLAB_TRAINER_METRICS_PORT", 0, env)
+                                  if trainer_metrics else None),
             trainer_metrics_host=env.get("BATCHLAB_TRAINER_METRICS_HOST", "").strip(),
-            grace_s=_float(env, "BATCHLAB_SHUTDOWN_GRACE_SECONDS", 10.0),
+            grace_s=server.grace,
             backup_interval_s=_float(env, "BATCHLAB_DB_BACKUP_INTERVAL_SECONDS", 3600.0),
             backups_kept=_int(env, "BATCHLAB_DB_BACKUPS_KEPT", 5, 1),
             evaluator_address=evaluator,

@@ -661,7 +661,12 @@ class ServerSettings:
     grace: float
 
 
-def _env_port(name: str, default: int, environ: Mapping[str, str]) -> int:
+def env_port(name: str, default: int, environ: Mapping[str, str]) -> int:
+    """The port number in variable ``name`` (0-65535), ``default`` when it is unset or empty.
+
+    Raises:
+      ValueError: naming the variable, when its value is not a port number.
+    """
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -671,6 +676,7 @@ def _env_port(name: str, default: int, environ: Mapping[str, str]) -> int:
 
 
 def settings_from_env(name: str, *, default_port: int, default_metrics_port: int | None = None,
+                      default_host: str = DEFAULT_BIND_HOST,
                       environ: Mapping[str, str] | None = None) -> ServerSettings:
     """Reads a service's server settings from the environment.
 
@@ -679,6 +685,7 @@ def settings_from_env(name: str, *, default_port: int, default_metrics_port: int
       default_port: gRPC port when the variable is unset.
       default_metrics_port: metrics port when ``BATCHLAB_METRICS_PORT`` is unset; defaults
         to the role's port in ``batchlab.rpc.metrics.METRICS_PORTS``.
+      default_host: interface to bind when ``BATCHLAB_BIND_HOST`` is unset.
       environ: mapping to read (``os.environ`` by default).
 
     Returns:
@@ -702,9 +709,9 @@ def settings_from_env(name: str, *, default_port: int, default_metrics_port: int
     if not grace >= 0:
         raise ValueError(f"{SHUTDOWN_GRACE_ENV} must be >= 0; got {raw_grace!r}")
     return ServerSettings(
-        host=environ.get(BIND_HOST_ENV, "").strip() or DEFAULT_BIND_HOST,
-        port=_env_port(port_env, default_port, environ),
-        metrics_port=_env_port(METRICS_PORT_ENV, default_metrics_port, environ),
+        host=environ.get(BIND_HOST_ENV, "").strip() or default_host,
+        port=env_port(port_env, default_port, environ),
+        metrics_port=env_port(METRICS_PORT_ENV, default_metrics_port, environ),
         auth_token=environ.get(AUTH_TOKEN_ENV) or None,
         grace=grace,
     )

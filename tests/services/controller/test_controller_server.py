@@ -133,3 +133,27 @@ def test_cancel_stops_running_trainers(controller):
         assert {t.outcome for t in trials} == {common_pb2.CANCELLED}
         # Stopped early, after a checkpoint, not at the end of the 2,000-step budget.
         assert all(0 < t.step < 2000 for t in trials)
+
+
+def test_the_controller_reads_the_common_server_settings_as_every_server_does():
+    """Interface, ports, token and grace through batchlab.rpc.server.settings_from_env; the
+    controller alone defaults to loopback."""
+    from services.controller.server import ControllerConfig
+
+    base = {"BATCHLAB_EVALUATION": "in-process"}
+    config = ControllerConfig.from_env(base)
+    assert (config.host, config.port, config.metrics_port, config.auth_token, config.grace_s) == (
+        "127.0.0.1", 50051, 9101, "", 10.0)
+    config = ControllerConfig.from_env({**base, "BATCHLAB_BIND_HOST": "0.0.0.0",
+                                        "BATCHLAB_CONTROLLER_PORT": "7000",
+                                        "BATCHLAB_AUTH_TOKEN": "t",
+                                        "BATCHLAB_SHUTDOWN_GRACE_SECONDS": "3",
+                                        "BATCHLAB_TRAINER_METRICS_PORT": "9300"})
+    assert (config.host, config.port, config.auth_token, config.grace_s,
+            config.trainer_metrics_port) == ("0.0.0.0", 7000, "t", 3.0, 9300)
+    for variable, value in [("BATCHLAB_CONTROLLER_PORT", "99999"),
+                            ("BATCHLAB_METRICS_PORT", "-1"),
+                            ("BATCHLAB_TRAINER_METRICS_PORT", "abc"),
+                            ("BATCHLAB_SHUTDOWN_GRACE_SECONDS", "soon")]:
+        with pytest.raises(ValueError, match=variable):
+            ControllerConfig.from_env({**base, variable: value})
