@@ -35,7 +35,7 @@ run: setup ## run the main job on the embedded default
 	$(PY) -m batchlab.cli demo --out results/demo
 
 test: setup ## run the test suite (two workers: the system tests on one, the rest beside them)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/
 	$(PY) -m benchmarks.run --out benchmarks/results
