@@ -5,37 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_spec import TINY
 
 from batchlab.runner import ResultStore, run_experiment
 from batchlab.search import SpecError, expand_studies, load_spec
 from batchlab.train.workloads import workload_names
 
 ROOT = Path(__file__).resolve().parents[2]
-
-TINY = {
-    "name": "tiny",
-    "search_seed": 3,
-    "trials_per_study": 2,
-    "max_total_trials": 3,
-    "seeds_per_best": 1,
-    "selection": "BEST_VALIDATION_METRIC",
-    "workloads": [
-        {
-            "workload": "mnist1d_resnet1d_small",
-            "target": {"metric": "validation/accuracy", "value": 0.3, "goal": "MAXIMIZE"},
-            "eval_every_steps": 10,
-            "points": [{"batch_size": 32, "step_budget": 20}],
-        }
-    ],
-    "optimizers": [
-        {
-            "name": "nesterov",
-            "config": {"optimizer": "nesterov", "learning_rate": {"schedule": "cosine", "peak_value": 0.1}},
-            "search_space": {"parameters": [{"path": "optimizer.learning_rate.peak_value", "log": {"min": 0.01, "max": 1.0}}]},
-        }
-    ],
-}
-
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_spec_validates_with_known_workloads(path):

@@ -3,46 +3,24 @@ and the small spec the controller tests share."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tiny_spec import TINY, tiny_spec
+from tiny_spec import WORKLOAD as WORKLOAD  # re-exported: the controller tests name it
+
 from batchlab.search.study import Goal
 from services.controller.pool import Dispatch, Finished, Lease, TrainerPool, resource_shape
 
-WORKLOAD = "mnist1d_resnet1d_small"
-
-SPEC: dict[str, Any] = {
-    "name": "tiny",
-    "search_seed": 3,
-    "trials_per_study": 2,
-    "max_total_trials": 3,
-    "seeds_per_best": 1,
-    "selection": "BEST_VALIDATION_METRIC",
-    "workloads": [{
-        "workload": WORKLOAD,
-        "target": {"metric": "validation/accuracy", "value": 0.3, "goal": "MAXIMIZE"},
-        "eval_every_steps": 10,
-        "points": [{"batch_size": 32, "step_budget": 20}],
-    }],
-    "optimizers": [{
-        "name": "nesterov",
-        "config": {"optimizer": "nesterov",
-                   "learning_rate": {"schedule": "cosine", "peak_value": 0.1}},
-        "search_space": {"parameters": [
-            {"path": "optimizer.learning_rate.peak_value", "log": {"min": 0.01, "max": 1.0}}]},
-    }],
-}
+SPEC = TINY
 
 
 def spec_dict(**overrides: Any) -> dict[str, Any]:
-    """A deep copy of SPEC with top-level fields replaced."""
-    spec = copy.deepcopy(SPEC)
-    spec.update(overrides)
-    return spec
+    """A deep copy of the shared tiny spec with top-level fields replaced."""
+    return tiny_spec(**overrides)
 
 
 def request_of(assignment) -> dict[str, Any]:
