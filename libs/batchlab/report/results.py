@@ -1,4 +1,4 @@
-"""A typed, read-only view of an experiment's stored results, for tables and figures.
+"""Loading an experiment's stored results into the typed, read-only view of batchlab.report.views.
 
 Reports are built only from what a runner stored, so any experiment (finished or still running)
 can be reported again at any time:
@@ -21,21 +21,32 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
-from batchlab.errors import FieldError
-from batchlab.search.compare import Arm
-from batchlab.search.protocol import ProtocolError, RunRecord
+from batchlab.report.reader import (
+    Reader,
+    ResultsFileError,
+    freeze,
+    spec_get,
+    stored_number,
+    stored_steps,
+    thaw,
+)
+from batchlab.report.views import (
+    Experiment,
+    Run,
+    StudyGroup,
+    StudyInfo,
+    StudyResult,
+    train_metric_name,
+)
+from batchlab.search.protocol import ProtocolError
 from batchlab.search.scoring import (
     Effort,
     MetricSummary,
@@ -43,9 +54,8 @@ from batchlab.search.scoring import (
     StudyScore,
     TuningTrial,
     score_study,
-    summarize_metric,
 )
-from batchlab.search.space import SearchSpace, SpecError, parse_search_space
+from batchlab.search.space import SpecError
 from batchlab.search.study import Study
 from batchlab.targets import Goal, Outcome, Target, TargetReading
 
@@ -68,592 +78,6 @@ log = logging.getLogger(__name__)
 _RUN_FILE = re.compile(r"^t(\d+)_r(\d+)_a(\d+)\.json$")
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _freeze(value: Any) -> Any:
-    """Deep read-only copy: mappings become MappingProxyType, lists become tuples."""
-    if isinstance(value, Mapping):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    """Plain dicts and lists again (for code that wants mutable JSON data)."""
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_thaw(v) for v in value]
-    return value
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def spec_get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
-    """A spec field by its proto name, or its protobuf JSON (lowerCamelCase) name."""
-    if name in mapping:
-        return mapping[name]
-    return mapping.get(_camel(name), default)
-
-
-def _number(value: Any) -> float:
-    """A stored number as float: null -> NaN, "inf"/"-inf"/"nan" strings -> their float."""
-    if value is None:
-        return math.nan
-    if isinstance(value, bool):
-        raise TypeError(f"expected a number, got {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and value.lower() in ("inf", "-inf", "+inf", "nan", "infinity",
-                                                     "-infinity"):
-        return float(value)
-    raise TypeError(f"expected a number, got {value!r}")
-
-
-def _steps(value: Any) -> float:
-    """A stored steps-to-target: null or "inf" -> math.inf (never reached)."""
-    if value is None:
-        return math.inf
-    number = _number(value)
-    if math.isnan(number) or number < 0:
-        raise TypeError(f"expected steps >= 0, null or \"inf\", got {value!r}")
-    return number
-
-
-def train_metric_name(metric: str) -> str | None:
-    """The train counterpart of a validation metric ("validation/x" -> "train/x").
-
-    Args:
-      metric: a metric name such as "validation/accuracy" or "validation/mlm_accuracy".
-
-    Returns:
-      The train metric name, or None when the metric is not a "validation/" one.
-    """
-    if metric.startswith("validation/"):
-        return "train/" + metric.removeprefix("validation/")
-    return None
-
-
-class ResultsFileError(FieldError):
-    """A stored results file that does not hold what it should, naming the file and the field.
-
-    Args:
-      file: the file's path.
-      field_path: the field inside it, dotted.
-      reason: what is wrong.
-    """
-
-    def __init__(self, file: Path | str, field_path: str, reason: str):
-        super().__init__(field_path, reason)
-        self.file = str(file)
-        self.args = (f"{file}: {field_path}: {reason}",)
-
-
-class _Reader:
-    """Reads one JSON file; every error names the file and the field path."""
-
-    def __init__(self, path: Path, root: Path):
-        self.path = path
-        try:
-            self.name = str(path.relative_to(root))
-        except ValueError:
-            self.name = str(path)
-
-    def load(self) -> Any:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: missing (expected a results file)")
-        try:
-            return json.loads(self.path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{self.path}: not valid JSON ({error})") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{self.path}: not UTF-8 text ({error})") from error
-
-    def error(self, field: str, message: str) -> ResultsFileError:
-        return ResultsFileError(self.path, field, message)
-
-    def get(self, data: Any, field: str, kind: type | tuple[type, ...], *,
-            optional: bool = False, default: Any = None) -> Any:
-        """data[field's last part], checked against kind (field is a dotted path for errors)."""
-        key = field.rsplit(".", 1)[-1]
-        if not isinstance(data, Mapping):
-            parent = field.rsplit(".", 1)[0] if "." in field else "(top level)"
-            raise self.error(parent, f"must be a mapping, got {type(data).__name__}")
-        if key not in data or data[key] is None:
-            if optional:
-                return default
-            raise self.error(field, "missing")
-        value = data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if int in kinds and float not in kinds and isinstance(value, float) \
-                and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
-        return value
-
-    def number(self, data: Mapping[str, Any], field: str, *, optional: bool = False) -> float:
-        key = field.rsplit(".", 1)[-1]
-        if key not in data and optional:
-            return math.nan
-        if key not in data:
-            raise self.error(field, "missing")
-        try:
-            return _number(data[key])
-        except TypeError as error:
-            raise self.error(field, str(error)) from None
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    names = {dict: "a mapping", Mapping: "a mapping", list: "a list", str: "a string",
-             int: "an integer", float: "a number", bool: "true or false"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-# ----------------------------------------------------------------------------- the view
-
-
-@dataclass(frozen=True)
-class StudyInfo:
-    """A study as experiment.json describes it.
-
-    Args:
-      id: the study id, f"{workload}.{optimizer}.b{batch_size}.s{step_budget}".
-      workload: the workload name.
-      optimizer: the spec's optimizer label (e.g. "lars_pipeline").
-      optimizer_config: the label's base optimizer config (read-only).
-      batch_size: examples per step.
-      step_budget: training steps per run.
-      eval_every_steps: evaluation period (resolution of steps-to-target).
-      target: the target metric, value, goal, reading and margins.
-      group_id: the id shared by the study's search replicates (the id without ".r<k>").
-      replicate: the study's search replicate.
-      eval_every_examples: the evaluation period in examples when the spec gave it so, else 0.
-    """
-
-    id: str
-    workload: str
-    optimizer: str
-    optimizer_config: Mapping[str, Any]
-    batch_size: int
-    step_budget: int
-    eval_every_steps: int
-    target: Target
-    group_id: str = ""
-    replicate: int = 0
-    eval_every_examples: int = 0
-
-    @property
-    def resolution_examples(self) -> int:
-        """Examples between two evaluations: the resolution of steps-to-target in examples."""
-        return self.eval_every_steps * self.batch_size
-
-    @property
-    def point(self) -> tuple[str, int, int]:
-        """(workload, batch size, step budget): the studies compared side by side."""
-        return (self.workload, self.batch_size, self.step_budget)
-
-    @property
-    def weights_optimizer(self) -> str:
-        """The optimizer applied to the weights (the whole model for a single group)."""
-        return _group_optimizer(self.optimizer_config, "weights")
-
-    @property
-    def bias_bn_optimizer(self) -> str:
-        """The optimizer applied to biases and batch-norm parameters (Table 4's 2nd column)."""
-        return _group_optimizer(self.optimizer_config, "bias_bn")
-
-    @property
-    def train_metric(self) -> str | None:
-        """The train counterpart of the target metric, or None."""
-        return train_metric_name(self.target.metric)
-
-
-def _group_optimizer(config: Mapping[str, Any], group: str) -> str:
-    if "optimizer" in config:
-        return str(config["optimizer"])
-    part = config.get(group)
-    if isinstance(part, Mapping) and "optimizer" in part:
-        return str(part["optimizer"])
-    return "?"
-
-
-@dataclass(frozen=True)
-class Run:
-    """One stored run attempt (request and result).
-
-    Args:
-      path: the file it was read from.
-      study_id: its study.
-      kind: "tuning" or "rerun".
-      trial_index: the trial whose hyperparameters it used.
-      replica: 0 for the tuning run, 1.. for reruns.
-      seed: the run seed.
-      attempt: 1 for the first attempt, 2.. for retries.
-      hyperparameters: {"optimizer": config, "workload": overrides} (read-only).
-      outcome: SUCCEEDED, DIVERGED, FAILED or CANCELLED; None while the run has no result.
-      steps_completed: training steps the attempt ran.
-      curve: the evaluations, one read-only mapping per point (metric -> value, with "step").
-      steps_to_target: the first evaluation step meeting the target; math.inf if never.
-      diverged_step: the step at which it diverged, if it did.
-      error: the error message of a FAILED attempt.
-      final_metrics: metrics at the end of training (NaN for a stored null).
-      wall_time_s: wall-clock seconds of the attempt (NaN if not stored).
-      examples_per_second: training throughput (NaN if not stored).
-      failure: why a FAILED or CANCELLED attempt ended, as the controller records it ("RUN",
-        "INFRASTRUCTURE", "CONTROLLER", "UNSCHEDULABLE"); None when not recorded.
-      counted: whether the attempt counts toward max_attempts (attempts lost to a controller
-        restart or a lost cluster link do not).
-    """
-
-    path: Path
-    study_id: str
-    kind: str
-    trial_index: int
-    replica: int
-    seed: int
-    attempt: int
-    hyperparameters: Mapping[str, Any]
-    outcome: Outcome | None
-    steps_completed: int
-    curve: tuple[Mapping[str, float], ...]
-    steps_to_target: float
-    diverged_step: int | None
-    error: str | None
-    final_metrics: Mapping[str, float]
-    wall_time_s: float
-    examples_per_second: float
-    failure: str | None = None
-    counted: bool = True
-
-    @property
-    def has_result(self) -> bool:
-        """Whether the attempt ended as a result (SUCCEEDED or DIVERGED)."""
-        return self.outcome in (Outcome.SUCCEEDED, Outcome.DIVERGED)
-
-    def series(self, metric: str) -> tuple[list[float], list[float]]:
-        """The (steps, values) of a metric along the stored curve; points without it are skipped.
-
-        Args:
-          metric: a curve key, e.g. "validation/accuracy" or "learning_rate".
-        """
-        steps: list[float] = []
-        values: list[float] = []
-        for point in self.curve:
-            if metric in point and "step" in point:
-                steps.append(point["step"])
-                values.append(point[metric])
-        return steps, values
-
-    def to_record(self) -> RunRecord:
-        """This attempt as a protocol RunRecord (for scoring an unfinished study).
-
-        Raises:
-          ValueError: the attempt has no outcome yet.
-        """
-        if self.outcome is None:
-            raise ValueError(f"{self.path}: result: missing (the run has not finished)")
-        return RunRecord(trial_index=self.trial_index, seed=self.seed, outcome=self.outcome,
-                         final_metrics=dict(self.final_metrics),
-                         steps_to_target=self.steps_to_target, steps_run=self.steps_completed,
-                         curve=self.curve)
-
-
-@dataclass(frozen=True)
-class StudyResult:
-    """A study with its runs and its score.
-
-    Args:
-      info: the study as experiment.json describes it.
-      runs: its stored run attempts, ordered by (trial, replica, attempt).
-      score: the stored score (studies/<id>.json), or one computed from the runs, or None.
-      stored: whether the score was read from studies/<id>.json (the study finished).
-      note: why the score is missing or provisional ("" for a stored score).
-    """
-
-    info: StudyInfo
-    runs: tuple[Run, ...]
-    score: StudyScore | None
-    stored: bool
-    note: str = ""
-
-    @property
-    def id(self) -> str:
-        """The study id."""
-        return self.info.id
-
-    @property
-    def done(self) -> bool:
-        """Whether the score is final."""
-        return self.score is not None and self.score.done
-
-    @property
-    def best_trial(self) -> int | None:
-        """The selected trial, once tuning is complete."""
-        return None if self.score is None else self.score.best_trial
-
-    def tuning_runs(self) -> tuple[Run, ...]:
-        """Tuning attempts (replica 0), every attempt included."""
-        return tuple(r for r in self.runs if r.kind == "tuning")
-
-    def scored_runs(self) -> tuple[Run, ...]:
-        """The finished runs the score is over: reruns of the best trial with a result.
-
-        When the study has no reruns of its best trial but a best trial (seeds_per_best 0),
-        the best trial's tuning run, as scoring does.
-        """
-        best = self.best_trial
-        if best is None:
-            return ()
-        reruns = tuple(r for r in self.runs
-                       if r.trial_index == best and r.kind == "rerun" and r.has_result)
-        if reruns:
-            return tuple(sorted(reruns, key=lambda r: r.replica))
-        # No rerun has a result, yet the score counts a finished seed: seeds_per_best is 0
-        # and the score is over the best trial's tuning run.
-        if self.score is not None and self.score.seeds.finished > 0:
-            return tuple(r for r in self.runs
-                         if r.trial_index == best and r.kind == "tuning" and r.has_result)
-        return ()
-
-    def feasible_scored_runs(self) -> tuple[Run, ...]:
-        """Scored runs that succeeded with a finite target metric (the metric statistics')."""
-        metric = self.info.target.metric
-        return tuple(r for r in self.scored_runs()
-                     if r.outcome is Outcome.SUCCEEDED
-                     and math.isfinite(r.final_metrics.get(metric, math.nan)))
-
-    def final_values(self, metric: str) -> list[float]:
-        """A metric's final value of each feasible scored run (NaN where it was not stored).
-
-        Args:
-          metric: a final_metrics key.
-        """
-        return [r.final_metrics.get(metric, math.nan) for r in self.feasible_scored_runs()]
-
-    def train_summary(self) -> MetricSummary | None:
-        """The train counterpart of the target metric over the feasible scored runs, or None."""
-        name = self.info.train_metric
-        if name is None:
-            return None
-        return summarize_metric(v for v in self.final_values(name) if math.isfinite(v))
-
-    def best_run(self) -> Run | None:
-        """A run with the best trial's hyperparameters: its tuning run, else its first rerun."""
-        best = self.best_trial
-        if best is None:
-            return None
-        candidates = [r for r in self.runs if r.trial_index == best and r.has_result]
-        candidates.sort(key=lambda r: (r.replica, r.attempt))
-        return candidates[0] if candidates else None
-
-
-@dataclass(frozen=True)
-class StudyGroup:
-    """One optimizer at one point: its studies, one per search replicate.
-
-    Args:
-      label: the optimizer label.
-      studies: the replicates, in replicate order.
-    """
-
-    label: str
-    studies: tuple[StudyResult, ...]
-
-    @property
-    def info(self) -> StudyInfo:
-        """The first replicate's description (the point, target and configs are shared)."""
-        return self.studies[0].info
-
-    @property
-    def done(self) -> bool:
-        """Whether every replicate's score is final."""
-        return all(s.done for s in self.studies)
-
-    def seed_summaries(self) -> list[SeedSummary]:
-        """Each scored replicate's seed summary."""
-        return [s.score.seeds for s in self.studies if s.score is not None]
-
-    def arm(self, *, steps: bool = False) -> Arm:
-        """The seeds of every replicate, as one side of a comparison.
-
-        Args:
-          steps: compare steps-to-target (inf when not reached) instead of the final metric
-            (for studies whose runs stop at the target).
-        """
-        summaries = self.seed_summaries()
-        values = tuple(tuple(x.steps if steps else x.values) for x in summaries)
-        return Arm(self.label, values, tuple(tuple(x.reached) for x in summaries))
-
-    def train_arm(self) -> Arm | None:
-        """The seeds' final train metric (the target's train counterpart), as a comparison arm.
-
-        A seed that diverged counts at the worst value, as for the target metric; None when the
-        target metric has no train counterpart.
-        """
-        name = self.info.train_metric
-        if name is None:
-            return None
-        worst = self.info.target.worst_value()
-        values, reached = [], []
-        for study in self.studies:
-            runs = study.scored_runs()
-            numbers = [r.final_metrics.get(name, math.nan) if r.outcome is Outcome.SUCCEEDED
-                       else math.nan for r in runs]
-            values.append(tuple(v if math.isfinite(v) else worst for v in numbers))
-            reached.append(tuple(False for _ in runs))
-        return Arm(self.label, tuple(values), tuple(reached))
-
-    def pooled(self) -> tuple[list[float], list[bool], list[float]]:
-        """(values, reached, steps) of every finished seed, replicates concatenated."""
-        values: list[float] = []
-        reached: list[bool] = []
-        steps: list[float] = []
-        for summary in self.seed_summaries():
-            values += summary.values
-            reached += summary.reached
-            steps += summary.steps
-        return values, reached, steps
-
-    def median_steps_to_target(self) -> float | None:
-        """The median steps-to-target over every finished seed (inf: half or more never)."""
-        steps = self.pooled()[2]
-        return float(np.median(steps)) if steps else None
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """An experiment's stored results.
-
-    Args:
-      path: the results folder.
-      name: the experiment name.
-      spec: the ExperimentSpec as its JSON mapping (read-only).
-      status: "RUNNING", "SUCCEEDED", ... as stored.
-      started_at: ISO timestamp as stored.
-      finished_at: ISO timestamp as stored, or None while running.
-      command: the command that produced the results, as stored.
-      studies: the studies, in experiment.json order.
-      protocol: the protocol's Study of each study id, rebuilt from the stored spec (empty
-        when the stored spec is not valid).
-      code: the code that produced the results as the runner stored it ({"commit", "dirty",
-        "version"}); empty when not stored.
-      sessions: every start of the runner on this folder, oldest first: {"started_at",
-        "code", "runs_before": run files already stored}; empty when not stored.
-    """
-
-    path: Path
-    name: str
-    spec: Mapping[str, Any]
-    status: str
-    started_at: str | None
-    finished_at: str | None
-    command: str
-    studies: tuple[StudyResult, ...]
-    protocol: Mapping[str, Study] = field(default_factory=lambda: MappingProxyType({}))
-    code: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    sessions: tuple[Mapping[str, Any], ...] = ()
-
-    def study(self, study_id: str) -> StudyResult:
-        """The study with this id.
-
-        Args:
-          study_id: the id.
-
-        Raises:
-          KeyError: no such study.
-        """
-        for study in self.studies:
-            if study.id == study_id:
-                return study
-        raise KeyError(f"no study {study_id!r} in {self.path}; known: "
-                       f"{', '.join(s.id for s in self.studies)}")
-
-    def points(self) -> list[tuple[str, int, int]]:
-        """The (workload, batch size, step budget) points, in order of first appearance."""
-        return list(dict.fromkeys(s.info.point for s in self.studies))
-
-    def workloads(self) -> list[str]:
-        """The workloads, in order of first appearance."""
-        return list(dict.fromkeys(s.info.workload for s in self.studies))
-
-    def optimizers(self) -> list[str]:
-        """The optimizer labels in spec order (then any others in order of appearance)."""
-        labels = [str(spec_get(o, "name")) for o in spec_get(self.spec, "optimizers", ())
-                  if isinstance(o, Mapping)]
-        labels += [s.info.optimizer for s in self.studies]
-        return list(dict.fromkeys(labels))
-
-    def at_point(self, workload: str, batch_size: int, step_budget: int) -> list[StudyResult]:
-        """The studies of one (workload, batch size, step budget), in optimizer order.
-
-        Args:
-          workload: the workload name.
-          batch_size: examples per step.
-          step_budget: training steps.
-        """
-        order = {label: i for i, label in enumerate(self.optimizers())}
-        found = [s for s in self.studies if s.info.point == (workload, batch_size, step_budget)]
-        return sorted(found, key=lambda s: order[s.info.optimizer])
-
-    def groups_at_point(self, workload: str, batch_size: int,
-                        step_budget: int) -> list[StudyGroup]:
-        """The optimizers of one point, each with its search replicates, in optimizer order.
-
-        Args:
-          workload: the workload name.
-          batch_size: examples per step.
-          step_budget: training steps.
-        """
-        groups: dict[str, list[StudyResult]] = {}
-        for study in self.at_point(workload, batch_size, step_budget):
-            groups.setdefault(study.info.optimizer, []).append(study)
-        return [StudyGroup(label, tuple(sorted(found, key=lambda s: s.info.replicate)))
-                for label, found in groups.items()]
-
-    def replicates(self) -> int:
-        """The most search replicates of any optimizer at any point (1 without replicates)."""
-        return max((s.info.replicate + 1 for s in self.studies), default=1)
-
-    def search_space(self, optimizer: str) -> SearchSpace | None:
-        """The search space of an optimizer label from the stored spec (None if unreadable).
-
-        Args:
-          optimizer: the optimizer label.
-        """
-        for entry in spec_get(self.spec, "optimizers", ()):
-            if isinstance(entry, Mapping) and spec_get(entry, "name") == optimizer:
-                try:
-                    return parse_search_space(_thaw(spec_get(entry, "search_space")))
-                except SpecError as error:
-                    log.warning("search space of %s unreadable: %s", optimizer, error)
-                    return None
-        return None
-
-    def search_paths(self, optimizer: str) -> list[str]:
-        """The tuned (non-fixed) search-space paths of an optimizer label, in spec order.
-
-        Args:
-          optimizer: the optimizer label.
-        """
-        space = self.search_space(optimizer)
-        return [] if space is None else [p.path for p in space.parameters if p.tuned]
-
-    def run_count(self) -> int:
-        """Run files read, over every study."""
-        return sum(len(s.runs) for s in self.studies)
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
 def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
     """Rebuild a StudyScore from its to_dict() form ("inf" strings, nulls for no data).
 
@@ -664,7 +88,7 @@ def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
       KeyError, TypeError: a field is missing or has the wrong type.
     """
     def opt(value: Any) -> float | None:
-        return None if value is None else _number(value)
+        return None if value is None else stored_number(value)
 
     seeds = dict(data["seeds"])
     metric = dict(seeds.pop("metric"))
@@ -673,13 +97,13 @@ def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
     summary = MetricSummary(**metric)
     for key in ("fraction_reaching_target", "median_steps_to_target"):
         seeds[key] = opt(seeds.get(key))
-    seeds["values"] = tuple(_number(v) for v in seeds.get("values", ()))
+    seeds["values"] = tuple(stored_number(v) for v in seeds.get("values", ()))
     seeds["reached"] = tuple(bool(v) for v in seeds.get("reached", ()))
-    seeds["steps"] = tuple(_steps(v) for v in seeds.get("steps", ()))
+    seeds["steps"] = tuple(stored_steps(v) for v in seeds.get("steps", ()))
     seeds["diverged_mask"] = tuple(bool(v) for v in seeds.get("diverged_mask", ()))
     tuning = tuple(
-        TuningTrial(trial_index=int(t["trial_index"]), value=_number(t["value"]),
-                    diverged=bool(t["diverged"]), steps_to_target=_steps(t["steps_to_target"]),
+        TuningTrial(trial_index=int(t["trial_index"]), value=stored_number(t["value"]),
+                    diverged=bool(t["diverged"]), steps_to_target=stored_steps(t["steps_to_target"]),
                     counted=bool(t["counted"]))
         for t in data.get("tuning", ()))
     return StudyScore(
@@ -703,7 +127,7 @@ def score_from_dict(data: Mapping[str, Any]) -> StudyScore:
     )
 
 
-def _target(reader: _Reader, data: Any, field: str) -> Target:
+def _target(reader: Reader, data: Any, field: str) -> Target:
     metric = reader.get(data, f"{field}.metric", str)
     value = reader.number(data, f"{field}.value")
     if not math.isfinite(value):
@@ -728,14 +152,14 @@ def _target(reader: _Reader, data: Any, field: str) -> Target:
     return Target(metric=metric, value=value, goal=goal, reading=reading, **margins)
 
 
-def _study_info(reader: _Reader, data: Any, field: str) -> StudyInfo:
+def _study_info(reader: Reader, data: Any, field: str) -> StudyInfo:
     if not isinstance(data, Mapping):
         raise reader.error(field, f"must be a mapping, got {data!r}")
     return StudyInfo(
         id=reader.get(data, f"{field}.id", str),
         workload=reader.get(data, f"{field}.workload", str),
         optimizer=reader.get(data, f"{field}.optimizer", str),
-        optimizer_config=_freeze(reader.get(data, f"{field}.optimizer_config", Mapping)),
+        optimizer_config=freeze(reader.get(data, f"{field}.optimizer_config", Mapping)),
         batch_size=reader.get(data, f"{field}.batch_size", int),
         step_budget=reader.get(data, f"{field}.step_budget", int),
         eval_every_steps=reader.get(data, f"{field}.eval_every_steps", int, optional=True,
@@ -750,7 +174,7 @@ def _study_info(reader: _Reader, data: Any, field: str) -> StudyInfo:
     )
 
 
-def _read_run(reader: _Reader, study_id: str) -> Run:
+def _read_run(reader: Reader, study_id: str) -> Run:
     data = reader.load()
     request = reader.get(data, "request", Mapping)
     result = reader.get(data, "result", Mapping, optional=True)
@@ -783,7 +207,7 @@ def _read_run(reader: _Reader, study_id: str) -> Run:
         final = _metrics(reader, reader.get(result, "result.final_metrics", Mapping,
                                             optional=True, default={}), "result.final_metrics")
         try:
-            steps_to_target = _steps(result.get("steps_to_target"))
+            steps_to_target = stored_steps(result.get("steps_to_target"))
         except TypeError as err:
             raise reader.error("result.steps_to_target", str(err)) from None
         diverged_step = reader.get(result, "result.diverged_step", int, optional=True)
@@ -798,7 +222,7 @@ def _read_run(reader: _Reader, study_id: str) -> Run:
         replica=reader.get(request, "request.replica", int),
         seed=reader.get(request, "request.seed", int),
         attempt=reader.get(request, "request.attempt", int, optional=True, default=1),
-        hyperparameters=_freeze(reader.get(request, "request.hyperparameters", Mapping,
+        hyperparameters=freeze(reader.get(request, "request.hyperparameters", Mapping,
                                            optional=True, default={})),
         outcome=outcome,
         steps_completed=steps_completed,
@@ -816,13 +240,13 @@ def _read_run(reader: _Reader, study_id: str) -> Run:
     )
 
 
-def _metrics(reader: _Reader, data: Any, field: str) -> Mapping[str, float]:
+def _metrics(reader: Reader, data: Any, field: str) -> Mapping[str, float]:
     if not isinstance(data, Mapping):
         raise reader.error(field, f"must be a mapping of metric -> number, got {data!r}")
     out: dict[str, float] = {}
     for key, value in data.items():
         try:
-            out[str(key)] = _number(value)
+            out[str(key)] = stored_number(value)
         except TypeError as error:
             raise reader.error(f"{field}.{key}", str(error)) from None
     return MappingProxyType(out)
@@ -852,7 +276,7 @@ def protocol_studies(spec: Mapping[str, Any]) -> dict[str, Study]:
     from batchlab.search.spec import expand_studies  # protobuf, no JAX
 
     try:
-        return {study.id: study for study in expand_studies(_thaw(spec))}
+        return {study.id: study for study in expand_studies(thaw(spec))}
     except SpecError as error:
         log.warning("the stored spec is not a valid spec (%s); studies are not rescored",
                     str(error).splitlines()[0])
@@ -890,10 +314,10 @@ def load_results(results_dir: str | Path) -> Experiment:
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such results folder")
-    reader = _Reader(root / "experiment.json", root)
+    reader = Reader(root / "experiment.json", root)
     data = reader.load()
     name = reader.get(data, "name", str)
-    spec = _freeze(reader.get(data, "spec", Mapping, optional=True, default={}))
+    spec = freeze(reader.get(data, "spec", Mapping, optional=True, default={}))
     status = reader.get(data, "status", str, optional=True, default="UNKNOWN")
     entries = reader.get(data, "studies", list)
     infos = [_study_info(reader, entry, f"studies[{i}]") for i, entry in enumerate(entries)]
@@ -914,11 +338,11 @@ def load_results(results_dir: str | Path) -> Experiment:
     for info in infos:
         folder = runs_root / info.id
         files = sorted(folder.glob("t*_r*_a*.json"), key=_run_order) if folder.is_dir() else []
-        runs = tuple(_read_run(_Reader(path, root), info.id) for path in files)
+        runs = tuple(_read_run(Reader(path, root), info.id) for path in files)
         study_path = root / "studies" / f"{info.id}.json"
         score: StudyScore | None
         if study_path.exists():
-            score = _stored_score(_Reader(study_path, root), info)
+            score = _stored_score(Reader(study_path, root), info)
             studies.append(StudyResult(info, runs, score, stored=True))
         else:
             score, note = _provisional_score(rebuilt.get(info.id), info, runs)
@@ -935,12 +359,12 @@ def load_results(results_dir: str | Path) -> Experiment:
         command=reader.get(data, "command", str, optional=True, default=""),
         studies=tuple(studies),
         protocol=MappingProxyType(rebuilt),
-        code=_freeze(reader.get(data, "code", Mapping, optional=True, default={})),
-        sessions=_freeze(reader.get(data, "sessions", list, optional=True, default=[])),
+        code=freeze(reader.get(data, "code", Mapping, optional=True, default={})),
+        sessions=freeze(reader.get(data, "sessions", list, optional=True, default=[])),
     )
 
 
-def _stored_score(reader: _Reader, info: StudyInfo) -> StudyScore:
+def _stored_score(reader: Reader, info: StudyInfo) -> StudyScore:
     data = reader.load()
     stored = _study_info(reader, reader.get(data, "study", Mapping), "study")
     if stored.id != info.id:
