@@ -424,7 +424,7 @@ class RayTrainerPool(TrainerPool):
 
     Args:
       size: the most trainers alive at once (BATCHLAB_NUM_TRAINERS).
-      settings: services.trainer.actor.TrainerSettings as a mapping (without the name; each
+      settings: a batchlab.v1.TrainerSettings JSON mapping (without the name; each
         trainer gets "trainer-<n>").
       name_prefix: prefix of the trainers' names.
       connected: whether Ray is connected already (else `connected()` is awaited: nothing is

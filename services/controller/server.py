@@ -84,6 +84,8 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
 from batchlab.proto.v1 import (
     checkpoints_pb2_grpc,
     controller_pb2,
@@ -403,7 +405,8 @@ class Controller:
         return self.server.address
 
     def trainer_settings(self) -> dict[str, Any]:
-        """What every trainer actor is given (services.trainer.actor.TrainerSettings)."""
+        """What every trainer actor is given: a batchlab.v1.TrainerSettings as its JSON mapping
+        (the trainer pool adds each trainer's name; services.trainer.actor parses it back)."""
         config = self.config
         checkpoint_dir = config.checkpoint_dir
         if not config.checkpoints_address and not checkpoint_dir and not config.ray_address:
@@ -412,19 +415,21 @@ class Controller:
         if not config.checkpoints_address and not checkpoint_dir:
             log.warning("no BATCHLAB_CHECKPOINTS_ADDR or BATCHLAB_CHECKPOINT_DIR: a retried "
                         "attempt starts from step 0")
-        return {
-            "controller_address": config.advertised_address or self.server.address,
-            "checkpoints_address": config.checkpoints_address,
-            "sharding_address": config.sharding_address,
-            "checkpoint_root": checkpoint_dir,
-            "auth_token": config.auth_token,
-            "data_dir": config.data_dir,
-            "jax_cache_dir": config.jax_cache_dir,
-            "report_interval_s": config.report_interval_s,
-            "metrics_port": config.trainer_metrics_port,
-            "metrics_host": config.trainer_metrics_host or config.host,
-            "example_log_dir": config.example_log_dir,
-        }
+        settings = controller_pb2.TrainerSettings(
+            controller_address=config.advertised_address or self.server.address,
+            checkpoints_address=config.checkpoints_address,
+            sharding_address=config.sharding_address,
+            checkpoint_root=checkpoint_dir,
+            auth_token=config.auth_token,
+            data_dir=config.data_dir,
+            jax_cache_dir=config.jax_cache_dir,
+            report_interval_s=config.report_interval_s,
+            metrics_port=config.trainer_metrics_port,
+            metrics_host=config.trainer_metrics_host or config.host,
+            example_log_dir=config.example_log_dir,
+        )
+        mapping: dict[str, Any] = json_format.MessageToDict(settings, preserving_proto_field_name=True)
+        return mapping
 
     def start(self) -> None:
         """Recover from a previous controller, start scheduling and serving."""

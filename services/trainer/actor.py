@@ -40,7 +40,6 @@ so the controller tells them from runs that failed by themselves.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from google.protobuf import json_format
 
 from batchlab.proto.v1 import controller_pb2
 from batchlab.rpc.client import free_ports
@@ -70,13 +70,13 @@ __all__ = [
     "ProgressReporter",
     "TrainerActor",
     "TrainerInfrastructureError",
-    "TrainerSettings",
     "TrainerWorker",
     "actor_options",
     "build_run_config",
     "parse_assignment",
     "state_digest",
     "tpu_worker_id",
+    "trainer_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,60 +93,20 @@ class TrainerInfrastructureError(RuntimeError):
     infrastructure = True
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainerSettings:
-    """How a trainer reaches the other services and where it keeps files (JSON data).
+def trainer_settings(mapping: Mapping[str, Any] | None) -> controller_pb2.TrainerSettings:
+    """The settings a trainer is given, as batchlab.v1.TrainerSettings (their one declaration).
 
     Args:
-      name: the trainer's name, for logs and the attempt's `worker` field.
-      controller_address: host:port of the ExperimentService (progress reports); "" = none.
-      checkpoints_address: host:port of the CheckpointService; "" = use checkpoint_root.
-      sharding_address: host:port of the ShardingService: it prepares a run's dataset (once)
-        and says what every host reads (the training path); "" = each process computes its
-        shard itself and the data must exist.
-      checkpoint_root: a folder shared by every trainer used when there is no checkpoint
-        service; "" = no durable checkpoints (a retry starts over).
-      auth_token: the bearer token of the services, "" for none.
-      data_dir: the tfds data folder; "" = batchlab.data.default_data_dir().
-      work_dir: local scratch folder for run checkpoints; "" = a temporary folder.
-      jax_cache_dir: JAX's persistent compilation cache; "" = batchlab's default folder
-        (under BATCHLAB_DATA_DIR; BATCHLAB_JAX_CACHE=0 turns it off).
-      report_interval_s: send progress at most this often (the last points always go).
-      metrics_port: serve Prometheus metrics on this port (0 = any free port); None = off.
-      metrics_host: the interface the metrics endpoint binds (the controller passes its own
-        bind host: loopback on a laptop, every interface in a pod).
-      example_log_dir: a folder where each attempt's process appends the example indices of
-        every step it trains (JSON lines, <trial>/a<attempt>-p<process>.jsonl): an audit of
-        what a run read, e.g. to check a resumed run against an undisturbed one; "" = off.
+      mapping: the message's JSON mapping (field names as in the proto), as the controller's
+        trainer pool hands it over; None or {} for every default.
+
+    Raises:
+      ValueError: an unknown key or a value of the wrong kind, naming it.
     """
-
-    name: str = "trainer"
-    controller_address: str = ""
-    checkpoints_address: str = ""
-    sharding_address: str = ""
-    checkpoint_root: str = ""
-    auth_token: str = ""
-    data_dir: str = ""
-    work_dir: str = ""
-    jax_cache_dir: str = ""
-    report_interval_s: float = 2.0
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    example_log_dir: str = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> TrainerSettings:
-        """Settings from a plain mapping; unknown keys are errors naming the key."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"settings: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as plain JSON data."""
-        return dataclasses.asdict(self)
+    try:
+        return json_format.ParseDict(dict(mapping or {}), controller_pb2.TrainerSettings())
+    except json_format.ParseError as error:
+        raise ValueError(f"settings: {error}") from None
 
 
 def actor_options(resources: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -365,11 +325,17 @@ class TrainerWorker:
     """Runs trial attempts; one at a time, while answering `stop` and `info` calls.
 
     Args:
-      settings: TrainerSettings as a mapping.
+      settings: a batchlab.v1.TrainerSettings JSON mapping (see `trainer_settings`).
     """
 
     def __init__(self, settings: Mapping[str, Any] | None = None):
-        self.settings = TrainerSettings.from_dict(settings)
+        self.settings = trainer_settings(settings)
+        self.name = self.settings.name or "trainer"
+        self._metrics_port = (self.settings.metrics_port if self.settings.HasField("metrics_port")
+                              else None)
+        self._metrics_host = self.settings.metrics_host or "127.0.0.1"
+        self._report_interval_s = (self.settings.report_interval_s
+                                   if self.settings.HasField("report_interval_s") else 2.0)
         self._stopped: set[tuple[str, int]] = set()
         self._prepared: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
@@ -387,7 +353,7 @@ class TrainerWorker:
         # concurrently (a half-initialised jax module fails with AttributeErrors).
         import jax  # noqa: F401
         self._start_metrics()
-        log.info("trainer %s ready (pid %d)", self.settings.name, os.getpid())
+        log.info("trainer %s ready (pid %d)", self.name, os.getpid())
 
     # -- setup ------------------------------------------------------------------------------
     def _start_jax(self, threads: int) -> None:
@@ -402,7 +368,7 @@ class TrainerWorker:
             return
         if self._threads is not None:
             error = TrainerInfrastructureError(
-                f"trainer {self.settings.name}: JAX runs here with {self._threads} XLA:CPU "
+                f"trainer {self.name}: JAX runs here with {self._threads} XLA:CPU "
                 f"thread(s) and this run needs {threads} (results depend on the count); the "
                 "run goes to a fresh trainer")
             error.retire_trainer = True
@@ -416,7 +382,7 @@ class TrainerWorker:
             # Started before this trainer (a TrainerWorker inside another program, e.g. a
             # test): its count is whatever that start made it, and cannot change now.
             log.warning("%s: JAX was started in this process before the trainer; its XLA:CPU "
-                        "thread count is not pinned to the run's %d", self.settings.name,
+                        "thread count is not pinned to the run's %d", self.name,
                         threads)
             self._threads = _UNPINNED
             return
@@ -464,7 +430,7 @@ class TrainerWorker:
         return info
 
     def _start_metrics(self) -> None:
-        if self.settings.metrics_port is None:
+        if self._metrics_port is None:
             return
         try:
             from batchlab.rpc.metrics import make_metrics, start_metrics_server
@@ -479,26 +445,26 @@ class TrainerWorker:
             from services.trainer.metrics_exporter import TextfileWriter
 
             self._metrics_writer = TextfileWriter(self._metrics.registry, shared_dir,
-                                                  name=f"{self.settings.name}-{os.getpid()}")
-            log.info("trainer %s metrics in %s", self.settings.name, self._metrics_writer.path)
+                                                  name=f"{self.name}-{os.getpid()}")
+            log.info("trainer %s metrics in %s", self.name, self._metrics_writer.path)
             return
         try:
-            self._metrics_server = start_metrics_server(self.settings.metrics_port,
+            self._metrics_server = start_metrics_server(self._metrics_port,
                                                         self._metrics.registry,
-                                                        addr=self.settings.metrics_host)
+                                                        addr=self._metrics_host)
         except OSError as error:
             # Several trainers on one node: the first gets the port, the others any free one.
             log.warning("metrics port %d busy (%s); using a free port",
-                        self.settings.metrics_port, error)
+                        self._metrics_port, error)
             self._metrics_server = start_metrics_server(0, self._metrics.registry,
-                                                        addr=self.settings.metrics_host)
-        log.info("trainer %s metrics on port %d", self.settings.name, self._metrics_server.port)
+                                                        addr=self._metrics_host)
+        log.info("trainer %s metrics on port %d", self.name, self._metrics_server.port)
 
     # -- small calls ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Who this trainer is: name, host, pid, metrics port, whether a run is in progress."""
         return {
-            "name": self.settings.name,
+            "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "metrics_port": None if self._metrics_server is None else self._metrics_server.port,
@@ -532,7 +498,7 @@ class TrainerWorker:
         """Ask a run attempt (running now or about to start here) to stop (CANCELLED)."""
         with self._lock:
             self._stopped.add((trial, int(attempt)))
-        log.info("%s: stop requested for %s attempt %d", self.settings.name, trial, attempt)
+        log.info("%s: stop requested for %s attempt %d", self.name, trial, attempt)
 
     def coordinator_address(self) -> str:
         """A free host:port on this trainer's node for jax.distributed's coordinator."""
@@ -599,7 +565,7 @@ class TrainerWorker:
         if self._distributed:
             raise RuntimeError("this trainer already joined a distributed run; use a new one")
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"trainer {self.settings.name} is busy")
+            raise RuntimeError(f"trainer {self.name} is busy")
         try:
             # On CPU the collectives need gloo (the default has none across processes).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -608,7 +574,7 @@ class TrainerWorker:
                                        process_id=int(process_id))
             self._start_jax_for(assignment)
             self._distributed = True
-            log.info("%s joined %s as process %d of %d (%d global devices)", self.settings.name,
+            log.info("%s joined %s as process %d of %d (%d global devices)", self.name,
                      coordinator, process_id, num_processes, jax.device_count())
         finally:
             self._busy.release()
@@ -635,7 +601,7 @@ class TrainerWorker:
     def _run(self, assignment: controller_pb2.TrialAssignment, *, process_id: int,
              num_processes: int) -> dict[str, Any]:
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"trainer {self.settings.name} is busy")
+            raise RuntimeError(f"trainer {self.name} is busy")
         try:
             return self._run_locked(assignment, process_id=process_id,
                                     num_processes=num_processes)
@@ -699,7 +665,7 @@ class TrainerWorker:
             shutil.rmtree(local_dir)
         channel_, stub = self._stub() if process_id == 0 else (None, None)
         reporter = ProgressReporter(stub, trial, attempt,
-                                    interval_s=self.settings.report_interval_s)
+                                    interval_s=self._report_interval_s)
         series = None
         if self._metrics is not None and self._metrics.trainer is not None and process_id == 0:
             series = self._metrics.trainer.trial(assignment.experiment_id, assignment.study_id,
@@ -781,7 +747,7 @@ class TrainerWorker:
             config = build_run_config(assignment, data_dir=self.settings.data_dir or None,
                                       checkpoint_dir=str(local_dir))
             log.info("%s: %s attempt %d starts (checkpoint step %s, evaluation %s)",
-                     self.settings.name, trial, attempt, restored,
+                     self.name, trial, attempt, restored,
                      "by the service" if by_service else "in process")
             result = train_and_evaluate(
                 config, on_eval=on_eval, should_stop=should_stop, on_checkpoint=on_checkpoint,
@@ -790,9 +756,9 @@ class TrainerWorker:
                 on_examples=None if example_log is None else example_log.write)
             reporter.flush()
             out = result.to_dict()
-            out["worker"] = self.settings.name
+            out["worker"] = self.name
             out["state_sha256"] = state_digest(result.final_state)
-            log.info("%s: %s attempt %d ended %s at step %d", self.settings.name, trial,
+            log.info("%s: %s attempt %d ended %s at step %d", self.name, trial,
                      attempt, out["outcome"], out["steps_completed"])
             return out
         finally:

@@ -12,7 +12,6 @@ reads BATCHLAB_RAY_ADDRESS: it dials the Ray head's client port.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import re
 from collections.abc import Iterator
@@ -146,9 +145,9 @@ def server_roles() -> dict[str, str]:
 
 def trainer_settings_peers() -> set[str]:
     """Peers whose addresses the controller hands its trainers (TrainerSettings.*_address)."""
-    from services.trainer.actor import TrainerSettings
+    from batchlab.proto.v1 import controller_pb2
 
-    return {f.name.removesuffix("_address") for f in dataclasses.fields(TrainerSettings)
+    return {f.name.removesuffix("_address") for f in controller_pb2.TrainerSettings.DESCRIPTOR.fields
             if f.name.endswith("_address")}
 
 

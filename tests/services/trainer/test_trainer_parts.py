@@ -11,9 +11,9 @@ import pytest
 from batchlab.proto.v1 import controller_pb2
 from services.trainer.actor import (
     ProgressReporter,
-    TrainerSettings,
     TrainerWorker,
     actor_options,
+    trainer_settings,
 )
 from services.trainer.checkpoint_sync import DirectoryCheckpointSync
 
@@ -105,10 +105,34 @@ def test_actor_options_from_resources():
         actor_options({"tpus": 6, "num_hosts": 4})
 
 
-def test_settings_refuse_unknown_keys():
-    assert TrainerSettings.from_dict({"name": "t"}).name == "t"
+def test_settings_are_the_proto_message_and_refuse_unknown_keys_and_wrong_kinds():
+    settings = trainer_settings({"name": "t", "metrics_port": 0})
+    assert settings.name == "t" and settings.HasField("metrics_port") and settings.metrics_port == 0
+    assert not trainer_settings(None).HasField("metrics_port")  # no metrics endpoint
     with pytest.raises(ValueError, match="contoller_address"):
-        TrainerSettings.from_dict({"contoller_address": "x"})
+        trainer_settings({"contoller_address": "x"})
+    with pytest.raises(ValueError, match="metrics_port"):
+        trainer_settings({"metrics_port": "abc"})
+
+
+def test_the_controller_hands_trainers_settings_they_parse(tmp_path):
+    """Both sides read the one declaration: what the controller builds, a trainer accepts."""
+    from services.controller.server import Controller, ControllerConfig
+
+    controller = Controller(ControllerConfig(
+        port=0, metrics_port=None, state_dir=str(tmp_path / "state"), data_dir="/data",
+        report_interval_s=0.5, trainer_metrics_port=9300, workloads=("mnist1d_resnet1d_small",)))
+    try:
+        handed = controller.trainer_settings()
+    finally:
+        controller.stop(grace=0)
+    settings = trainer_settings({**handed, "name": "trainer-0"})
+    assert (settings.data_dir, settings.report_interval_s, settings.metrics_port,
+            settings.metrics_host) == ("/data", 0.5, 9300, "127.0.0.1")
+    assert settings.checkpoint_root.endswith("state/checkpoints")  # a local Ray shares the disk
+    worker = TrainerWorker({**handed, "name": "trainer-0", "metrics_port": None,
+                            "work_dir": str(tmp_path / "w")})
+    assert (worker.name, worker._report_interval_s, worker._metrics_port) == ("trainer-0", 0.5, None)
 
 
 def test_trainer_exports_metrics_of_a_running_trial(tmp_path):
