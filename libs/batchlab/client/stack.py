@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -293,14 +293,20 @@ class Stack:
                     f"(`batchlab up --{service.name}-port PORT`, or "
                     f"{peer_env_var(service.name)}=host:port for `batchlab up` and the clients)")
         taken: set[int] = set()
-        for role, port in self.metrics_ports.items():
-            host = self.hosts.get(role, self.host)
-            if port and role not in self._explicit_metrics and (
-                    port in taken or _port_in_use(host, port)):
-                (free,) = free_ports(1, _dial_host(host))
-                log.info("metrics port %d of %s is in use: using %d", port, role, free)
-                self.metrics_ports[role] = free
+        for role in self.metrics_ports:
+            self._move_busy_metrics_port(role, self.hosts.get(role, self.host), taken)
             taken.add(self.metrics_ports[role])
+
+    def _move_busy_metrics_port(self, role: str, host: str, taken: Collection[int] = ()) -> None:
+        """Give ``role`` a free metrics port when another role or program holds its own; a port
+        given explicitly is kept (the service then says it is taken). Nothing dials a metrics
+        port but the scraper, which the record and `batchlab status` point at."""
+        port = self.metrics_ports[role]
+        if port and role not in self._explicit_metrics and (
+                port in taken or _port_in_use(host, port)):
+            (free,) = free_ports(1, _dial_host(host))
+            log.info("metrics port %d of %s is in use: using %d", port, role, free)
+            self.metrics_ports[role] = free
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -430,15 +436,8 @@ class Stack:
             if info.get("trainer_metrics_port"):
                 self.metrics_ports["trainer"] = int(info["trainer_metrics_port"])
         for service in SERVICES:
-            name = service.name
-            port = self.metrics_ports[name]
-            if (name not in alive and name not in self._explicit_metrics and port
-                    and _port_in_use(self.hosts[name], port)):
-                # Nothing dials a service's metrics port but the scraper, which `batchlab
-                # status` and the record point at: another one serves as well.
-                (free,) = free_ports(1, _dial_host(self.hosts[name]))
-                log.info("metrics port %d of %s is in use now: using %d", port, name, free)
-                self.metrics_ports[name] = free
+            if service.name not in alive:
+                self._move_busy_metrics_port(service.name, self.hosts[service.name])
         for service in SERVICES:
             if service.name not in alive and _port_in_use(self.hosts[service.name],
                                                           self.ports[service.name]):

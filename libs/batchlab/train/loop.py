@@ -337,11 +337,10 @@ class _Run:
             else:
                 # Small enough to hold in memory, and read from disk once per process: every
                 # run of a worker evaluates on the same arrays its training input gathers from.
-                full = bdata.in_memory_split(w.dataset, split, self.data_dir, config=w.dataset_config)
-                source = bdata.in_memory_split(
-                    w.dataset, split, self.data_dir, config=w.dataset_config,
-                    max_examples=min(limit, len(full)) if limit else None,
-                )
+                source = bdata.in_memory_split(w.dataset, split, self.data_dir, config=w.dataset_config)
+                if limit and limit < len(source):
+                    source = bdata.in_memory_split(w.dataset, split, self.data_dir,
+                                                   config=w.dataset_config, max_examples=limit)
             self._eval_sources[split] = source
         preprocess = bdata.imagenet.eval_preprocess if w.dataset == "imagenet2012" else None
         it = bdata.BatchIterator(
