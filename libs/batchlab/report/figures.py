@@ -200,7 +200,8 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     The x axis is log2 (batch sizes), the y axis log. Small dots are the seeds; a median of
     "never" (half the seeds or more never reached the target) and seeds that never reached
     it are drawn as open markers on a "never" row above the largest step budget. A grey
-    dashed line shows each point's step budget, the most steps a run could take.
+    dashed line shows each point's step budget, the most steps a run could take; a dotted
+    line in each optimizer's colour is perfect scaling from its smallest batch size.
 
     Args:
       experiment: the loaded results.
@@ -248,6 +249,10 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
                 never_xs.append(x)
         if xs:
             ax.plot(xs, ys, marker="o", color=colors[label], label=label, zorder=3)
+            if len(xs) > 1:
+                # Perfect scaling from the smallest batch size: twice the batch, half the steps.
+                ax.plot(xs, [ys[0] * xs[0] / x for x in xs], color=colors[label],
+                        linestyle=":", linewidth=1, alpha=0.7, zorder=2)
             plotted = True
         if never_xs:
             ax.scatter(never_xs, [never_y] * len(never_xs), s=60, facecolors="none",
@@ -271,8 +276,8 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
                           for s in experiment.at_point(*p)})
     resolution = (f"resolution {resolutions[0]:,} examples" if len(resolutions) == 1 else
                   f"resolution {resolutions[0]:,}-{resolutions[-1]:,} examples")
-    ax.set_title(f"{workload}: steps to {target.metric} {target.value:g} "
-                 f"(open markers: never; {resolution})", fontsize=9)
+    ax.set_title(f"{workload}: steps to {target.metric} {target.value:g}\n"
+                 f"(open markers: never; dotted: perfect scaling; {resolution})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     if not plotted:

@@ -18,6 +18,7 @@ from batchlab.report.tables import (
     display_optimizer,
     effort_table,
     markdown_table,
+    scaling_table,
 )
 from batchlab.report.verdicts import decide_point, rule_paragraph, study_flags, verdict_section
 from batchlab.search.diagnostics import spec_diagnostics
@@ -228,6 +229,8 @@ def build_markdown(experiment: Experiment, out_dir: Path) -> str:
         figures.plot_steps_to_target(experiment, workload, _figure(out_dir, name))
         lines += [f"### {workload}: steps to target across batch sizes", "",
                   _link("median steps to target against batch size", name), ""]
+        if len({p[1] for p in experiment.points() if p[0] == workload}) > 1:
+            lines += [scaling_table(experiment, workload)]
     lines += ["## Tuning effort", "",
               "Budgets are fair when every optimizer at a point has the same number of "
               "feasible trials and reruns; diverged trials come on top of them.", "",

@@ -1,6 +1,6 @@
 """Markdown tables like the paper's, built from an Experiment (batchlab.report.results).
 
-Three tables:
+Four tables:
   - `comparison_table`: one (workload, batch size, step budget), one row per optimizer label,
     as Table 4 (weights and bias/BN optimizers, median validation metric over seeds) with the
     train metric beside it as in Table 2 (right), the seeds reaching the target, the median
@@ -8,6 +8,9 @@ Three tables:
   - `effort_table`: trials (feasible, diverged, abandoned), runs, steps and examples of each
     study, to show the budgets compared are equal.
   - `best_hyperparameters_table`: the best trial's value of every tuned search-space path.
+  - `scaling_table`: median steps to the target against batch size per optimizer, with the
+    speed-up over the smallest batch size and the scaling efficiency of each step up in batch
+    size (Shallue et al. 2019: perfect scaling, diminishing returns, maximal data parallelism).
 
 Conventions: metric values to 4 decimals, the median with [q25, q75] (numpy's linear
 percentiles, as batchlab.search.scoring), "never" for a median steps-to-target of infinity
@@ -37,6 +40,8 @@ __all__ = [
     "format_steps",
     "format_summary",
     "markdown_table",
+    "scaling_efficiency",
+    "scaling_table",
 ]
 
 DASH = "—"
@@ -276,6 +281,120 @@ def effort_table(experiment: Experiment) -> str:
                          str(e.runs), _failures(study, e.failed_attempts), f"{e.tuning_steps:,}",
                          f"{e.rerun_steps:,}", f"{e.total_steps:,}", f"{e.total_examples:,}"])
     return markdown_table(header, rows, ["l", "r", "r", "l"] + ["r"] * 10)
+
+
+def scaling_efficiency(smaller: tuple[int, float, int], larger: tuple[int, float, int]
+                       ) -> tuple[float, float, float]:
+    """The scaling efficiency between two batch sizes, with its range from the resolution.
+
+    Efficiency = (steps at the smaller batch / steps at the larger) / (larger / smaller batch):
+    1 is perfect scaling (twice the batch, half the steps), 1 / (batch ratio) is no gain at
+    all. A steps-to-target figure s measured at evaluations every r steps means the target was
+    first met after step s - r and by step s, and so is the median of such figures; the range
+    is the efficiency over those bounds.
+
+    Args:
+      smaller: (batch size, median steps to target, evaluation period in steps).
+      larger: the same at the larger batch size.
+
+    Returns:
+      (efficiency, lowest, highest); highest is inf when the larger batch's median is within
+      one evaluation period of step 0.
+
+    Raises:
+      ValueError: a median that is not a positive finite number, or batch sizes not increasing.
+    """
+    (b0, s0, r0), (b1, s1, r1) = smaller, larger
+    if not b1 > b0 > 0:
+        raise ValueError(f"batch sizes must increase; got {b0} then {b1}")
+    for name, steps in (("smaller", s0), ("larger", s1)):
+        if not (math.isfinite(steps) and steps > 0):
+            raise ValueError(f"{name}: median steps must be positive and finite; got {steps}")
+    ideal = b1 / b0
+    low = max(s0 - r0, 0.0) / s1 / ideal
+    high = s0 / (s1 - r1) / ideal if s1 > r1 else math.inf
+    return s0 / s1 / ideal, low, high
+
+
+def _scaling_reading(low: float, high: float, ideal: float) -> str:
+    if high <= 1.0 / ideal:
+        return "no gain (maximal data parallelism)"
+    if high >= 1.0:
+        return "perfect scaling" if low <= 1.0 else "better than perfect"
+    return "diminishing returns"
+
+
+def scaling_table(experiment: Experiment, workload: str) -> str:
+    """Steps to the target against batch size, one block of rows per optimizer.
+
+    Each row is one (batch size, step budget) point: the median steps to the target over every
+    rerun seed of every search replicate (a seed that never reached it counts as never), the
+    seeds reaching it with their min–max steps, the same median in examples, the speed-up over
+    the optimizer's smallest batch size beside the ideal one, and the scaling efficiency from
+    the previous smaller batch size with its range from the evaluation period. The reading of
+    each efficiency: "perfect scaling" when its range reaches 1, "no gain" when even its top
+    is at the no-gain level (the same steps at the larger batch), "diminishing returns" between.
+    The range covers the measurement's resolution only, not seed noise (see min–max).
+
+    Args:
+      experiment: the loaded results.
+      workload: the workload name.
+
+    Returns:
+      The markdown table, then the rule.
+
+    References:
+      Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
+      Training" (steps to result against batch size; the three regimes); Nado et al. 2021,
+      Section 4.
+    """
+    points = sorted((p for p in experiment.points() if p[0] == workload),
+                    key=lambda p: (p[1], p[2]))
+    header = ["optimizer", "batch size", "step budget", "median steps to target (resolution)",
+              "seeds reaching", "min–max steps of those", "median examples to target",
+              "speed-up over the smallest batch (ideal)", "efficiency from the previous batch",
+              "reading"]
+    rows = []
+    for label in experiment.optimizers():
+        first: tuple[int, float] | None = None
+        previous: tuple[int, float, int] | None = None
+        for point in points:
+            group = next((g for g in experiment.groups_at_point(*point) if g.label == label),
+                         None)
+            if group is None:
+                continue
+            batch, period = point[1], group.info.eval_every_steps
+            steps = group.pooled()[2]
+            stored = group.median_steps_to_target()
+            median = math.nan if stored is None else stored
+            reached = sorted(s for s in steps if math.isfinite(s))
+            finite = math.isfinite(median)
+            speedup = efficiency = reading = DASH
+            if finite and first is not None:
+                speedup = f"{first[1] / median:.2f}x ({batch / first[0]:g}x)"
+            if finite and previous is not None and batch > previous[0]:
+                value, low, high = scaling_efficiency(previous, (batch, median, period))
+                top = "∞" if math.isinf(high) else f"{high:.2f}"
+                efficiency = f"{value:.2f} [{low:.2f}, {top}]"
+                reading = _scaling_reading(low, high, batch / previous[0])
+            rows.append([
+                label, f"{batch:,}", f"{point[2]:,}",
+                f"{format_steps(stored)} ({period:,})",
+                f"{len(reached)} / {len(steps)}",
+                f"{round(reached[0]):,}–{round(reached[-1]):,}" if reached else DASH,
+                f"{round(median * batch):,}" if finite else format_steps(stored),
+                speedup, efficiency, reading,
+            ])
+            if finite:
+                first = first or (batch, median)
+                previous = (batch, median, period)
+    table = markdown_table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
+    return table + (
+        "\nEfficiency = (median steps at the previous batch size / median steps here) / (batch "
+        "ratio): 1 is perfect scaling, 1 / (batch ratio) no gain. Its range follows from the "
+        "evaluation period (a figure s means the target was met after s − period and by s) and "
+        "does not cover seed noise. Reading: perfect scaling when the range reaches 1, no gain "
+        "when its top is at the no-gain level, diminishing returns between.\n")
 
 
 def _failures(study: StudyResult, count: int) -> str:
