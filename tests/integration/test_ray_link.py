@@ -103,6 +103,9 @@ def test_health_reflects_a_lost_ray_connection_and_the_link_reconnects(tmp_path)
         "BATCHLAB_SHUTDOWN_GRACE_SECONDS": "1",
         # Ray Client gives up on a vanished server after this many seconds (30 by default).
         "RAY_CLIENT_RECONNECT_GRACE_PERIOD": "3",
+        # A connect attempt while the head is down waits this long before the next one (30 s
+        # by default); the test waits for the head to come back, not for Ray Client's backoff.
+        "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "5",
     }
     with open(log_path, "ab") as log:
         controller = subprocess.Popen([sys.executable, "-m", "services.controller.server"],
