@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -31,6 +30,9 @@ class FakeCatalog(DatasetCatalog):
         self.builds = []
         self.built = set(built)
         self.lock = threading.Lock()
+        # Cleared by a test, a build waits until the test sets it again.
+        self.release = threading.Event()
+        self.release.set()
 
     def names(self):
         return ["digits", "mnist1d"]
@@ -42,7 +44,7 @@ class FakeCatalog(DatasetCatalog):
         return config or "default"
 
     def prepare(self, dataset, config, *, rebuild=False):
-        time.sleep(0.2)
+        assert self.release.wait(30), "the test never released the build"
         with self.lock:
             self.builds.append((dataset, config, rebuild))
             self.built.add((dataset, config))
@@ -50,6 +52,34 @@ class FakeCatalog(DatasetCatalog):
 
     def find(self, dataset, config):
         return SIZES if (dataset, config) in self.built else None
+
+
+def _count_arrivals(servicer):
+    """Make every PrepareDataset caller that reaches the servicer's build lock count itself
+    (before it waits for the lock); returns a function that waits for n of them."""
+    arrived = threading.Condition()
+    count = [0]
+    lock_for = servicer._lock_for
+
+    class Counting:
+        def __init__(self, lock):
+            self.lock = lock
+
+        def __enter__(self):
+            with arrived:
+                count[0] += 1
+                arrived.notify_all()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    servicer._lock_for = lambda key: Counting(lock_for(key))
+
+    def wait_for(n):
+        with arrived:
+            assert arrived.wait_for(lambda: count[0] >= n, timeout=30), f"{count[0]} of {n} arrived"
+    return wait_for
 
 
 @pytest.fixture
@@ -72,11 +102,16 @@ def test_concurrent_prepares_build_once():
         results.append(servicer.PrepareDataset(
             pb.PrepareDatasetRequest(dataset="mnist1d", config=config), FakeContext()))
 
-    # "" and "default" name the same config: still one build.
+    # "" and "default" name the same config: still one build. The build is held until all 8
+    # callers are at the lock, so every one of them overlaps it.
+    wait_for = _count_arrivals(servicer)
+    catalog.release.clear()
     threads = [threading.Thread(target=prepare, args=("" if i % 2 else "default",))
                for i in range(8)]
     for t in threads:
         t.start()
+    wait_for(8)
+    catalog.release.set()
     for t in threads:
         t.join()
     assert catalog.builds == [("mnist1d", "default", False)]
@@ -89,11 +124,16 @@ def test_concurrent_rebuilds_build_once_more():
     catalog = FakeCatalog()
     servicer = ShardingServicer(catalog)
     servicer.PrepareDataset(pb.PrepareDatasetRequest(dataset="digits"), FakeContext())
+    # Four rebuilds, all arrived before the first of them finishes: one rebuild serves them.
+    wait_for = _count_arrivals(servicer)
+    catalog.release.clear()
     threads = [threading.Thread(target=servicer.PrepareDataset, args=(
         pb.PrepareDatasetRequest(dataset="digits", rebuild=True), FakeContext()))
         for _ in range(4)]
     for t in threads:
         t.start()
+    wait_for(4)
+    catalog.release.set()
     for t in threads:
         t.join()
     assert catalog.builds == [("digits", "default", False), ("digits", "default", True)]
