@@ -201,7 +201,8 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     "never" (half the seeds or more never reached the target) and seeds that never reached
     it are drawn as open markers on a "never" row above the largest step budget. A grey
     dashed line shows each point's step budget, the most steps a run could take; a dotted
-    line in each optimizer's colour is perfect scaling from its smallest batch size.
+    line in each optimizer's colour is perfect scaling from its smallest batch size, and a
+    shaded bar below each median spans one evaluation period (the figure's resolution).
 
     Args:
       experiment: the loaded results.
@@ -245,6 +246,11 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
             if median is not None and math.isfinite(median):
                 xs.append(x)
                 ys.append(median)
+                # The resolution: the target was met after the previous evaluation.
+                low = median - group.info.eval_every_steps
+                if low > 0:
+                    ax.vlines(x, low, median, color=colors[label], linewidth=2.5, alpha=0.35,
+                              zorder=2)
             else:
                 never_xs.append(x)
         if xs:
@@ -277,7 +283,7 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     resolution = (f"resolution {resolutions[0]:,} examples" if len(resolutions) == 1 else
                   f"resolution {resolutions[0]:,}-{resolutions[-1]:,} examples")
     ax.set_title(f"{workload}: steps to {target.metric} {target.value:g}\n"
-                 f"(open markers: never; dotted: perfect scaling; {resolution})", fontsize=9)
+                 f"(open markers: never; dotted: perfect scaling; bars: {resolution})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     if not plotted:
