@@ -1,10 +1,15 @@
-"""What the integration tests share: a small spec and a trial request for the trainers."""
+"""What the integration tests share: a small spec, a trial request for the trainers, and the
+port a server started with port 0 reports in its log."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from batchlab.proto.v1 import common_pb2, controller_pb2, experiment_pb2
@@ -97,3 +102,29 @@ def gated_storage(directory, gate_step: int):
     storage = GatedStorage(directory)
     storage.reached, storage.release = threading.Event(), threading.Event()
     return storage
+
+
+def logged_port(log_path: Path, what: str, process: subprocess.Popen, *, after: int = 0,
+                timeout: float = 120.0) -> int:
+    """The port a server bound (it was given port 0), read from its log line
+    "<what> on HOST:PORT" ("controller listening", "controller metrics").
+
+    Args:
+      log_path: the server's log file.
+      what: the words before " on HOST:PORT".
+      process: the server (its exit ends the wait with the log).
+      after: read the log from this byte offset (a restarted server appends to the same log).
+      timeout: seconds to wait for the line.
+    """
+    pattern = re.compile(re.escape(what) + r" on [^\s:]+:(\d+)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_bytes()[after:].decode(errors="replace")
+        match = pattern.search(text)
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}) before logging "
+                                 f"{what!r}:\n{text[-4000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {what!r} line in {log_path} after {timeout} s")

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-from integration_helpers import WORKLOAD, gated_storage, spec
+from integration_helpers import WORKLOAD, gated_storage, logged_port, spec
 
 from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.checkpoint_client import CheckpointClient
-from batchlab.rpc.client import channel, free_ports
+from batchlab.rpc.client import channel
 from services.controller.scheduler import RESTART_ERROR, attempt_assignment
 from services.controller.server import Controller, ControllerConfig
 from services.controller.storage import AttemptState, SQLiteStorage
@@ -117,12 +117,15 @@ def test_killed_trainer_resumes_from_checkpoint_bit_identical(
 
 
 def _start_controller(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_ports()[0]
+    """The controller on port 0; its address as it logged it (the log is appended to)."""
+    offset = log_path.stat().st_size if log_path.exists() else 0
     log = open(log_path, "ab")  # noqa: SIM115 - closed by the caller through the process
     process = subprocess.Popen(
         [sys.executable, "-m", "services.controller.server"], cwd=ROOT,
-        env={**env, "BATCHLAB_CONTROLLER_PORT": str(port)}, stdout=log, stderr=log)
+        env={**env, "BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_CONTROLLER_PORT": "0"},
+        stdout=log, stderr=log)
     log.close()
+    port = logged_port(log_path, "controller listening", process, after=offset)
     return process, f"127.0.0.1:{port}"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from integration_helpers import WORKLOAD
+from integration_helpers import WORKLOAD, logged_port
 
 from batchlab.rpc.client import channel, free_ports
 from services.controller.ray_link import TRAINERS_HEALTH_SERVICE
@@ -83,15 +83,18 @@ def _connected_metric(port: int) -> float:
 
 
 def test_health_reflects_a_lost_ray_connection_and_the_link_reconnects(tmp_path):
-    gcs_port, client_port, grpc_port, metrics_port = free_ports(4)
+    # Ray's head needs its ports before it starts (the controller dials them); the controller
+    # binds port 0 for gRPC and metrics and the test reads what it got from its log.
+    gcs_port, client_port = free_ports(2)
     ray_dir = Path("/tmp") / f"blraylink-{os.getpid()}"
     log_path = tmp_path / "controller.log"
     env = {
         **os.environ,
         "BATCHLAB_STATE_DIR": str(tmp_path / "state"),
         "BATCHLAB_RAY_ADDRESS": f"ray://127.0.0.1:{client_port}",
-        "BATCHLAB_CONTROLLER_PORT": str(grpc_port),
-        "BATCHLAB_METRICS_PORT": str(metrics_port),
+        "BATCHLAB_BIND_HOST": "127.0.0.1",
+        "BATCHLAB_CONTROLLER_PORT": "0",
+        "BATCHLAB_METRICS_PORT": "0",
         "BATCHLAB_NUM_TRAINERS": "1",
         # The link is under test, not the trainers: no warm trainer on each connection (one
         # costs a Ray worker starting JAX, and the connect thread waits for it).
@@ -113,6 +116,8 @@ def test_health_reflects_a_lost_ray_connection_and_the_link_reconnects(tmp_path)
                                       start_new_session=True)
     head = None
     try:
+        grpc_port = logged_port(log_path, "controller listening", controller)
+        metrics_port = logged_port(log_path, "controller metrics", controller)
         with channel(f"127.0.0.1:{grpc_port}") as chan:
             health = health_pb2_grpc.HealthStub(chan)
             # Serving before any Ray exists; the trainers are not.
