@@ -200,6 +200,37 @@ def test_best_not_reproduced_by_its_reruns(make_study, simulator):
         f.code for f in study_diagnostics(study, score_study(study, usual))]
 
 
+def test_a_study_selecting_by_steps_is_judged_on_steps(make_study, simulator):
+    simulate, _ = simulator
+    study = make_study(trials_per_study=3, max_total_trials=3, seeds_per_best=3,
+                       selection="FEWEST_STEPS_TO_TARGET")
+    period = study.eval_every_steps
+
+    def reruns_at(rerun_steps):
+        def outcome_of(trial, replica, attempt, seed):
+            # Trial 1 is fastest in tuning (2 periods); its reruns take rerun_steps. Under
+            # stop_at_target the final metric is the one at the stopping evaluation: the
+            # tuning run's overshoot (0.95) against the reruns' 0.81 says nothing here.
+            steps = 2 * period if trial == 1 else 4 * period
+            value = 0.95 if replica == 0 else 0.81
+            return Outcome.SUCCEEDED, value, rerun_steps if replica > 0 else steps
+        return outcome_of
+
+    def flags(rerun_steps):
+        records, _ = simulate(study, reruns_at(rerun_steps))
+        return [f for f in study_diagnostics(study, score_study(study, records))
+                if f.code == "best-not-reproduced"]
+
+    # One evaluation period later is the measurement's resolution: not flagged, although the
+    # final metric fell by far more than 5 margins.
+    assert flags(3 * period) == []
+    (late,) = flags(4 * period)
+    assert f"in {2 * period:g} steps in tuning" in late.message
+    assert f"their median is {4 * period:g} steps" in late.message
+    (never,) = flags(math.inf)
+    assert "never reached it" in never.message
+
+
 def _verdict(a_medians, b_medians, estimate):
     interval = Interval(estimate, estimate - 0.001, estimate + 0.001, 0.001, Verdict.A_AHEAD)
     matched = Interval(0.0, 0.0, 0.0, 0.25, Verdict.MATCHED)

@@ -30,7 +30,11 @@ After a study (`study_diagnostics`, next to the verdicts they weaken):
     more than NOT_REPRODUCED_MARGINS equivalence margins. Selection on one seed picked a
     configuration whose result does not survive new seeds (often one at the edge of stability,
     where some seeds collapse): the study's score is real, but its best point is fragile and
-    another trial may have been the better choice.
+    another trial may have been the better choice. A study that selects by the fewest steps to
+    the target is judged on steps: the reruns' median steps exceed the tuning run's by more
+    than one evaluation period (the measurement's resolution), or they mostly never reach it.
+    (Under stop_at_target the final metric is the metric at the stopping evaluation, which
+    says nothing about the selection.)
   - margin-within-replicate-spread (from `replicate_spread_diagnostic`): the winner's margin is
     no larger than the spread of the arms' medians across search replicates.
 
@@ -50,7 +54,7 @@ from typing import Any
 from batchlab.search.compare import MIN_SEEDS, PairVerdict, Verdict
 from batchlab.search.scoring import StudyScore
 from batchlab.search.space import Scale, SearchSpace, get_path, parse_search_space, plain_data
-from batchlab.search.study import Study, trial_point
+from batchlab.search.study import Selection, Study, trial_point
 from batchlab.targets import Goal
 
 __all__ = [
@@ -286,7 +290,19 @@ def study_diagnostics(study: Study, score: StudyScore) -> list[Diagnostic]:
             f"largely where this optimizer is unstable; move it."))
     best = next((t for t in tuning if t.trial_index == score.best_trial), None)
     median = score.seeds.metric.median
-    if best is not None and median is not None and study.seeds_per_best > 0 \
+    by_steps = study.selection is Selection.FEWEST_STEPS_TO_TARGET
+    if by_steps and best is not None and study.seeds_per_best > 0 and score.seeds.finished > 0:
+        steps = score.seeds.median_steps_to_target
+        if steps is not None and steps - best.steps_to_target > study.eval_every_steps:
+            rerun = ("half or more of them never reached it" if math.isinf(steps) else
+                     f"their median is {steps:g} steps, more than one evaluation period "
+                     f"({study.eval_every_steps} steps) later")
+            found.append(Diagnostic(
+                "best-not-reproduced", study.id,
+                f"the best trial ({best.trial_index}) reached the target in "
+                f"{best.steps_to_target:g} steps in tuning but not in its "
+                f"{score.seeds.finished} reruns: {rerun}; its tuning result was a lucky seed."))
+    elif best is not None and median is not None and study.seeds_per_best > 0 \
             and score.seeds.finished > 0:
         sign = 1.0 if study.target.goal is Goal.MAXIMIZE else -1.0
         shortfall = sign * (best.value - median)
