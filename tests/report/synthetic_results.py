@@ -138,7 +138,9 @@ def _peak(hyperparameters: dict[str, Any]) -> float:
 
 
 def build_results(root: Path, *, without_scores: tuple[str, ...] = (),
-                  reruns_done: int = 5, status: str = "SUCCEEDED") -> Synthetic:
+                  reruns_done: int = 5, status: str = "SUCCEEDED",
+                  spec: dict[str, Any] | None = None,
+                  seeds: dict[str, list[tuple[float, float] | None]] | None = None) -> Synthetic:
     """Write experiment.json, runs/ and studies/ under root.
 
     Args:
@@ -146,12 +148,17 @@ def build_results(root: Path, *, without_scores: tuple[str, ...] = (),
       without_scores: short study keys whose studies/<id>.json is not written.
       reruns_done: reruns written per study (fewer than 5: the study is still running).
       status: the experiment status stored.
+      spec: another spec of the same shape as SPEC (e.g. more points).
+      seeds: rerun values of studies SEEDS does not have, or replacing its own (default:
+        lars_pipeline.b128's, for studies SEEDS lacks).
     """
-    spec = load_spec(SPEC)
+    data = spec or SPEC
+    spec = load_spec(data)
+    rerun_values = {**SEEDS, **(seeds or {})}
     studies = {f"{s.optimizer}.b{s.batch_size}": s for s in expand_studies(spec)}
     out = Synthetic(root, studies)
     _write(root / "experiment.json", {
-        "name": SPEC["name"], "spec": spec_to_dict(spec), "status": status,
+        "name": data["name"], "spec": spec_to_dict(spec), "status": status,
         "started_at": "2025-01-02T03:04:05+00:00",
         "finished_at": "2025-01-02T04:05:06+00:00" if status == "SUCCEEDED" else None,
         "command": "batchlab local run synthetic.yaml --out results/synthetic",
@@ -206,7 +213,8 @@ def build_results(root: Path, *, without_scores: tuple[str, ...] = (),
         run(0, 0, 2, "tuning", "SUCCEEDED", (TUNING[0], TUNING[0] + 0.1))
         run(1, 0, 1, "tuning", "DIVERGED", None, stop=30)
         run(2, 0, 1, "tuning", "SUCCEEDED", (TUNING[2], TUNING[2] + 0.1))
-        for replica, values in enumerate(SEEDS[key][:reruns_done], start=1):
+        values_of_key = rerun_values.get(key) or SEEDS["lars_pipeline.b128"]
+        for replica, values in enumerate(values_of_key[:reruns_done], start=1):
             if values is DIVERGED:
                 run(2, replica, 1, "rerun", "DIVERGED", None, stop=20)
                 out.steps_to_target[key].append(math.inf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from synthetic_results import EVAL_EVERY, SEEDS, Synthetic, _curve, first_step_reaching
 
 from batchlab.report.results import load_results
-from batchlab.report.tables import scaling_efficiency, scaling_table
+from batchlab.report.tables import _scaling_reading, scaling_efficiency, scaling_table
 
 BUDGETS = {128: 100, 512: 50}
 
@@ -63,18 +64,40 @@ def test_the_table_computes_speed_up_and_efficiency_from_the_seeds(synthetic: Sy
     assert large[3] == f"{round(m512):,} ({EVAL_EVERY})"
     assert large[4] == "3 / 5"  # one seed below the target, one diverged
     assert large[6] == f"{round(m512 * 512):,}"
-    assert large[7] == f"{m128 / m512:.2f}x (4x)"
-    value, low, high = scaling_efficiency((128, m128, EVAL_EVERY), (512, m512, EVAL_EVERY))
-    assert large[8] == f"{value:.2f} [{low:.2f}, {high:.2f}]"
-    assert large[9] in {"perfect scaling", "diminishing returns", "better than perfect"}
+    # By hand: the target was first met in (s - period, s] at each batch size.
+    low, high = (m128 - EVAL_EVERY) / m512, m128 / (m512 - EVAL_EVERY)
+    assert large[7] == f"{m128 / m512:.2f}x [{low:.2f}, {high:.2f}] (4x)"
+    assert large[8] == f"{m128 / m512 / 4:.2f} [{low / 4:.2f}, {high / 4:.2f}]"
+    expected = ("undetermined" if high / 4 > 1 and low / 4 < 0.25 else
+                "consistent with perfect scaling" if high / 4 > 1 else
+                "consistent with no gain" if low / 4 < 0.25 else "diminishing returns")
+    assert large[9] == expected
     # Nesterov never reaches the target at batch 512: no speed-up, no efficiency.
     never = _row(table, "nesterov", "512")
     assert never[3] == f"never ({EVAL_EVERY})" and never[4] == "0 / 5" and never[7:] == ["—"] * 3
 
 
 @pytest.mark.parametrize("low, high, ratio, reading", [
-    (0.8, 1.2, 2, "perfect scaling"), (0.6, 0.9, 2, "diminishing returns"),
-    (0.3, 0.5, 2, "no gain (maximal data parallelism)"), (1.1, 1.3, 2, "better than perfect")])
+    # Perfect scaling possible only above 1 (the ranges are open): a top of exactly 1 is not.
+    (0.8, 1.2, 2, "consistent with perfect scaling"), (0.6, 1.0, 2, "diminishing returns"),
+    (0.6, 0.9, 2, "diminishing returns"),
+    # No gain (efficiency 1/2 at twice the batch) possible only below 1/2.
+    (0.45, 0.9, 2, "consistent with no gain"), (0.5, 0.9, 2, "diminishing returns"),
+    (0.4, 2.0, 2, "undetermined"), (1.1, 1.3, 2, "better than perfect")])
 def test_each_reading_on_a_constructed_range(low, high, ratio, reading):
-    from batchlab.report.tables import _scaling_reading
     assert _scaling_reading(low, high, ratio) == reading
+
+
+def test_a_never_in_between_gives_no_figures_across_it(tmp_path):
+    """Batch 128 reaches the target, 512 never, 2,048 again: 2,048 gets a speed-up over 128
+    but no efficiency (its previous point is the never)."""
+    from synthetic_results import SPEC, build_results
+
+    spec = copy.deepcopy(SPEC)
+    spec["workloads"][0]["points"].append({"batch_size": 2048, "step_budget": 50})
+    synthetic = build_results(tmp_path / "r", spec=spec,
+                              seeds={"nesterov.b2048": SEEDS["lars_pipeline.b128"]})
+    table = scaling_table(load_results(synthetic.root), "mnist1d_resnet1d")
+    assert _row(table, "nesterov", "512")[3].startswith("never")
+    last = _row(table, "nesterov", "2,048")
+    assert last[7].endswith("(16x)") and last[8:] == ["—", "—"]

@@ -201,8 +201,10 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     "never" (half the seeds or more never reached the target) and seeds that never reached
     it are drawn as open markers on a "never" row above the largest step budget. A grey
     dashed line shows each point's step budget, the most steps a run could take; a dotted
-    line in each optimizer's colour is perfect scaling from its smallest batch size, and a
-    shaded bar below each median spans one evaluation period (the figure's resolution).
+    line in each optimizer's colour is perfect scaling from its smallest batch size (drawn only
+    when that point's median reached the target), and a shaded bar below each median spans
+    one evaluation period, the figure's resolution (ending in a downward marker when it reaches
+    step 0). A median of "never" breaks the optimizer's line.
 
     Args:
       experiment: the loaded results.
@@ -213,8 +215,8 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
       The path written.
 
     References:
-      Nado et al. 2021, Section 4 (steps to a target across batch sizes); Shallue et al.
-      2019 (steps to result against batch size).
+      Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
+      Training" (steps to result against batch size).
     """
     points = [p for p in experiment.points() if p[0] == workload]
     colors = optimizer_colors(experiment)
@@ -228,7 +230,10 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     ax.axhline(never_y, color="grey", linestyle=":", linewidth=0.8)
     plotted = False
     for k, label in enumerate(labels):
-        xs, ys, never_xs = [], [], []
+        # One entry per point with seeds: a NaN median (never) breaks the line there.
+        xs: list[float] = []
+        ys: list[float] = []
+        never_xs = []
         for point in points:
             group = next((g for g in experiment.groups_at_point(*point) if g.label == label),
                          None)
@@ -243,19 +248,24 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
             ax.scatter([x] * len(seed_y), seed_y, s=8, color=colors[label], alpha=0.35,
                        zorder=2)
             median = group.median_steps_to_target()
+            xs.append(x)
             if median is not None and math.isfinite(median):
-                xs.append(x)
                 ys.append(median)
-                # The resolution: the target was met after the previous evaluation.
+                # The resolution: the target was met after the previous evaluation; when
+                # that is step 0, the bar ends in a marker pointing down (open below).
                 low = median - group.info.eval_every_steps
-                if low > 0:
-                    ax.vlines(x, low, median, color=colors[label], linewidth=2.5, alpha=0.35,
-                              zorder=2)
+                ax.vlines(x, low if low > 0 else median / 4, median, color=colors[label],
+                          linewidth=2.5, alpha=0.35, zorder=2)
+                if low <= 0:
+                    ax.scatter([x], [median / 4], marker="v", s=18, color=colors[label],
+                               alpha=0.5, zorder=2)
             else:
+                ys.append(math.nan)
                 never_xs.append(x)
-        if xs:
+        finite = [y for y in ys if math.isfinite(y)]
+        if finite:
             ax.plot(xs, ys, marker="o", color=colors[label], label=label, zorder=3)
-            if len(xs) > 1:
+            if len(finite) > 1 and math.isfinite(ys[0]):
                 # Perfect scaling from the smallest batch size: twice the batch, half the steps.
                 ax.plot(xs, [ys[0] * xs[0] / x for x in xs], color=colors[label],
                         linestyle=":", linewidth=1, alpha=0.7, zorder=2)
@@ -263,7 +273,7 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
         if never_xs:
             ax.scatter(never_xs, [never_y] * len(never_xs), s=60, facecolors="none",
                        edgecolors=colors[label], linewidths=1.5, zorder=3,
-                       label=None if xs else label)
+                       label=None if finite else label)
             plotted = True
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -283,7 +293,8 @@ def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path
     resolution = (f"resolution {resolutions[0]:,} examples" if len(resolutions) == 1 else
                   f"resolution {resolutions[0]:,}-{resolutions[-1]:,} examples")
     ax.set_title(f"{workload}: steps to {target.metric} {target.value:g}\n"
-                 f"(open markers: never; dotted: perfect scaling; bars: {resolution})", fontsize=9)
+                 f"(dots: seeds, on the top row if never; open circles: a median of never;\n"
+                 f"dotted: perfect scaling from the smallest batch; bars: {resolution})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     if not plotted:

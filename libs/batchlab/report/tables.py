@@ -317,10 +317,18 @@ def scaling_efficiency(smaller: tuple[int, float, int], larger: tuple[int, float
 
 
 def _scaling_reading(low: float, high: float, ideal: float) -> str:
-    if high <= 1.0 / ideal:
-        return "no gain (maximal data parallelism)"
-    if high >= 1.0:
-        return "perfect scaling" if low <= 1.0 else "better than perfect"
+    """What an efficiency range (open at both ends) allows, with the same rule on both sides.
+
+    Perfect scaling (efficiency 1) is possible only when the top is above 1; no gain (the same
+    steps at the larger batch, efficiency 1 / ideal) only when the bottom is below 1 / ideal.
+    """
+    perfect, none = high > 1.0, low < 1.0 / ideal
+    if perfect and none:
+        return "undetermined"
+    if perfect:
+        return "better than perfect" if low > 1.0 else "consistent with perfect scaling"
+    if none:
+        return "consistent with no gain"
     return "diminishing returns"
 
 
@@ -332,9 +340,8 @@ def scaling_table(experiment: Experiment, workload: str) -> str:
     seeds reaching it with their min–max steps, the same median in examples, the speed-up over
     the optimizer's smallest batch size beside the ideal one, and the scaling efficiency from
     the previous smaller batch size with its range from the evaluation period. The reading of
-    each efficiency: "perfect scaling" when its range reaches 1, "no gain" when even its top
-    is at the no-gain level (the same steps at the larger batch), "diminishing returns" between.
-    The range covers the measurement's resolution only, not seed noise (see min–max).
+    each efficiency: see `_scaling_reading`. The ranges cover the measurement's resolution
+    only, not seed noise (see min–max) or tuning luck.
 
     Args:
       experiment: the loaded results.
@@ -346,7 +353,7 @@ def scaling_table(experiment: Experiment, workload: str) -> str:
     References:
       Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network
       Training" (steps to result against batch size; the three regimes); Nado et al. 2021,
-      Section 4.
+      Sections 1 and 6 (perfect scaling and its end).
     """
     points = sorted((p for p in experiment.points() if p[0] == workload),
                     key=lambda p: (p[1], p[2]))
@@ -356,8 +363,8 @@ def scaling_table(experiment: Experiment, workload: str) -> str:
               "reading"]
     rows = []
     for label in experiment.optimizers():
-        first: tuple[int, float] | None = None
-        previous: tuple[int, float, int] | None = None
+        smallest: tuple[int, float, int] | None = None  # (batch, median, period)
+        previous: tuple[int, float, int] | None = None  # the point just below, finite or not
         for point in points:
             group = next((g for g in experiment.groups_at_point(*point) if g.label == label),
                          None)
@@ -369,11 +376,20 @@ def scaling_table(experiment: Experiment, workload: str) -> str:
             median = math.nan if stored is None else stored
             reached = sorted(s for s in steps if math.isfinite(s))
             finite = math.isfinite(median)
+            here = (batch, median, period)
             speedup = efficiency = reading = DASH
-            if finite and first is not None:
-                speedup = f"{first[1] / median:.2f}x ({batch / first[0]:g}x)"
-            if finite and previous is not None and batch > previous[0]:
-                value, low, high = scaling_efficiency(previous, (batch, median, period))
+            # Against the optimizer's smallest batch size and the next smaller one only when
+            # those reached the target: never a silent jump over a point that did not.
+            if finite and smallest is not None and batch > smallest[0] \
+                    and math.isfinite(smallest[1]):
+                _, low, high = scaling_efficiency(smallest, here)
+                ratio = batch / smallest[0]
+                top = "∞" if math.isinf(high) else f"{high * ratio:.2f}"
+                speedup = (f"{smallest[1] / median:.2f}x [{low * ratio:.2f}, {top}] "
+                           f"({ratio:g}x)")
+            if finite and previous is not None and batch > previous[0] \
+                    and math.isfinite(previous[1]):
+                value, low, high = scaling_efficiency(previous, here)
                 top = "∞" if math.isinf(high) else f"{high:.2f}"
                 efficiency = f"{value:.2f} [{low:.2f}, {top}]"
                 reading = _scaling_reading(low, high, batch / previous[0])
@@ -385,16 +401,21 @@ def scaling_table(experiment: Experiment, workload: str) -> str:
                 f"{round(median * batch):,}" if finite else format_steps(stored),
                 speedup, efficiency, reading,
             ])
-            if finite:
-                first = first or (batch, median)
-                previous = (batch, median, period)
+            if stored is not None:
+                smallest = smallest or here
+                previous = here
     table = markdown_table(header, rows, ["l", "r", "r", "r", "r", "r", "r", "r", "r", "l"])
     return table + (
         "\nEfficiency = (median steps at the previous batch size / median steps here) / (batch "
-        "ratio): 1 is perfect scaling, 1 / (batch ratio) no gain. Its range follows from the "
-        "evaluation period (a figure s means the target was met after s − period and by s) and "
-        "does not cover seed noise. Reading: perfect scaling when the range reaches 1, no gain "
-        "when its top is at the no-gain level, diminishing returns between.\n")
+        "ratio): 1 is perfect scaling, 1 / (batch ratio) no gain. Speed-up and efficiency ranges "
+        "follow from the evaluation period: a figure s means the target was first met after "
+        "s − period and by s (assuming the metric does not cross the target and fall back "
+        "between evaluations), and so does the median of such figures; the ranges are open and "
+        "do not cover seed noise or tuning luck. Reading: consistent with perfect scaling when "
+        "the range's top is above 1; consistent with no gain when its bottom is below 1 / "
+        "(batch ratio); undetermined when both; diminishing returns when neither. A point whose "
+        "median is never gets no figures, nor an efficiency at the next batch size; with a "
+        "never at the smallest batch size there are no speed-ups.\n")
 
 
 def _failures(study: StudyResult, count: int) -> str:
