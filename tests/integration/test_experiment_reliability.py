@@ -125,7 +125,12 @@ def _start_controller(env: dict[str, str], log_path: Path) -> tuple[subprocess.P
         env={**env, "BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_CONTROLLER_PORT": "0"},
         stdout=log, stderr=log)
     log.close()
-    port = logged_port(log_path, "controller listening", process, after=offset)
+    try:
+        port = logged_port(log_path, "controller listening", process, after=offset)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     return process, f"127.0.0.1:{port}"
 
 

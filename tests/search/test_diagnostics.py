@@ -229,6 +229,25 @@ def test_a_study_selecting_by_steps_is_judged_on_steps(make_study, simulator):
     assert f"their median is {4 * period:g} steps" in late.message
     (never,) = flags(math.inf)
     assert "never reached it" in never.message
+    # Reruns faster than the tuning run: nothing to flag.
+    assert flags(period) == []
+
+
+def test_a_study_selecting_by_steps_whose_trials_never_reached_falls_back_to_the_metric(
+        make_study, simulator):
+    simulate, _ = simulator
+    study = make_study(trials_per_study=3, max_total_trials=3, seeds_per_best=3,
+                       selection="FEWEST_STEPS_TO_TARGET")
+
+    def outcome_of(trial, replica, attempt, seed):
+        # No run reaches the target; trial 1 is best on the metric, its reruns collapse.
+        value = (0.7 if trial == 1 else 0.5) if replica == 0 else 0.3
+        return Outcome.SUCCEEDED, value, math.inf
+
+    records, _ = simulate(study, outcome_of)
+    (flag,) = [f for f in study_diagnostics(study, score_study(study, records))
+               if f.code == "best-not-reproduced"]
+    assert "0.7 in tuning but 0.3" in flag.message
 
 
 def _verdict(a_medians, b_medians, estimate):

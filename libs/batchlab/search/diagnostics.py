@@ -290,7 +290,10 @@ def study_diagnostics(study: Study, score: StudyScore) -> list[Diagnostic]:
             f"largely where this optimizer is unstable; move it."))
     best = next((t for t in tuning if t.trial_index == score.best_trial), None)
     median = score.seeds.metric.median
-    by_steps = study.selection is Selection.FEWEST_STEPS_TO_TARGET
+    # A study selecting by steps whose tuning trials never reached the target picked its best
+    # by the metric (the tie-break): judge that one on the metric.
+    by_steps = (study.selection is Selection.FEWEST_STEPS_TO_TARGET and best is not None
+                and math.isfinite(best.steps_to_target))
     if by_steps and best is not None and study.seeds_per_best > 0 and score.seeds.finished > 0:
         steps = score.seeds.median_steps_to_target
         if steps is not None and steps - best.steps_to_target > study.eval_every_steps:

@@ -110,10 +110,12 @@ def test_concurrent_prepares_build_once():
                for i in range(8)]
     for t in threads:
         t.start()
-    wait_for(8)
-    catalog.release.set()
-    for t in threads:
-        t.join()
+    try:
+        wait_for(8)
+    finally:
+        catalog.release.set()
+        for t in threads:
+            t.join()
     assert catalog.builds == [("mnist1d", "default", False)]
     assert len(results) == 8
     assert all(dict(r.split_sizes) == SIZES and r.config == "default" for r in results)
@@ -127,15 +129,22 @@ def test_concurrent_rebuilds_build_once_more():
     # Four rebuilds, all arrived before the first of them finishes: one rebuild serves them.
     wait_for = _count_arrivals(servicer)
     catalog.release.clear()
-    threads = [threading.Thread(target=servicer.PrepareDataset, args=(
-        pb.PrepareDatasetRequest(dataset="digits", rebuild=True), FakeContext()))
-        for _ in range(4)]
+    results = []
+
+    def rebuild():
+        results.append(servicer.PrepareDataset(
+            pb.PrepareDatasetRequest(dataset="digits", rebuild=True), FakeContext()))
+
+    threads = [threading.Thread(target=rebuild) for _ in range(4)]
     for t in threads:
         t.start()
-    wait_for(4)
-    catalog.release.set()
-    for t in threads:
-        t.join()
+    try:
+        wait_for(4)
+    finally:
+        catalog.release.set()
+        for t in threads:
+            t.join()
+    assert len(results) == 4 and all(dict(r.split_sizes) == SIZES for r in results)
     assert catalog.builds == [("digits", "default", False), ("digits", "default", True)]
 
 
