@@ -54,9 +54,10 @@ class FakeCatalog(DatasetCatalog):
         return SIZES if (dataset, config) in self.built else None
 
 
-def _count_arrivals(servicer):
-    """Make every PrepareDataset caller that reaches the servicer's build lock count itself
-    (before it waits for the lock); returns a function that waits for n of them."""
+def _prepare_all_at_once(servicer, catalog, requests):
+    """Call PrepareDataset with every request at once, each from its own thread, holding the
+    catalog's build until every caller has reached the servicer's build lock (counted before
+    it waits for the lock), so each one overlaps the build; returns the answers."""
     arrived = threading.Condition()
     count = [0]
     lock_for = servicer._lock_for
@@ -75,11 +76,24 @@ def _count_arrivals(servicer):
             return self.lock.__exit__(*exc)
 
     servicer._lock_for = lambda key: Counting(lock_for(key))
+    results = []
 
-    def wait_for(n):
+    def call(request):
+        results.append(servicer.PrepareDataset(request, FakeContext()))
+
+    catalog.release.clear()
+    threads = [threading.Thread(target=call, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    try:
         with arrived:
+            n = len(requests)
             assert arrived.wait_for(lambda: count[0] >= n, timeout=30), f"{count[0]} of {n} arrived"
-    return wait_for
+    finally:
+        catalog.release.set()
+        for t in threads:
+            t.join()
+    return results
 
 
 @pytest.fixture
@@ -96,26 +110,10 @@ def _abort(call):
 def test_concurrent_prepares_build_once():
     catalog = FakeCatalog()
     servicer = ShardingServicer(catalog)
-    results = []
-
-    def prepare(config):
-        results.append(servicer.PrepareDataset(
-            pb.PrepareDatasetRequest(dataset="mnist1d", config=config), FakeContext()))
-
-    # "" and "default" name the same config: still one build. The build is held until all 8
-    # callers are at the lock, so every one of them overlaps it.
-    wait_for = _count_arrivals(servicer)
-    catalog.release.clear()
-    threads = [threading.Thread(target=prepare, args=("" if i % 2 else "default",))
-               for i in range(8)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(8)
-    finally:
-        catalog.release.set()
-        for t in threads:
-            t.join()
+    # "" and "default" name the same config: still one build, though all 8 callers overlap it.
+    results = _prepare_all_at_once(servicer, catalog, [
+        pb.PrepareDatasetRequest(dataset="mnist1d", config="" if i % 2 else "default")
+        for i in range(8)])
     assert catalog.builds == [("mnist1d", "default", False)]
     assert len(results) == 8
     assert all(dict(r.split_sizes) == SIZES and r.config == "default" for r in results)
@@ -127,23 +125,8 @@ def test_concurrent_rebuilds_build_once_more():
     servicer = ShardingServicer(catalog)
     servicer.PrepareDataset(pb.PrepareDatasetRequest(dataset="digits"), FakeContext())
     # Four rebuilds, all arrived before the first of them finishes: one rebuild serves them.
-    wait_for = _count_arrivals(servicer)
-    catalog.release.clear()
-    results = []
-
-    def rebuild():
-        results.append(servicer.PrepareDataset(
-            pb.PrepareDatasetRequest(dataset="digits", rebuild=True), FakeContext()))
-
-    threads = [threading.Thread(target=rebuild) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(4)
-    finally:
-        catalog.release.set()
-        for t in threads:
-            t.join()
+    results = _prepare_all_at_once(servicer, catalog, [
+        pb.PrepareDatasetRequest(dataset="digits", rebuild=True) for _ in range(4)])
     assert len(results) == 4 and all(dict(r.split_sizes) == SIZES for r in results)
     assert catalog.builds == [("digits", "default", False), ("digits", "default", True)]
 
