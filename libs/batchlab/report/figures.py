@@ -197,9 +197,9 @@ def plot_seed_distributions(experiment: Experiment, workload: str, batch_size: i
 def plot_steps_to_target(experiment: Experiment, workload: str, path: str | Path) -> Path:
     """Median steps to the target against batch size, one line per optimizer.
 
-    The x axis is log2 (batch sizes), the y axis log. Small dots are the seeds; a median of
-    "never" (half the seeds or more never reached the target) and seeds that never reached
-    it are drawn as open markers on a "never" row above the largest step budget. A grey
+    The x axis is log2 (batch sizes), the y axis log. Small dots are the seeds, those that
+    never reached the target on a "never" row above the largest step budget; a median of
+    "never" (half the seeds or more never reached it) is an open circle on that row. A grey
     dashed line shows each point's step budget, the most steps a run could take; a dotted
     line in each optimizer's colour is perfect scaling from its smallest batch size (drawn only
     when that point's median reached the target), and a shaded bar below each median spans
