@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/all.lock
+BOOTSTRAP := requirements/bootstrap.lock
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export JAX_PLATFORMS ?= cpu
@@ -18,10 +20,14 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): $(LOCK) pyproject.toml
+# The installer is uv, itself pinned by hash (requirements/bootstrap.lock) and installed by pip:
+# it installs the hashed lock in seconds where pip takes minutes. It reads PyPI (or UV_INDEX_URL),
+# not pip's configuration.
+$(STAMP): $(LOCK) $(BOOTSTRAP) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(BOOTSTRAP)
+	$(UV) pip install --python $(PY) --quiet --require-hashes -r $(LOCK)
+	$(UV) pip install --python $(PY) --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create .venv from the pinned lock, generate protos, install promtool (idempotent)
@@ -57,7 +63,7 @@ lint: setup ## ruff, the import contracts (pyproject [tool.importlinter]) and my
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy
 
-lock: ## re-resolve the lock files from pyproject.toml (needs uv)
+lock: ## re-resolve the lock files from pyproject.toml (needs uv; requirements/bootstrap.lock pins uv itself, bumped by hand)
 	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
 	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --extra data --python-version 3.11 --generate-hashes -o requirements/controller.lock
 	uv pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
