@@ -136,3 +136,28 @@ def test_a_folder_resumed_by_other_code_names_every_version_in_its_report(tmp_pa
     report = write_report(tmp_path, tmp_path / "report").read_text()
     assert ("from run file 1 on, commit `aaaa` with uncommitted changes" in report
             and f"from run file {done} on, commit `bbbb` (batchlab 0.1.0)" in report)
+
+
+def test_run_files_placed_before_the_first_session_are_not_credited_to_its_code(tmp_path, monkeypatch):
+    """Runs copied in from another experiment with the same studies: the report said the first
+    session's commit produced every run, the copied ones included."""
+    from batchlab.report import write_report
+    from batchlab.runner import local
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    monkeypatch.setattr(local, "code_version", lambda: {"commit": "aaaa", "dirty": False, "version": "0.1.0"})
+    run_experiment(TINY, source, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    runs = sorted((source / "runs").glob("*/*.json"))
+    for path in runs[:2]:  # two run files copied in before the runner ever ran on target
+        copy = target / "runs" / path.parent.name / path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    monkeypatch.setattr(local, "code_version", lambda: {"commit": "bbbb", "dirty": False, "version": "0.1.0"})
+    run_experiment(TINY, target, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    assert [s["runs_before"] for s in ResultStore(target).read_experiment()["sessions"]] == [2]
+    report = write_report(target, target / "report").read_text()
+    assert "The first 2 run files were in the folder before the runner's first recorded session" in report
+    assert "From run file 3 on, commit `bbbb` (batchlab 0.1.0)" in report
+    assert "Results produced by the code at commit `bbbb`" not in report

@@ -120,7 +120,17 @@ def _provenance(experiment: Experiment) -> list[str]:
     ]
     code = experiment.code
     versions = {_code_text(session.get("code") or {}) for session in experiment.sessions}
-    if len(versions) > 1:
+    unrecorded = experiment.sessions[0].get("runs_before", 0) if experiment.sessions else 0
+    if unrecorded:
+        # Run files placed in the folder before the runner first ran on it (copied from another
+        # experiment whose studies are the same, say): this folder does not say which code made them.
+        lines.append(f"- The first {unrecorded} run files were in the folder before the runner's first "
+                     "recorded session here: which code produced them is not recorded in this folder. "
+                     + "; ".join(f"From run file {session.get('runs_before', 0) + 1} on, "
+                                 f"{_code_text(session.get('code') or {})} (started "
+                                 f"{session.get('started_at', '?')})"
+                                 for session in experiment.sessions) + ".")
+    elif len(versions) > 1:
         lines.append("- Results produced by more than one version of the code (the runner was "
                      "started again on this folder): "
                      + "; ".join(f"from run file {session.get('runs_before', 0) + 1} on, "
