@@ -1,6 +1,8 @@
 """The batchlab-vs-Ray-Tune benchmark (benchmarks/tune.py): its fairness check catches a trial
-whose numbers differ, and its quick run drives all three paths over the protocol's trials with
-identical numbers and renders the ratios against Tune."""
+whose numbers differ; run() turns the three paths' measurements into figures, ratios, the
+fairness check and markdown (checked on fixed measurements); the quick study runs for real
+through `batchlab local run` and then through Ray Tune with identical numbers; the services
+path's figures are read from the controller's trials. The full three-path run is `make bench`."""
 
 from __future__ import annotations
 
@@ -91,53 +93,133 @@ def test_the_study_fills_the_slots_in_whole_waves(parallel):
     assert (bench.SPEC["trials_per_study"], bench.SPEC["seeds_per_best"]) == (4, 2)
 
 
-@pytest.fixture(scope="module")
-def quick_run():
-    return bench.run(rounds=1, quick=True)
+def _fake_paths(monkeypatch, accuracies: dict[str, float], *, tune_differs: str | None = None) -> None:
+    """The three paths replaced by measurements of fixed numbers: run()'s own logic alone."""
+    calls: list[str] = []
+
+    def local(root, the_spec):
+        calls.append("local")
+        reference, _ = _measured(accuracies)
+        return {"cold_s": 10.0, "warm_s": 4.0, "execution": {"parallel": 2, "threads_per_run": {"w": 1},
+                                                             "cpus": 2, "reason": "fake"},
+                "cold": reference, "warm": copy.deepcopy(reference)}
+
+    def services(root, the_spec, execution):
+        calls.append("services")
+        trials = {key: {"final_metrics": {"validation/accuracy": acc}, "outcome": "SUCCEEDED",
+                        "steps_to_target": 30, "span_s": 3.0} for key, acc in accuracies.items()}
+        return {"cold_s": 15.0, "warm_s": 3.0, "startup_s": 9.0, "cold": trials,
+                "warm": copy.deepcopy(trials)}
+
+    def tune(root, the_spec, runs, execution):
+        calls.append("tune")
+        assert [r["request"]["trial_index"] for r in runs] == list(range(len(accuracies)))
+
+        def fit(start: float) -> dict:
+            trials = []
+            for k, (key, acc) in enumerate(accuracies.items()):
+                value = float(np.nextafter(acc, 1.0)) if key == tune_differs else acc
+                trials.append({"key": key, "result": _result(value), "pid": 100 + k,
+                               "entered_at": start + 1.0, "ready_at": start + 2.0, "ended_at": start + 4.0})
+            return {"fit_start": start, "fit_end": start + 5.0, "trials": trials}
+
+        return {"cold_s": 20.0, "warm_s": 8.0, "import_s": 1.0, "ray_start_s": 5.0,
+                "cold": fit(0.0), "warm": fit(10.0)}
+
+    monkeypatch.setattr(bench, "_local", local)
+    monkeypatch.setattr(bench, "_services", services)
+    monkeypatch.setattr(bench, "_tune", tune)
+    return calls
 
 
-@pytest.mark.slow
-def test_the_quick_run_measures_every_path_cold_and_warm(quick_run):
-    figures = quick_run["figures"]
+def test_run_turns_the_paths_measurements_into_figures_ratios_and_markdown(monkeypatch):
+    calls = _fake_paths(monkeypatch, {"t0_r0": 0.565, "t1_r0": 0.8275})
+    result = bench.run(rounds=2, quick=True)
+    assert calls == ["local", "services", "tune", "services", "tune", "local"]  # rotating order
+    figures = result["figures"]
     assert set(figures) == {f"{p}_{phase}" for p in bench.PATHS for phase in ("cold", "warm")}
-    for name, fig in figures.items():
-        assert fig["runs"] == 2, name
-        assert fig["median_s"] > 0 and len(fig["wall_s"]) == 1, name
-        assert fig["runs_per_hour"] == pytest.approx(2 * 3600 / fig["median_s"]), name
-    for path in ("services", "local"):
-        for phase in ("cold", "warm"):
-            assert quick_run["ratios"][f"{path}_over_tune_{phase}"] == pytest.approx(
-                figures[f"{path}_{phase}"]["median_s"] / figures[f"tune_{phase}"]["median_s"])
-    cold_tune = quick_run["breakdown"][0]["cold"]["tune"]
-    assert cold_tune["runs"] == 2 and cold_tune["ray_start_s"] > 0 and cold_tune["startup_time_s_sum_s"] > 0
-    # The same P on every path: batchlab's plan for this machine.
-    assert quick_run["setup"]["parallel"] >= 1
-
-
-@pytest.mark.slow
-def test_tune_ran_the_protocols_trials_with_the_same_numbers(quick_run):
-    fair = quick_run["fairness"]
-    assert fair["mismatches"] == [] and fair["identical"]
-    assert fair["compared"] == 3 * 2 * 2  # three paths, cold and warm, two runs
-    (study,) = expand_studies(load_spec(bench.spec(quick=True)))
-    assert [t["key"] for t in fair["first_round"]] == ["t0_r0", "t1_r0"]
-    for index, trial in enumerate(fair["first_round"]):
-        assert trial["seed"] == study.tuning_seed(index)
-        assert trial["hyperparameters"] == study.hyperparameters(index)
-        assert isinstance(trial["local"], float) and 0.0 <= trial["local"] <= 1.0
-        assert trial["tune"] == trial["local"] and trial["services"] == trial["local"]
-
-
-@pytest.mark.slow
-def test_the_markdown_renders_the_ratio_rows_and_the_fairness_check(quick_run):
-    md = bench.to_markdown(quick_run)
-    ratios = quick_run["ratios"]
+    assert figures["tune_cold"] == {"wall_s": [20.0, 20.0], "median_s": 20.0, "runs": 2,
+                                    "runs_per_hour": 2 * 3600 / 20.0}
+    assert figures["services_warm"]["median_s"] == 3.0 and figures["local_warm"]["median_s"] == 4.0
+    assert result["ratios"] == {"services_over_tune_cold": 15.0 / 20.0, "services_over_tune_warm": 3.0 / 8.0,
+                                "local_over_tune_cold": 10.0 / 20.0, "local_over_tune_warm": 4.0 / 8.0}
+    cold = result["breakdown"][0]["cold"]
+    assert cold["tune"]["ray_start_s"] == 5.0 and cold["services"]["stack_start_s"] == 9.0
+    assert cold["tune"]["processes"] == 2 and cold["tune"]["start_wait_sum_s"] == 2.0
+    assert result["fairness"]["identical"] and result["fairness"]["compared"] == 2 * 3 * 2 * 2
+    md = bench.to_markdown(result)
     for label, key in [("services / Tune, cold", "services_over_tune_cold"),
                        ("services / Tune, warm", "services_over_tune_warm"),
                        ("local / Tune, cold", "local_over_tune_cold"),
                        ("local / Tune, warm", "local_over_tune_warm")]:
-        assert f"| {label} | {ratios[key]:.3f} |" in md
-    assert "all identical." in md
-    for trial in quick_run["fairness"]["first_round"]:
+        assert f"| {label} | {result['ratios'][key]:.3f} |" in md
+    assert "all identical." in md and "nan" not in md.lower()
+    for trial in result["fairness"]["first_round"]:
         assert f"| {trial['key']} | {trial['seed']} | {trial['local']!r} | {trial['tune']!r} |" in md
-    assert "nan" not in md.lower()
+
+
+def test_run_reports_a_tune_trial_whose_numbers_differ(monkeypatch):
+    _fake_paths(monkeypatch, {"t0_r0": 0.565, "t1_r0": 0.8275}, tune_differs="t1_r0")
+    fair = bench.run(rounds=1, quick=True)["fairness"]
+    assert not fair["identical"]
+    assert fair["mismatches"] == ["round 0 tune cold t1_r0", "round 0 tune warm t1_r0"]
+
+
+@pytest.fixture(scope="module")
+def local_then_tune(tmp_path_factory):
+    """The quick study through `batchlab local run` for real, then its runs through Ray Tune."""
+    from batchlab.runner.resources import plan_execution
+
+    root = tmp_path_factory.mktemp("tune_bench")
+    the_spec = bench.spec(quick=True, parallel=plan_execution([bench.SPEC["workloads"][0]["workload"]]).parallel)
+    local = bench._local(root, the_spec)
+    tune = bench._tune(root, the_spec, list(local["cold"].values()), local["execution"])
+    return the_spec, local, tune
+
+
+@pytest.mark.slow
+def test_tune_runs_the_protocols_trials_with_the_numbers_local_run_stored(local_then_tune):
+    the_spec, local, tune = local_then_tune
+    (study,) = expand_studies(load_spec(the_spec))
+    assert list(local["cold"]) == list(local["warm"]) == ["t0_r0", "t1_r0"]
+    for index, (key, stored) in enumerate(local["cold"].items()):
+        assert stored["request"]["seed"] == study.tuning_seed(index)
+        assert stored["request"]["hyperparameters"] == study.hyperparameters(index)
+        assert 0.0 <= stored["result"]["final_metrics"]["validation/accuracy"] <= 1.0
+        assert bench._comparable(local["warm"][key]["result"]) == bench._comparable(stored["result"])
+    for phase in ("cold", "warm"):
+        trials = tune[phase]["trials"]
+        assert [t["key"] for t in trials] == ["t0_r0", "t1_r0"], phase
+        for trial in trials:  # bit-identical to the local run's stored numbers
+            assert bench._comparable(trial["result"]) == bench._comparable(local["cold"][trial["key"]]["result"])
+    assert tune["cold_s"] > 0 and tune["warm_s"] > 0 and tune["ray_start_s"] > 0
+    waits = bench._tune_waits(tune["cold"], local["execution"]["parallel"])
+    assert waits["processes"] >= 1 and waits["set_up_sum_s"] > 0
+
+
+def test_the_services_figures_are_read_from_the_controllers_trials():
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from batchlab.proto.v1 import common_pb2, controller_pb2
+
+    def trial(index: int, outcome: int, steps: float, accuracy: float) -> controller_pb2.Trial:
+        return controller_pb2.Trial(
+            trial_index=index, replica=0, seed=40 + index, outcome=outcome,
+            final_metrics={"validation/accuracy": accuracy}, steps_to_target=steps,
+            start_time=Timestamp(seconds=1000 + index), end_time=Timestamp(seconds=1003 + 2 * index))
+
+    class Client:
+        def list(self):
+            return [controller_pb2.Experiment(name="experiments/a", spec={"name": "other"}),
+                    controller_pb2.Experiment(name="experiments/b", spec={"name": "tune-comparison"})]
+
+        def trials(self, name):
+            assert name == "experiments/b"
+            return [trial(0, common_pb2.SUCCEEDED, 30.0, 0.5), trial(1, common_pb2.DIVERGED, float("inf"), 0.1)]
+
+    assert bench._service_trials(Client(), "tune-comparison") == {
+        "t0_r0": {"seed": 40, "outcome": "SUCCEEDED", "final_metrics": {"validation/accuracy": 0.5},
+                  "steps_to_target": 30, "span_s": 3.0},
+        "t1_r0": {"seed": 41, "outcome": "DIVERGED", "final_metrics": {"validation/accuracy": 0.1},
+                  "steps_to_target": None, "span_s": 4.0},
+    }

@@ -1,15 +1,14 @@
 """A multi-host trial: two Ray trainer actors as two JAX processes (jax.distributed, gloo CPU
 collectives, coordinator on loopback), each feeding its shard of every batch, give the same
-result as one process training alone; and the controller runs such a trial on a gang of
-fresh trainers."""
+result as one process training alone. The controller running such a trial on a gang of fresh
+trainers (and a lost host) is tests/integration/test_services_path.py's multi-host test."""
 
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
-from integration_helpers import WORKLOAD, request, spec
+from integration_helpers import request
 
 pytestmark = pytest.mark.slow
 
@@ -56,44 +55,3 @@ def test_two_process_trial_matches_one_process(ray_cluster, tfds_dir, jax_cache_
     for point, reference in zip(results[0]["curve"], single["curve"], strict=True):
         for key, value in reference.items():
             assert math.isclose(point[key], value, rel_tol=1e-6, abs_tol=1e-9), (point, key)
-
-
-def test_controller_runs_a_multi_host_trial_on_a_gang_of_trainers(
-        ray_cluster, tfds_dir, jax_cache_dir, tmp_path):
-    from google.protobuf import json_format
-
-    from batchlab.proto.v1 import controller_pb2, experiment_pb2
-    from batchlab.rpc.testing import FakeContext
-    from services.controller.server import Controller, ControllerConfig
-
-    data = spec(name="gang", trials_per_study=1, max_total_trials=1,
-                resources={"cpus": 0.5, "num_hosts": 2})
-    data["workloads"][0]["hyperparameters"] = {"virtual_batch_size": 0}
-    data["workloads"][0]["points"] = [{"batch_size": 32, "step_budget": 20}]
-    config = ControllerConfig(
-        port=0, metrics_port=None, state_dir=str(tmp_path / "state"), num_trainers=2,
-        data_dir=tfds_dir, jax_cache_dir=jax_cache_dir, report_interval_s=0.0,
-        poll_interval_s=0.1, workloads=(WORKLOAD,))
-    controller = Controller(config)
-    controller.start()
-    try:
-        experiment = controller.servicer.SubmitExperiment(
-            controller_pb2.SubmitExperimentRequest(
-                spec=json_format.ParseDict(data, experiment_pb2.ExperimentSpec())),
-            FakeContext())
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            final = controller.servicer.GetExperiment(
-                controller_pb2.GetExperimentRequest(name=experiment.name), FakeContext())
-            if final.state not in (controller_pb2.Experiment.PENDING,
-                                   controller_pb2.Experiment.RUNNING):
-                break
-            time.sleep(0.2)
-        assert final.state == controller_pb2.Experiment.SUCCEEDED, final.error
-        (attempt,) = controller.storage.attempts(experiment.name.split("/")[1])
-        assert attempt.worker.count("+") == 1  # two trainers, one JAX process each
-        assert attempt.result["outcome"] == "SUCCEEDED"
-        # The gang's processes joined a distributed system: they were retired after it.
-        assert controller.pool.counts() == {"idle": 0, "busy": 0}
-    finally:
-        controller.stop(grace=1.0)

@@ -5,7 +5,8 @@
     trainer's own in-process evaluation of the same trial.
   - Data sharding as a service: a trial killed mid-run and resumed on another trainer reads
     exactly the examples an undisturbed run reads (example indices compared step by step);
-    the hosts of a multi-host trial read disjoint shards and resume from a checkpoint.
+    the hosts of a multi-host trial (a gang of fresh trainers, retired after it) read disjoint
+    shards and resume from a checkpoint.
   - Placement: a run asking for resources no node has stays PENDING with the reason and
     ends unschedulable; nothing runs it elsewhere.
 """
@@ -235,6 +236,8 @@ def test_a_multi_host_trial_reads_disjoint_shards_and_resumes_from_a_checkpoint(
         final = _wait_for_end(controller, experiment.name, timeout=400)
         assert final.state == controller_pb2.Experiment.SUCCEEDED, final.error
         lost, resumed = storage.attempts(experiment_id)
+        # A JAX process joins one distributed system in its life: both gangs were retired.
+        assert controller.pool.counts() == {"idle": 0, "busy": 0}
     finally:
         storage.release.set()
         controller.stop(grace=1.0)
