@@ -40,7 +40,7 @@ protos: $(STAMP) ## regenerate Python code from protos/ into libs/batchlab/proto
 run: setup ## run the main job on the embedded default
 	$(PY) -m batchlab.cli demo --out results/demo
 
-test: setup ## run the test suite (two workers; the heavy tests in three groups, see tests/conftest.py)
+test: setup ## run the test suite (two workers: the system tests on one, the rest beside them)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 bench: setup ## side-by-side benchmarks, written to benchmarks/results/

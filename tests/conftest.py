@@ -16,26 +16,23 @@ for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"
     os.environ.setdefault(_key, _value)
 
 
+# Folders whose tests start Ray, a stack of services or a benchmark run, and their xdist group.
+_HEAVY_FOLDERS = {"integration": "system", "benchmarks": "benchmarks"}
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Group the heavy tests for xdist (``make test`` runs two workers, --dist loadgroup).
 
-    Three groups, each run one test after another on one worker: "system" (the tests on the
-    session's shared Ray cluster, the ``ray_cluster`` fixture, which then starts once), "stacks"
-    (the other integration tests: each starts its own stack of services, Ray head or controller
-    process) and "benchmarks" (the benchmark smoke runs). With two workers at most two heavy
-    things run at once; the unit tests fill the gaps. One group for all of them made that group
-    alone longer than half the suite, the critical path of ``make test``. Marked as each item is
-    collected, before any collection hook (xdist reads the marks in its own). Without xdist the
-    marks do nothing.
+    The tests that start Ray or a stack of services run one after another on one worker, and
+    the benchmark smoke runs one after another on a worker, so at most two such things run at
+    once on the machine; the unit tests fill the gaps (much of a system test is waiting for
+    processes to start). Marked as each item is collected, before any collection hook (xdist
+    reads the marks in its own). Without xdist the marks do nothing.
     """
     folder = item.path.relative_to(item.config.rootpath / "tests").parts[0]
-    group = None
-    if "ray_cluster" in getattr(item, "fixturenames", ()):
+    group = _HEAVY_FOLDERS.get(folder)
+    if group is None and "ray_cluster" in getattr(item, "fixturenames", ()):
         group = "system"
-    elif folder == "integration":
-        group = "stacks"
-    elif folder == "benchmarks":
-        group = "benchmarks"
     if group is not None:
         item.add_marker(pytest.mark.xdist_group(group))
 
