@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/all.lock
 BOOTSTRAP := requirements/bootstrap.lock
-UV := $(VENV)/bin/uv
+UV := $(if $(and $(PIP_INDEX_URL),$(if $(UV_INDEX_URL),,x)),UV_INDEX_URL=$(PIP_INDEX_URL) )$(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 export JAX_PLATFORMS ?= cpu
@@ -22,9 +22,10 @@ help: ## list the targets
 
 # The installer is uv, itself pinned by hash (requirements/bootstrap.lock) and installed by pip:
 # it installs the hashed lock in seconds where pip takes minutes. It reads PyPI (or UV_INDEX_URL),
-# not pip's configuration. --compile-bytecode as pip does: without .pyc files every Python process
-# (each test's servers and workers) compiles jax, ray and the rest again where
-# PYTHONDONTWRITEBYTECODE is set (importing them took 9.9 s instead of 4.0 s here).
+# not pip's configuration: a PIP_INDEX_URL is passed on as UV_INDEX_URL when that is unset.
+# --compile-bytecode as pip does: without .pyc files every Python process (each test's servers
+# and workers) compiles jax, ray and the rest again where PYTHONDONTWRITEBYTECODE is set
+# (importing them took 9.9 s instead of 4.0 s here).
 $(STAMP): $(LOCK) $(BOOTSTRAP) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r $(BOOTSTRAP)
@@ -65,10 +66,10 @@ lint: setup ## ruff, the import contracts (pyproject [tool.importlinter]) and my
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy
 
-lock: ## re-resolve the lock files from pyproject.toml (needs uv; requirements/bootstrap.lock pins uv itself, bumped by hand)
-	uv pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
-	uv pip compile pyproject.toml --extra rpc --extra report --extra cluster --extra data --python-version 3.11 --generate-hashes -o requirements/controller.lock
-	uv pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
+lock: $(STAMP) ## re-resolve the lock files from pyproject.toml with the venv's pinned uv (requirements/bootstrap.lock, bumped by hand)
+	$(UV) pip compile pyproject.toml --extra all --python-version 3.11 --generate-hashes -o requirements/all.lock
+	$(UV) pip compile pyproject.toml --extra rpc --extra report --extra cluster --extra data --python-version 3.11 --generate-hashes -o requirements/controller.lock
+	$(UV) pip compile pyproject.toml --extra ml --extra data --extra rpc --extra cluster --python-version 3.11 --generate-hashes -o requirements/trainer.lock
 	scripts/lock_accelerators.sh
 
 clean: ## remove the virtual environment and generated results
