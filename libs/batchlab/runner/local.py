@@ -282,13 +282,17 @@ def _stored_threads(store: ResultStore, studies: list[Study],
     """The thread counts this folder's stored runs used, by workload (kept on resume).
 
     A folder from before worker processes ran everything in one process with all its CPUs.
+    Run files with no experiment.json beside them (copied in from another folder) are assumed
+    to be such runs too; the warning says so, since results depend on the thread count.
     """
     stored = dict((execution or {}).get("threads_per_run") or {})
     with_runs = {s.workload for s in studies if store.records(s.id)}
     legacy = sorted(w for w in with_runs if w not in stored)
     if legacy and not execution:
-        log.warning("%s: runs stored without a thread count (an older batchlab trained them in "
-                    "one process on all its CPUs); the remaining runs of %s use %d thread(s) too",
+        log.warning("%s: run files without a recorded thread count (no experiment.json: made by an "
+                    "older batchlab, which trained in one process on all its CPUs, or copied in); "
+                    "assuming all CPUs, the remaining runs of %s use %d thread(s) too. Results depend "
+                    "on the thread count: if the stored runs used another, start a new folder",
                     store.root, ", ".join(legacy), available_cpus())
         stored.update({w: available_cpus() for w in legacy})
     return {w: int(t) for w, t in stored.items()}
