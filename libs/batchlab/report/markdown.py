@@ -4,7 +4,7 @@ tables, figures) built from its stored results, and the function that writes it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,23 +126,23 @@ def _provenance(experiment: Experiment) -> list[str]:
         # experiment whose studies are the same, say): this folder does not say which code made them.
         lines.append(f"- The first {unrecorded} run files were in the folder before the runner's first "
                      "recorded session here: which code produced them is not recorded in this folder. "
-                     + "; ".join(f"From run file {session.get('runs_before', 0) + 1} on, "
-                                 f"{_code_text(session.get('code') or {})} (started "
-                                 f"{session.get('started_at', '?')})"
-                                 for session in experiment.sessions) + ".")
+                     + _sessions_text(experiment.sessions, "From") + ".")
     elif len(versions) > 1:
         lines.append("- Results produced by more than one version of the code (the runner was "
-                     "started again on this folder): "
-                     + "; ".join(f"from run file {session.get('runs_before', 0) + 1} on, "
-                                 f"{_code_text(session.get('code') or {})} (started "
-                                 f"{session.get('started_at', '?')})"
-                                 for session in experiment.sessions) + ".")
+                     "started again on this folder): " + _sessions_text(experiment.sessions, "from") + ".")
     elif code:
         lines.append(f"- Results produced by the code at {_code_text(code)}.")
     if provisional:
         lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
                      "provisional, scored from their run files so far.")
     return lines + [""]
+
+
+def _sessions_text(sessions: Sequence[Mapping[str, Any]], lead: str) -> str:
+    """Each runner session on the folder: from which run file on, which code, when it started."""
+    return "; ".join(f"{lead} run file {session.get('runs_before', 0) + 1} on, "
+                     f"{_code_text(session.get('code') or {})} (started {session.get('started_at', '?')})"
+                     for session in sessions)
 
 
 def _code_text(code: Mapping[str, Any]) -> str:
