@@ -93,8 +93,10 @@ def test_the_study_fills_the_slots_in_whole_waves(parallel):
     assert (bench.SPEC["trials_per_study"], bench.SPEC["seeds_per_best"]) == (4, 2)
 
 
-def _fake_paths(monkeypatch, accuracies: dict[str, float], *, tune_differs: str | None = None) -> None:
-    """The three paths replaced by measurements of fixed numbers: run()'s own logic alone."""
+def _fake_paths(monkeypatch, accuracies: dict[str, float], *, tune_differs: str | None = None) -> list[str]:
+    """The three paths replaced by measurements of fixed numbers: run()'s own logic alone.
+
+    Returns the paths in the order run() called them."""
     calls: list[str] = []
 
     def local(root, the_spec):
@@ -106,8 +108,8 @@ def _fake_paths(monkeypatch, accuracies: dict[str, float], *, tune_differs: str 
 
     def services(root, the_spec, execution):
         calls.append("services")
-        trials = {key: {"final_metrics": {"validation/accuracy": acc}, "outcome": "SUCCEEDED",
-                        "steps_to_target": 30, "span_s": 3.0} for key, acc in accuracies.items()}
+        _, (round_,) = _measured(accuracies)
+        trials = {key: {**trial, "span_s": 3.0} for key, trial in round_["services"]["cold"].items()}
         return {"cold_s": 15.0, "warm_s": 3.0, "startup_s": 9.0, "cold": trials,
                 "warm": copy.deepcopy(trials)}
 
