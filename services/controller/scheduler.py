@@ -442,22 +442,12 @@ class Scheduler:
             log.info("experiment %s SUCCEEDED", experiment.id)
 
     def _fail(self, experiment: ExperimentRecord, error: str) -> None:
-        if self.storage.set_experiment_state(
-                experiment.id, ExperimentState.FAILED, error=error,
-                expected=[ExperimentState.PENDING, ExperimentState.RUNNING]):
+        changed, _ = self.storage.end_experiment(
+            experiment.id, ExperimentState.FAILED, error=error,
+            expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
+            cancel_error="experiment failed")
+        if changed:
             log.error("experiment %s FAILED: %s", experiment.id, error)
-        self.cancel_queued(experiment.id, error="experiment failed")
-
-    def cancel_queued(self, experiment_id: str, error: str = "experiment cancelled") -> int:
-        """Complete the experiment's QUEUED (and EVALUATING: nobody waits for their
-        evaluations any more) attempts as CANCELLED; returns how many."""
-        count = 0
-        waiting = [AttemptState.QUEUED, AttemptState.EVALUATING]
-        for attempt in self.storage.attempts(experiment_id, states=waiting):
-            if self.storage.complete_attempt(attempt.id, "CANCELLED", error=error,
-                                             expected=waiting):
-                count += 1
-        return count
 
     def _set_pending(self, attempt: AttemptRecord, reason: str, *, permanent: bool = True) -> None:
         if self._pending.get(attempt.id, attempt.pending_reason) != reason:

@@ -55,7 +55,7 @@ from services.controller.storage import (
     TrialKey,
 )
 
-__all__ = ["ExperimentServicer", "PageToken", "cancel_queued_attempts"]
+__all__ = ["ExperimentServicer", "PageToken"]
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +171,6 @@ def trial_key_of(name: str, field: str) -> TrialKey:
                                      f"(t and r: up to 9 digits), got {shorten(name)}")
     e, s, t, r = match.groups()
     return TrialKey(e, s, int(t), int(r))
-
-
-def cancel_queued_attempts(storage: ExperimentStorage, experiment_id: str,
-                           error: str = "experiment cancelled") -> int:
-    """Complete an experiment's QUEUED and EVALUATING attempts as CANCELLED (nobody waits
-    for those evaluations any more); returns how many."""
-    count = 0
-    waiting = [AttemptState.QUEUED, AttemptState.EVALUATING]
-    for attempt in storage.attempts(experiment_id, states=waiting):
-        if storage.complete_attempt(attempt.id, "CANCELLED", error=error, expected=waiting):
-            count += 1
-    return count
 
 
 def _outcome_value(name: str | None) -> int:
@@ -514,15 +502,15 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
                 raise FailedPrecondition(f"{record.name} already ended {record.state.value}; "
                                          "only a pending or running experiment can be "
                                          "cancelled")
-            changed = self.storage.set_experiment_state(
+            changed, cancelled = self.storage.end_experiment(
                 record.id, ExperimentState.CANCELLED,
-                expected=[ExperimentState.PENDING, ExperimentState.RUNNING])
+                expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
+                cancel_error="experiment cancelled")
             if not changed:  # it ended meanwhile
                 record = self.storage.get_experiment(record.id)
                 if record.state is not ExperimentState.CANCELLED:
                     raise FailedPrecondition(f"{record.name} already ended "
                                              f"{record.state.value}")
-            cancelled = cancel_queued_attempts(self.storage, record.id)
             log.info("cancelled %s (%d queued attempts dropped)", record.name, cancelled)
             self._wake()
         return self._experiment(self.storage.get_experiment(record.id))

@@ -70,6 +70,20 @@ class ExperimentStorage(abc.ABC):
           Whether the state changed.
         """
 
+    @abc.abstractmethod
+    def end_experiment(self, experiment_id: str, state: ExperimentState, *,
+                       expected: Iterable[ExperimentState], error: str = "",
+                       cancel_error: str) -> tuple[bool, int]:
+        """Move an experiment to the terminal `state` (if it is in one of `expected`) and, in
+        the same transaction, complete its QUEUED and EVALUATING attempts as CANCELLED with
+        `cancel_error` (nobody runs or waits for them any more). A reader never sees the
+        experiment ended while runs of it still wait.
+
+        Returns:
+          Whether the state changed, and how many attempts were cancelled (they are
+          cancelled even when the state did not change: the experiment had ended already).
+        """
+
     # -- attempts ---------------------------------------------------------------------------
     @abc.abstractmethod
     def add_attempts(self, attempts: Sequence[NewAttempt]) -> list[AttemptRecord]:

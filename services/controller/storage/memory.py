@@ -96,6 +96,20 @@ class InMemoryStorage(ExperimentStorage):
                 state not in TERMINAL_EXPERIMENT_STATES else now)
             return True
 
+    def end_experiment(self, experiment_id: str, state: ExperimentState, *,
+                       expected: Iterable[ExperimentState], error: str = "",
+                       cancel_error: str) -> tuple[bool, int]:
+        if state not in TERMINAL_EXPERIMENT_STATES:
+            raise ValueError(f"end_experiment: {state} is not a terminal state")
+        waiting = [AttemptState.QUEUED, AttemptState.EVALUATING]
+        with self._lock:  # reentrant: the two steps are one transaction
+            changed = self.set_experiment_state(experiment_id, state, expected=expected,
+                                                error=error)
+            cancelled = sum(self.complete_attempt(a.id, "CANCELLED", error=cancel_error,
+                                                  expected=waiting)
+                            for a in self.attempts(experiment_id, states=waiting))
+        return changed, cancelled
+
     def add_attempts(self, attempts: Sequence[NewAttempt]) -> list[AttemptRecord]:
         with self._lock:
             existing = {(a.trial, a.attempt) for a in self._attempts.values()}

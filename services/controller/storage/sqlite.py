@@ -276,6 +276,27 @@ class SQLiteStorage(ExperimentStorage):
                 (str(state), error, error, start, end, experiment_id, *expected))
             return cursor.rowcount == 1
 
+    def end_experiment(self, experiment_id: str, state: ExperimentState, *,
+                       expected: Iterable[ExperimentState], error: str = "",
+                       cancel_error: str) -> tuple[bool, int]:
+        if state not in TERMINAL_EXPERIMENT_STATES:
+            raise ValueError(f"end_experiment: {state} is not a terminal state")
+        expected = [str(s) for s in expected]
+        waiting = [str(AttemptState.QUEUED), str(AttemptState.EVALUATING)]
+        now = self._clock()
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
+                "ELSE ? END, end_time = COALESCE(end_time, ?) "
+                f"WHERE id = ? AND state IN ({_placeholders(expected)})",
+                (str(state), error, error, now, experiment_id, *expected)).rowcount == 1
+            cancelled = conn.execute(
+                "UPDATE attempts SET state = ?, outcome = 'CANCELLED', error = ?, "
+                "end_time = ?, pending_reason = '', pending_since = NULL "
+                f"WHERE experiment_id = ? AND state IN ({_placeholders(waiting)})",
+                (AttemptState.COMPLETED, cancel_error, now, experiment_id, *waiting)).rowcount
+        return changed, cancelled
+
     # -- attempts ---------------------------------------------------------------------------
     def add_attempts(self, attempts: Sequence[NewAttempt]) -> list[AttemptRecord]:
         ids = []

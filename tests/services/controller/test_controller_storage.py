@@ -167,6 +167,76 @@ def test_fail_active_attempts_marks_only_active_ones(storage):
     }
 
 
+def test_end_experiment_cancels_only_waiting_attempts_with_the_state_change(make_storage):
+    clock = FakeClock()
+    storage = make_storage(clock)
+    storage.create_experiment("e1", "", SPEC)
+    storage.create_experiment("e2", "", SPEC)
+    queued = _queue(storage, (0, 0, 1), (1, 0, 1), (2, 0, 1), (3, 0, 1))
+    other = _queue(storage, (0, 0, 1), experiment="e2")
+    storage.activate_attempt(queued[0].id, "w0")  # stays ACTIVE: its trainer is told apart
+    storage.activate_attempt(queued[1].id, "w1")
+    storage.finish_training(queued[1].id, {"steps_completed": 5})  # EVALUATING
+    storage.activate_attempt(queued[2].id, "w2")
+    storage.complete_attempt(queued[2].id, "SUCCEEDED", result={"steps_completed": 9})
+    clock.now = 1050.0
+    assert storage.end_experiment("e1", ExperimentState.FAILED, error="boom",
+                                  expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
+                                  cancel_error="experiment failed") == (True, 2)
+    record = storage.get_experiment("e1")
+    assert (record.state, record.error, record.end_time) == (ExperimentState.FAILED, "boom",
+                                                             1050.0)
+    states = {a.id: (a.state, a.outcome, a.error) for a in storage.attempts("e1")}
+    assert states == {
+        queued[0].id: (AttemptState.ACTIVE, None, ""),
+        queued[1].id: (AttemptState.COMPLETED, "CANCELLED", "experiment failed"),
+        queued[2].id: (AttemptState.COMPLETED, "SUCCEEDED", ""),
+        queued[3].id: (AttemptState.COMPLETED, "CANCELLED", "experiment failed"),
+    }
+    assert storage.get_attempt(_trial(trial=1), 1).step == 5  # what it trained is kept
+    assert storage.get_attempt(_trial(trial=3), 1).end_time == 1050.0
+    # Another experiment's runs are not touched; ending twice changes nothing.
+    assert storage.attempts("e2")[0].state is AttemptState.QUEUED and other
+    assert storage.end_experiment("e1", ExperimentState.CANCELLED,
+                                  expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
+                                  cancel_error="experiment cancelled") == (False, 0)
+    assert storage.get_experiment("e1").state is ExperimentState.FAILED
+    with pytest.raises(ValueError, match="not a terminal state"):
+        storage.end_experiment("e2", ExperimentState.RUNNING,
+                               expected=[ExperimentState.PENDING], cancel_error="x")
+
+
+def test_a_reader_never_sees_an_ended_experiment_with_waiting_runs(storage):
+    """Ending an experiment and cancelling its queued runs is one transaction: the
+    controller's scheduler thread ends experiments while RPC threads read them."""
+    n = 40
+    for i in range(n):
+        storage.create_experiment(f"e{i}", "", SPEC)
+        _queue(storage, (0, 0, 1), (1, 0, 1), (2, 0, 1), experiment=f"e{i}")
+    seen: list[str] = []
+    done = threading.Event()
+
+    def read():
+        while not done.is_set():
+            for i in range(n):
+                if storage.get_experiment(f"e{i}").terminal and storage.attempts(
+                        f"e{i}", states=[AttemptState.QUEUED]):
+                    seen.append(f"e{i}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(n):
+            storage.end_experiment(f"e{i}", ExperimentState.FAILED, error="unschedulable",
+                                   expected=[ExperimentState.PENDING],
+                                   cancel_error="experiment failed")
+    finally:
+        done.set()
+        reader.join()
+    assert seen == []
+    assert all(a.outcome == "CANCELLED" for i in range(n) for a in storage.attempts(f"e{i}"))
+
+
 def test_points_are_keyed_by_trial_attempt_and_step(storage):
     storage.create_experiment("e1", "", SPEC)
     storage.create_experiment("e2", "", SPEC)
