@@ -36,3 +36,18 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
     spec = copy.deepcopy(TINY)
     spec.update(overrides)
     return spec
+
+
+def derive_other_learning_rates(monkeypatch: Any, factor: float) -> None:
+    """Make batchlab derive every trial's peak learning rate `factor` times larger, as a code
+    change to the search space's mapping would: stored runs then no longer match their trials."""
+    from batchlab.search.study import Study
+
+    derive = Study.hyperparameters
+
+    def shifted(self: Study, trial_index: int) -> dict[str, Any]:
+        mapping = derive(self, trial_index)
+        mapping["optimizer"]["learning_rate"]["peak_value"] *= factor
+        return mapping
+
+    monkeypatch.setattr(Study, "hyperparameters", shifted)

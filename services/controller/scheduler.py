@@ -44,7 +44,14 @@ from typing import Any
 from google.protobuf import json_format
 
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
-from batchlab.search import Study, expand_studies, next_runs, score_study, unfilled_runs
+from batchlab.search import (
+    Study,
+    expand_studies,
+    next_runs,
+    request_differences,
+    score_study,
+    unfilled_runs,
+)
 from services.controller.evaluations import evaluated_result, target_result
 from services.controller.pool import Finished, TrainerPool
 from services.controller.results import run_record
@@ -86,6 +93,30 @@ class StudyCache:
             with self._lock:
                 self._studies[experiment.id] = found
         return found
+
+
+def _check_stored_attempts(studies: Sequence[Study], attempts: Sequence[AttemptRecord]) -> None:
+    """Refuse to go on with an experiment whose stored attempts are not the runs its spec asks
+    for with this controller's code (e.g. it was upgraded mid-experiment and now derives other
+    hyperparameters or seeds): their results would be mixed into its verdicts silently
+    (batchlab.search.request_differences). Checked once per experiment and controller process.
+
+    Raises:
+      ValueError: naming the attempt and what differs (the scheduler fails the experiment).
+    """
+    by_id = {s.id: s for s in studies}
+    for attempt in attempts:
+        key = attempt.trial
+        study = by_id.get(key.study_id)
+        differing = (["its study is not in the spec"] if study is None else request_differences(
+            study, {"trial_index": key.trial_index, "replica": key.replica, "seed": attempt.seed,
+                    "kind": attempt.kind, "hyperparameters": attempt.hyperparameters},
+            fields=("seed", "kind", "hyperparameters")))
+        if differing:
+            raise ValueError(
+                f"stored attempt {attempt.attempt} of {key.name} is not the run the spec asks "
+                f"for with this controller's code ({'; '.join(differing[:3])}); its results "
+                "would be mixed into the verdicts: submit the experiment again")
 
 
 def attempt_assignment(experiment_id: str, study: Study, attempt: AttemptRecord, *,
@@ -156,6 +187,7 @@ class Scheduler:
         self._scores: dict[tuple[str, str], tuple[int, str]] = {}
         self._queued_since: dict[int, float] = {}
         self._pending: dict[int, str] = {}  # attempt id -> the pending reason stored
+        self._checked: set[str] = set()  # experiments whose stored attempts were checked
         self._metrics_updated = -float("inf")
 
     @property
@@ -372,6 +404,9 @@ class Scheduler:
         for attempt in attempts:
             by_study.setdefault(attempt.trial.study_id, []).append(attempt)
             numbers[attempt.trial] = max(numbers.get(attempt.trial, 0), attempt.attempt)
+        if experiment.id not in self._checked:
+            _check_stored_attempts(studies, attempts)
+            self._checked.add(experiment.id)
         new: list[NewAttempt] = []
         all_done = True
         unfilled: list[str] = []

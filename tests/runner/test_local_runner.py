@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_spec import TINY
+from tiny_spec import TINY, derive_other_learning_rates
 
 from batchlab.runner import ResultStore, run_experiment
 from batchlab.search import SpecError, expand_studies, load_spec
@@ -161,3 +161,48 @@ def test_run_files_placed_before_the_first_session_are_not_credited_to_its_code(
     assert "The first 2 run files were in the folder before the runner's first recorded session" in report
     assert "From run file 3 on, commit `bbbb` (batchlab 0.1.0)" in report
     assert "Results produced by the code at commit `bbbb`" not in report
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_stored_runs_made_by_code_deriving_other_hyperparameters_are_refused(tmp_path, monkeypatch):
+    """A resumed folder's runs were read back by trial and seed only: a code change in how
+    hyperparameters are derived mixed old runs into new verdicts without a word."""
+    run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    victim = sorted((tmp_path / "runs").glob("*/*.json"))[-1]
+    victim.unlink()  # something is left to do, so a run would start
+    before = _snapshot(tmp_path)
+    derive_other_learning_rates(monkeypatch, 1.5)
+    calls = []
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate\.peak_value: stored .*, "
+                                         r"expected .*use a new folder"):
+        run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False,
+                       write_report=False, in_process=True)
+    assert calls == [] and _snapshot(tmp_path) == before  # nothing ran, nothing was rewritten
+
+
+def test_run_files_copied_from_an_experiment_with_another_search_seed_are_refused(tmp_path):
+    other = json.loads(json.dumps(TINY))
+    other["search_seed"] = TINY.get("search_seed", 0) + 1
+    source, target = tmp_path / "source", tmp_path / "target"
+    run_experiment(other, source, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    path = sorted((source / "runs").glob("*/*.json"))[0]
+    copy = target / "runs" / path.parent.name / path.name
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match=rf"{path.name} is not the run this spec asks for .*seed: "):
+        run_experiment(TINY, target, train_fn=_fake_train([]), progress=False, write_report=False,
+                       in_process=True)
+    assert not (target / "experiment.json").exists()
+    # A stored replica the study never has is named too.
+    stored = json.loads(copy.read_text())
+    stored["request"]["replica"] = 99
+    copy.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"not a run of study .*replica must be in 0\.\."):
+        run_experiment(TINY, target, train_fn=_fake_train([]), progress=False, write_report=False,
+                       in_process=True)

@@ -27,6 +27,7 @@ from batchlab.search import (
     expand_studies,
     load_spec,
     next_runs,
+    request_differences,
     score_study,
     spec_to_dict,
     unfilled_runs,
@@ -147,6 +148,7 @@ def run_experiment(
             f"out_dir: {out_dir} holds results of a different spec ({previous.get('name')!r}); "
             "use a new folder"
         )
+    _check_stored_requests(store, studies)
     execution = (previous or {}).get("execution")
     if in_process:
         if parallel not in (None, 1):
@@ -275,6 +277,25 @@ def _write_study(store: ResultStore, study: Study, records: list[RunRecord], bes
             "score": score.to_dict(),
         },
     )
+
+
+def _check_stored_requests(store: ResultStore, studies: list[Study]) -> None:
+    """Refuse a folder whose stored runs are not the runs this spec, with this code, asks for
+    (batchlab.search.request_differences says why that matters). Nothing in the folder is
+    changed when it is refused.
+
+    Raises:
+      ValueError: naming the run file and the fields that differ.
+    """
+    for study in studies:
+        for path, stored in store.requests(study.id):
+            differing = request_differences(study, stored)
+            if differing:
+                raise ValueError(
+                    f"out_dir: {path} is not the run this spec asks for with this code "
+                    f"({'; '.join(differing[:3])}{'; ...' if len(differing) > 3 else ''}). "
+                    "Its result would be mixed into the study's verdicts: use a new folder, or "
+                    "delete the folder's runs made by the other spec or code")
 
 
 def _stored_threads(store: ResultStore, studies: list[Study],

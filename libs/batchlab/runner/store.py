@@ -20,27 +20,11 @@ from typing import Any
 from batchlab.files import atomic_write
 from batchlab.search.protocol import RunRecord, RunRequest
 
-__all__ = ["ResultStore", "request_to_dict"]
+__all__ = ["ResultStore"]
 
 
 def _write_json(path: Path, payload: Any) -> None:
     atomic_write(path, json.dumps(payload, indent=1, sort_keys=True, allow_nan=True))
-
-
-def request_to_dict(request: RunRequest) -> dict[str, Any]:
-    """A RunRequest as plain JSON data."""
-    return {
-        "study_id": request.study_id,
-        "kind": str(request.kind),
-        "trial_index": request.trial_index,
-        "replica": request.replica,
-        "seed": request.seed,
-        "attempt": request.attempt,
-        "hyperparameters": request.hyperparameters,
-        "batch_size": request.batch_size,
-        "step_budget": request.step_budget,
-        "eval_every_steps": request.eval_every_steps,
-    }
 
 
 class ResultStore:
@@ -80,10 +64,27 @@ class ResultStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def write_run(self, request: RunRequest, result: dict[str, Any]) -> None:
-        _write_json(self.run_path(request), {"request": request_to_dict(request), "result": result})
+        _write_json(self.run_path(request), {"request": request.to_dict(), "result": result})
 
     def write_study(self, study_id: str, payload: dict[str, Any]) -> None:
         _write_json(self.study_path(study_id), payload)
+
+    def requests(self, study_id: str) -> list[tuple[Path, dict[str, Any]]]:
+        """Every stored attempt's request (as written by write_run) with its file, in order.
+
+        Raises:
+          ValueError: a file that is not a run record (naming it).
+        """
+        out = []
+        for path in sorted((self.root / "runs" / study_id).glob("t*_r*_a*.json")):
+            try:
+                request = json.loads(path.read_text())["request"]
+            except (KeyError, TypeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: malformed run record ({err})") from err
+            if not isinstance(request, dict):
+                raise ValueError(f"{path}: malformed run record (request is not a mapping)")
+            out.append((path, request))
+        return out
 
     def records(self, study_id: str) -> list[RunRecord]:
         """Every stored attempt of a study as protocol records, in a stable order."""

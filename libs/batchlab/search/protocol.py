@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,21 @@ class RunRequest:
     def name(self) -> str:
         """A readable, stable name: f"{study_id}/t{trial}/r{replica}/a{attempt}"."""
         return f"{self.study_id}/t{self.trial_index}/r{self.replica}/a{self.attempt}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON data (what runners store beside a run's result)."""
+        return {
+            "study_id": self.study_id,
+            "kind": str(self.kind),
+            "trial_index": self.trial_index,
+            "replica": self.replica,
+            "seed": self.seed,
+            "attempt": self.attempt,
+            "hyperparameters": json.loads(json.dumps(self.hyperparameters, allow_nan=True)),
+            "batch_size": self.batch_size,
+            "step_budget": self.step_budget,
+            "eval_every_steps": self.eval_every_steps,
+        }
 
 
 @dataclass(frozen=True)
@@ -511,18 +527,72 @@ def _unused_indices(tuning: Mapping[int, RunState], max_total_trials: int,
 
 
 def _request(study: Study, state: RunState) -> RunRequest:
+    return request_for(study, state.key.trial_index, state.replica, state.failed_attempts + 1)
+
+
+def request_for(study: Study, trial_index: int, replica: int, attempt: int = 1) -> RunRequest:
+    """The request this study makes for replica `replica` (0: tuning) of trial `trial_index`.
+
+    What a stored run must match to count as that run: a runner resuming a results folder
+    compares the requests it stored with these (code that derives hyperparameters or seeds
+    differently, or run files from another experiment, would otherwise be mixed in silently).
+
+    Raises:
+      ValueError: a negative trial, or a replica outside 0..seeds_per_best.
+    """
+    seeds = run_seeds(study, trial_index)
+    if not 0 <= replica < len(seeds):
+        raise ValueError(f"replica must be in 0..{len(seeds) - 1} (seeds_per_best is "
+                         f"{study.seeds_per_best}), got {replica}")
     return RunRequest(
         study_id=study.id,
-        kind=state.kind,
-        trial_index=state.key.trial_index,
-        replica=state.replica,
-        seed=state.key.seed,
-        attempt=state.failed_attempts + 1,
-        hyperparameters=study.hyperparameters(state.key.trial_index),
+        kind=RunKind.TUNING if replica == 0 else RunKind.RERUN,
+        trial_index=trial_index,
+        replica=replica,
+        seed=seeds[replica],
+        attempt=attempt,
+        hyperparameters=study.hyperparameters(trial_index),
         batch_size=study.batch_size,
         step_budget=study.step_budget,
         eval_every_steps=study.eval_every_steps,
     )
+
+
+def request_differences(study: Study, stored: Mapping[str, Any],
+                        fields: Iterable[str] | None = None) -> list[str]:
+    """How a stored run's request differs from the one the study makes for its trial and replica.
+
+    A resumed study reads its finished runs back as results, so each must be the run the
+    protocol asks for now: code that derives hyperparameters or seeds differently, or runs of
+    another experiment, would otherwise be mixed into its verdicts silently.
+
+    Args:
+      study: the study.
+      stored: a stored request (RunRequest.to_dict's keys; at least trial_index and replica).
+      fields: the keys to compare (default: all of RunRequest.to_dict's).
+
+    Returns:
+      "path: stored X, expected Y" for each differing leaf (the run's identity first, then
+      its hyperparameters); a stored request that no trial and replica of the study can have
+      gives one entry saying why. Empty when it matches.
+    """
+    try:
+        wanted = request_for(study, int(stored["trial_index"]), int(stored["replica"]),
+                             int(stored.get("attempt", 1))).to_dict()
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"not a run of study {study.id} ({type(err).__name__}: {err})"]
+    keys = list(wanted) if fields is None else list(fields)
+    found = [d for key in keys
+             for d in _differences(stored.get(key, "<missing>"), wanted[key], key)]
+    return sorted(found, key=lambda d: d.startswith("hyperparameters"))
+
+
+def _differences(stored: Any, wanted: Any, path: str) -> list[str]:
+    if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
+        return [d for key in sorted(set(stored) | set(wanted), key=str)
+                for d in _differences(stored.get(key, "<missing>"),
+                                      wanted.get(key, "<missing>"), f"{path}.{key}")]
+    return [] if stored == wanted else [f"{path}: stored {stored!r}, expected {wanted!r}"]
 
 
 def unfilled_runs(study: Study, state: StudyState) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from controller_fakes import FakePool, LostWorker, fake_result, spec_dict
+from tiny_spec import derive_other_learning_rates
 
 from services.controller.scheduler import Scheduler, latest_attempts
 from services.controller.storage import (
@@ -100,6 +101,33 @@ def test_restart_fails_active_attempts_and_completes_every_trial_once(tmp_path):
     assert by_trial[(0, 0)] == [(1, "FAILED"), (2, "SUCCEEDED")]
     assert by_trial[(1, 0)] == [(1, "FAILED"), (2, "SUCCEEDED")]
     assert set(_completed_once(storage).values()) == {1}
+    storage.close()
+
+
+def test_a_controller_whose_code_derives_other_hyperparameters_fails_the_experiment(
+        tmp_path, monkeypatch):
+    """Upgraded mid-experiment to code that derives other hyperparameters, a controller mixed
+    the stored runs into new verdicts without a word."""
+    storage = SQLiteStorage(tmp_path)
+    pool = FakePool()
+    pool.hold = True
+    _submit(storage)
+    Scheduler(storage, pool).tick()
+    stored = {a.id: (a.state, a.outcome) for a in storage.attempts("e1")}
+    assert len(stored) == 2
+    storage.close()
+
+    derive_other_learning_rates(monkeypatch, 2)
+    storage = SQLiteStorage(tmp_path)
+    second = Scheduler(storage, FakePool())
+    second.recover()
+    experiment = _run_until_done(second, storage)
+    assert experiment.state is ExperimentState.FAILED
+    assert ("stored attempt 1 of experiments/e1/studies/" in experiment.error
+            and "hyperparameters.optimizer.learning_rate.peak_value: stored" in experiment.error
+            and "submit the experiment again" in experiment.error), experiment.error
+    # No run of the new code was queued next to the old ones.
+    assert len(storage.attempts("e1")) == 2
     storage.close()
 
 
