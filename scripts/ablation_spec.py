@@ -12,6 +12,9 @@ al. 2021, Appendix C, Figure 4 (no retuning: the same point with one thing chang
 Each arm is one fixed trial rerun with 7 seeds; each ablation is compared with the base.
 
     python scripts/ablation_spec.py results/reproduction/ablation_base > experiments/reproduction/ablations.yaml
+    python scripts/ablation_spec.py results/reproduction/ablation_base_160 > experiments/reproduction/ablations_160.yaml
+
+The stage-2 spec's name and file follow the stage-1 folder's (ablation_base_160 -> ablations_160).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def _fixed(path: str, value: Any) -> dict[str, Any]:
 
 def spec_from_base(base_dir: Path) -> tuple[dict[str, Any], str]:
     experiment = json.loads((base_dir / "experiment.json").read_text())
+    # ablation_base -> ablations, ablation_base_160 -> ablations_160 (specs and folders alike).
+    stem = base_dir.name.replace("ablation_base", "ablations")
     (study_file,) = sorted((base_dir / "studies").glob("*.json"))
     study = json.loads(study_file.read_text())
     best = study["best_hyperparameters"]
@@ -57,7 +62,7 @@ def spec_from_base(base_dir: Path) -> tuple[dict[str, Any], str]:
 
     workload = copy.deepcopy(base_spec["workloads"][0])
     spec = {
-        "name": "repro-ablations",
+        "name": "repro-" + stem.replace("_", "-"),
         "description": ("Figure 4's ablations around the tuned Nesterov point of ablation_base: "
                         "gamma_0 = 1, full-batch BN, L2 on every parameter."),
         "search_seed": base_spec["search_seed"],
@@ -79,11 +84,11 @@ def spec_from_base(base_dir: Path) -> tuple[dict[str, Any], str]:
     }
     header = (
         "# Claim (f) of the CPU reproduction, stage 2 of 2: Figure 4's ablations (Nado et al. 2021,\n"
-        "# Appendix C) around the best trial of ablation_base.yaml, one detail changed at a time and\n"
+        f"# Appendix C) around the best trial of {base_dir.name}.yaml, one detail changed at a time and\n"
         "# no retuning, each arm rerun with 7 seeds. Written by scripts/ablation_spec.py from\n"
         f"# {base_dir} (best trial {study['best_trial']} of {study_file.stem}, gamma_0 = {gamma_0:.4g}).\n"
         "#\n"
-        "#   batchlab local run experiments/reproduction/ablations.yaml --out results/reproduction/ablations\n")
+        f"#   batchlab local run experiments/reproduction/{stem}.yaml --out results/reproduction/{stem}\n")
     return spec, header
 
 
