@@ -134,8 +134,9 @@ def test_a_folder_resumed_by_other_code_names_every_version_in_its_report(tmp_pa
     assert [s["code"]["commit"] for s in sessions] == ["aaaa", "bbbb"]
     assert [s["runs_before"] for s in sessions] == [0, done - 1]
     report = write_report(tmp_path, tmp_path / "report").read_text()
-    assert ("from run file 1 on, commit `aaaa` with uncommitted changes" in report
-            and f"from run file {done} on, commit `bbbb` (batchlab 0.1.0)" in report)
+    assert ("Run files by the code that wrote them, as each file records it: "
+            f"{done - 1} by commit `aaaa` with uncommitted changes (batchlab 0.1.0); "
+            "1 by commit `bbbb` (batchlab 0.1.0)." in report), report
 
 
 def test_run_files_placed_before_the_first_session_are_not_credited_to_its_code(tmp_path, monkeypatch):
@@ -158,9 +159,34 @@ def test_run_files_placed_before_the_first_session_are_not_credited_to_its_code(
                    in_process=True)
     assert [s["runs_before"] for s in ResultStore(target).read_experiment()["sessions"]] == [2]
     report = write_report(target, target / "report").read_text()
-    assert "The first 2 run files were in the folder before the runner's first recorded session" in report
-    assert "From run file 3 on, commit `bbbb` (batchlab 0.1.0)" in report
+    # The copies record the code that wrote them in the other folder: credited to it.
+    total = len(list((target / "runs").glob("*/*.json")))
+    assert "Run files by the code that wrote them, as each file records it: " in report
+    assert (f"{total - 2} by commit `bbbb` (batchlab 0.1.0)" in report
+            and "2 by commit `aaaa` (batchlab 0.1.0)" in report and "record no code" not in report)
     assert "Results produced by the code at commit `bbbb`" not in report
+
+
+def test_run_files_placed_between_sessions_are_not_credited_to_either(tmp_path, monkeypatch):
+    """The folder's session list said from which run file on each session's code ran, so a file
+    placed there between two sessions was credited to the first one's code."""
+    from batchlab.report import write_report
+    from batchlab.runner import local
+
+    monkeypatch.setattr(local, "code_version", lambda: {"commit": "aaaa", "dirty": False, "version": "0.1.0"})
+    run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    runs = sorted((tmp_path / "runs").glob("*/*.json"))
+    stripped = json.loads(runs[0].read_text())
+    del stripped["written_by"]  # as an older batchlab, or a hand-made copy, wrote it
+    runs[0].write_text(json.dumps(stripped))
+    runs[-1].unlink()
+    monkeypatch.setattr(local, "code_version", lambda: {"commit": "bbbb", "dirty": False, "version": "0.1.0"})
+    run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    report = write_report(tmp_path, tmp_path / "report").read_text()
+    assert (f"{len(runs) - 2} by commit `aaaa` (batchlab 0.1.0); 1 by commit `bbbb` (batchlab 0.1.0); "
+            "1 record no code" in report), report
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

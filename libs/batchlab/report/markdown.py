@@ -4,6 +4,7 @@ tables, figures) built from its stored results, and the function that writes it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from batchlab.report.tables import (
     scaling_table,
 )
 from batchlab.report.verdicts import decide_point, rule_paragraph, study_flags, verdict_section
+from batchlab.report.views import Run
 from batchlab.search.diagnostics import spec_diagnostics
 from batchlab.search.space import SearchParameter, SpecError
 
@@ -121,7 +123,10 @@ def _provenance(experiment: Experiment) -> list[str]:
     code = experiment.code
     versions = {_code_text(session.get("code") or {}) for session in experiment.sessions}
     unrecorded = experiment.sessions[0].get("runs_before", 0) if experiment.sessions else 0
-    if unrecorded:
+    runs = [run for study in experiment.studies for run in study.runs]
+    if any(run.written_by is not None for run in runs):
+        lines.append(_written_by_text(runs))
+    elif unrecorded:
         # Run files placed in the folder before the runner first ran on it (copied from another
         # experiment whose studies are the same, say): this folder does not say which code made them.
         lines.append(f"- The first {unrecorded} run files were in the folder before the runner's first "
@@ -136,6 +141,21 @@ def _provenance(experiment: Experiment) -> list[str]:
         lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
                      "provisional, scored from their run files so far.")
     return lines + [""]
+
+
+def _written_by_text(runs: Sequence[Run]) -> str:
+    """Which code wrote the run files, counted from what each file records."""
+    by_code = Counter(_code_text(run.written_by) for run in runs if run.written_by is not None)
+    missing = sum(1 for run in runs if run.written_by is None)
+    if len(by_code) == 1 and not missing:
+        return f"- Results produced by the code at {next(iter(by_code))} (every run file says so)."
+    counted = "; ".join(f"{n} by {code}" for code, n in by_code.most_common())
+    text = f"- Run files by the code that wrote them, as each file records it: {counted}"
+    if missing:
+        text += (f"; {missing} record no code (placed in the folder by something other than "
+                 "the runner, or written before batchlab recorded it in each file): which "
+                 "code produced them is not known")
+    return text + "."
 
 
 def _sessions_text(sessions: Sequence[Mapping[str, Any]], lead: str) -> str:

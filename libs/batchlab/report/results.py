@@ -237,7 +237,17 @@ def _read_run(reader: Reader, study_id: str) -> Run:
                  if result is not None else None),
         counted=(reader.get(result, "result.counted", bool, optional=True, default=True)
                  if result is not None else True),
+        written_by=_written_by(reader, data),
     )
+
+
+def _written_by(reader: Reader, data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The code recorded by the session that wrote a run file, or None if not recorded."""
+    written = reader.get(data, "written_by", Mapping, optional=True)
+    if written is None:
+        return None
+    code: Mapping[str, Any] = freeze(reader.get(written, "written_by.code", Mapping))
+    return code
 
 
 def _metrics(reader: Reader, data: Any, field: str) -> Mapping[str, float]:

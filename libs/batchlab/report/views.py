@@ -136,6 +136,8 @@ class Run:
         "INFRASTRUCTURE", "CONTROLLER", "UNSCHEDULABLE"); None when not recorded.
       counted: whether the attempt counts toward max_attempts (attempts lost to a controller
         restart or a lost cluster link do not).
+      written_by: the code of the runner session that wrote the file ({"commit", "dirty",
+        "version"}); None when the file does not record it (copied in, or older batchlab).
     """
 
     path: Path
@@ -157,6 +159,7 @@ class Run:
     examples_per_second: float
     failure: str | None = None
     counted: bool = True
+    written_by: Mapping[str, Any] | None = None
 
     @property
     def has_result(self) -> bool:

@@ -179,6 +179,9 @@ def run_experiment(
                      {"started_at": _now(), "code": code_version(),
                       "runs_before": sum(1 for _ in (Path(out_dir) / "runs").glob("*/*.json"))}],
     }
+    # Each run file names the session (and code) that wrote it: files placed in the folder by
+    # anything else record none, whenever they came.
+    session = {k: experiment["sessions"][-1][k] for k in ("started_at", "code")}
     store.write_experiment(experiment)
     if train_fn is None:
         _prepare_datasets(studies, data_dir)
@@ -201,7 +204,7 @@ def run_experiment(
         threads_label = f"{width} at once, {counts} XLA thread(s) per run"
     with runner, _progress(progress) as bar:
         task = bar.add_task(f"{spec.name} ({threads_label})", total=None)
-        unfilled = _drive(studies, store, runner, plan, width, bar, task)
+        unfilled = _drive(studies, store, runner, plan, width, bar, task, session)
     # The services' rule (services/controller/scheduler.py): abandoned runs that leave a
     # study short of its budget fail the experiment; its results and report stay.
     experiment["status"] = "FAILED" if unfilled else "SUCCEEDED"
@@ -219,7 +222,8 @@ def run_experiment(
 
 
 def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | WorkerPool,
-           plan: ExecutionPlan | None, width: int, bar: Progress, task: Any) -> list[str]:
+           plan: ExecutionPlan | None, width: int, bar: Progress, task: Any,
+           session: dict[str, Any]) -> list[str]:
     """Launch what the protocol allows, up to ``width`` runs in flight, until every study is done.
 
     Returns the runs the studies budgeted but lack because runs were abandoned
@@ -260,7 +264,7 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
             raise RuntimeError("the protocol launched nothing while studies are unfinished: "
                                f"{sorted(set(records) - finished)}")
         for request, result in runner.wait():
-            store.write_run(request, result)
+            store.write_run(request, result, written_by=session)
             flying[request.study_id].remove(request)
             records[request.study_id] = store.records(request.study_id)
             log.info("%s: %s", request.name, result["outcome"])

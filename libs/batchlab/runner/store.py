@@ -1,7 +1,8 @@
 """The on-disk layout of an experiment's results, shared by the local runner and the reports.
 
 OUT/experiment.json                      the spec, its studies, status and timestamps
-OUT/runs/<study_id>/t{T}_r{R}_a{A}.json  one file per run attempt: request + result
+OUT/runs/<study_id>/t{T}_r{R}_a{A}.json  one file per run attempt: request + result (+ the
+                                         runner session and code that wrote it)
 OUT/studies/<study_id>.json              the study's best trial and score, once finished
 OUT/states/<study_id>/t{T}/              trial T's tuning run's final parameters (and batch
                                          stats), an orbax checkpoint, when its workload sets
@@ -63,8 +64,14 @@ class ResultStore:
         path = self.experiment_path()
         return json.loads(path.read_text()) if path.exists() else None
 
-    def write_run(self, request: RunRequest, result: dict[str, Any]) -> None:
-        _write_json(self.run_path(request), {"request": request.to_dict(), "result": result})
+    def write_run(self, request: RunRequest, result: dict[str, Any], *,
+                  written_by: dict[str, Any] | None = None) -> None:
+        """Store one attempt; ``written_by`` ({"started_at", "code"}: the runner session
+        writing it) lets a report credit each file to the code that made it."""
+        payload: dict[str, Any] = {"request": request.to_dict(), "result": result}
+        if written_by is not None:
+            payload["written_by"] = written_by
+        _write_json(self.run_path(request), payload)
 
     def write_study(self, study_id: str, payload: dict[str, Any]) -> None:
         _write_json(self.study_path(study_id), payload)
