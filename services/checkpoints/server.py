@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from batchlab import limits
 from batchlab.proto.v1 import checkpoints_pb2, checkpoints_pb2_grpc
@@ -26,13 +27,17 @@ from batchlab.rpc.server import Registration, run_service
 from services.checkpoints.servicer import CheckpointServicer
 from services.checkpoints.storage import FilesystemCheckpointStore
 
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import Metrics
+
 DEFAULT_PORT = 50053
 ROOT_ENV = "BATCHLAB_CHECKPOINT_ROOT"
 KEEP_LATEST_ENV = "BATCHLAB_CHECKPOINT_KEEP_LATEST"
 MAX_BYTES_ENV = "BATCHLAB_CHECKPOINT_MAX_BYTES"
 
 
-def make_registrations(metrics, environ: Mapping[str, str] | None = None) -> list[Registration]:
+def make_registrations(metrics: Metrics,
+                       environ: Mapping[str, str] | None = None) -> list[Registration]:
     """Builds the filesystem store and the servicer from the environment.
 
     Args:
@@ -55,14 +60,16 @@ def make_registrations(metrics, environ: Mapping[str, str] | None = None) -> lis
     raw_max = environ.get(MAX_BYTES_ENV, "").strip() or str(limits.MAX_CHECKPOINT_BYTES)
     if not raw_max.isdigit() or int(raw_max) < 1:
         raise StartupError(f"{MAX_BYTES_ENV} must be a number of bytes >= 1; got {raw_max!r}")
-    failures = metrics.checkpoints.failures
+    checkpoint_metrics = metrics.checkpoints
+    assert checkpoint_metrics is not None  # run_service makes the metrics of its role
+    failures = checkpoint_metrics.failures
 
     def count_corruption(trial: str, step: int) -> None:
         failures.labels(operation="restore", reason="corrupt").inc()
 
     store = FilesystemCheckpointStore(root, keep_latest=int(raw_keep),
                                       on_corrupt=count_corruption, max_bytes=int(raw_max))
-    servicer = CheckpointServicer(store, metrics=metrics.checkpoints)
+    servicer = CheckpointServicer(store, metrics=checkpoint_metrics)
     servicer.update_store_gauges()
     return [Registration.for_service(checkpoints_pb2, checkpoints_pb2_grpc, "CheckpointService",
                                      servicer)]

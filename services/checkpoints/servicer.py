@@ -11,12 +11,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from batchlab.proto.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from batchlab.rpc.errors import InvalidArgument, ServiceError, handle_errors, status_for
 from services.checkpoints.storage import CheckpointRecord, CheckpointStore, validate_trial
+
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import CheckpointMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
     """
 
     def __init__(self, store: CheckpointStore, *, chunk_size: int = CHUNK_SIZE,
-                 metrics=None):
+                 metrics: CheckpointMetrics | None = None):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
         self._store = store
@@ -78,7 +83,7 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
         self._metrics = metrics
 
     @contextlib.contextmanager
-    def _measure(self, operation: str, size: list[int] | None = None):
+    def _measure(self, operation: str, size: list[int] | None = None) -> Iterator[None]:
         """Records an operation's latency, bytes (``size[0]`` at the end) or failure."""
         start = time.perf_counter()
         try:
@@ -101,7 +106,8 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
             self._metrics.store_checkpoints.set(self._store.count())
 
     @handle_errors
-    def SaveCheckpoint(self, request_iterator, context):
+    def SaveCheckpoint(self, request_iterator: Iterator[checkpoints_pb2.SaveCheckpointRequest],
+                       context: grpc.ServicerContext) -> checkpoints_pb2.CheckpointInfo:
         """Stores a streamed checkpoint: a header message, then data messages in order.
 
         Args:
@@ -139,7 +145,9 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
         return to_info(record)
 
     @handle_errors
-    def LoadCheckpoint(self, request, context):
+    def LoadCheckpoint(self, request: checkpoints_pb2.LoadCheckpointRequest,
+                       context: grpc.ServicerContext
+                       ) -> Iterator[checkpoints_pb2.LoadCheckpointResponse]:
         """Streams a verified checkpoint: the info first, then its data.
 
         Args:
@@ -161,7 +169,9 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 size[0] = opened.record.size_bytes
 
     @handle_errors
-    def ListCheckpoints(self, request, context):
+    def ListCheckpoints(self, request: checkpoints_pb2.ListCheckpointsRequest,
+                        context: grpc.ServicerContext
+                        ) -> checkpoints_pb2.ListCheckpointsResponse:
         """Lists a trial's checkpoints (by step) and the store's size.
 
         Args:
@@ -177,7 +187,9 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
             )
 
     @handle_errors
-    def DeleteCheckpoints(self, request, context):
+    def DeleteCheckpoints(self, request: checkpoints_pb2.DeleteCheckpointsRequest,
+                          context: grpc.ServicerContext
+                          ) -> checkpoints_pb2.DeleteCheckpointsResponse:
         """Deletes every checkpoint of a trial (none is not an error).
 
         Args:
@@ -191,7 +203,8 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
         return checkpoints_pb2.DeleteCheckpointsResponse(deleted=deleted)
 
     @handle_errors
-    def RecordEvaluation(self, request, context):
+    def RecordEvaluation(self, request: checkpoints_pb2.RecordEvaluationRequest,
+                         context: grpc.ServicerContext) -> checkpoints_pb2.CheckpointInfo:
         """Records an evaluated metric of a stored checkpoint and releases its hold.
 
         Args:

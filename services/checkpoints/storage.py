@@ -45,7 +45,8 @@ from typing import Any, BinaryIO
 
 from batchlab import limits
 from batchlab.files import atomic_write
-from batchlab.rpc.errors import DataLoss, InvalidArgument, NotFound, shorten
+from batchlab.limits import shorten
+from batchlab.rpc.errors import DataLoss, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +161,11 @@ def best_step(records: Iterable[CheckpointRecord], maximize: bool) -> int | None
       records: one trial's checkpoints.
       maximize: whether a larger metric is better.
     """
-    scored = [r for r in records if r.metric is not None]
+    scored = [(r.metric, r.step) for r in records if r.metric is not None]
     if not scored:
         return None
     sign = 1.0 if maximize else -1.0
-    return max(scored, key=lambda r: (sign * r.metric, r.step)).step
+    return max(scored, key=lambda pair: (sign * pair[0], pair[1]))[1]
 
 
 def mark(records: Iterable[CheckpointRecord]) -> list[CheckpointRecord]:
@@ -253,7 +254,7 @@ class HashingWriter:
                 field_path="sha256")
 
 
-class OpenCheckpoint(contextlib.AbstractContextManager):
+class OpenCheckpoint(contextlib.AbstractContextManager["OpenCheckpoint", None]):
     """A verified checkpoint ready to stream; close it (or use ``with``) when done.
 
     Attributes:
@@ -424,7 +425,7 @@ class FilesystemCheckpointStore(CheckpointStore):
       max_bytes: the largest checkpoint accepted.
     """
 
-    def __init__(self, root: str | os.PathLike, *, keep_latest: int = 1,
+    def __init__(self, root: str | os.PathLike[str], *, keep_latest: int = 1,
                  on_corrupt: Callable[[str, int], None] | None = None,
                  max_bytes: int = limits.MAX_CHECKPOINT_BYTES):
         if keep_latest < 1:
@@ -466,7 +467,7 @@ class FilesystemCheckpointStore(CheckpointStore):
     # ------------------------------------------------------------- metadata
 
     def _read_records(self, folder: pathlib.Path, trial: str) -> list[CheckpointRecord]:
-        records = []
+        records: list[CheckpointRecord] = []
         if not folder.is_dir():
             return records
         for meta in sorted(folder.glob("*.json")):

@@ -22,7 +22,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["BackupScheduler", "DatabaseDamaged", "backup_database", "check_database",
            "latest_backup"]
@@ -64,7 +66,7 @@ def _way_out(path: Path) -> str:
 _HEADING = "*** in database "
 
 
-def _problem_lines(rows: list[tuple]) -> list[str]:
+def _problem_lines(rows: list[tuple[Any, ...]]) -> list[str]:
     """integrity_check's problems, one per line: one row may hold many, newline-separated."""
     lines = (line.strip() for row in rows if row and row[0] != "ok"
              for line in str(row[0]).splitlines())
@@ -103,7 +105,7 @@ def check_database(path: str | os.PathLike[str]) -> None:
 
 
 def backup_database(path: str | os.PathLike[str], *, keep: int = 5,
-                    clock=time.time) -> Path:
+                    clock: Callable[[], float] = time.time) -> Path:
     """Copies a live database into its backup folder (online: writers may go on).
 
     The copy is written under a temporary name and renamed once complete, so a backup file

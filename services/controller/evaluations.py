@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -54,6 +54,9 @@ from services.controller.storage import (
     PointRecord,
     TrialKey,
 )
+
+if TYPE_CHECKING:
+    from services.controller.scheduler import StudyCache
 
 __all__ = ["EVALUATION_SPLITS", "EvaluationDriver", "Evaluated", "evaluated_result",
            "evaluation_steps", "target_result"]
@@ -100,10 +103,10 @@ def evaluated_result(attempt: AttemptRecord, study: Study, points: Sequence[Poin
     curve = sorted((dict(p) for p in result.get("curve") or []), key=lambda p: p["step"])
     evaluated: dict[int, Mapping[str, float]] = {}
     reported: set[int] = set()
-    for point in points:
-        reported.add(point.step)
-        if not point.awaiting_evaluation:
-            evaluated.setdefault(point.step, point.values)
+    for stored in points:
+        reported.add(stored.step)
+        if not stored.awaiting_evaluation:
+            evaluated.setdefault(stored.step, stored.values)
     missing, waiting, failures = [], [], {}
     for point in curve:
         step = int(point["step"])
@@ -231,7 +234,7 @@ class EvaluationDriver:
       clock: monotonic seconds.
     """
 
-    def __init__(self, storage: ExperimentStorage, stub: Any, studies: Any, *,
+    def __init__(self, storage: ExperimentStorage, stub: Any, studies: StudyCache, *,
                  concurrency: int = 2, interval_s: float = 0.5, timeout_s: float = 1800.0,
                  max_tries: int = 6, backoff_s: float = 1.0,
                  on_evaluated: Callable[[], None] | None = None, metrics: Any = None,
@@ -432,9 +435,11 @@ class EvaluationDriver:
             self._wake.set()
 
     def _failure(self, job: _Job, error: Exception) -> None:
-        code = error.code() if isinstance(error, grpc.RpcError) and callable(
-            getattr(error, "code", None)) else None
-        details = error.details() if code is not None else str(error)
+        if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+            code = error.code()
+            details = error.details() if code is not None else str(error)
+        else:
+            code, details = None, str(error)
         job.tries += 1
         retried = code in _RETRIED and job.tries < self.max_tries
         with self._lock:

@@ -246,12 +246,13 @@ def process_ids(hosts: Sequence[Mapping[str, Any]], slice_name: str | None = Non
             raise RuntimeError(f"the hosts of a run reserved on TPU slice {slice_name!r} are on "
                                f"slices {slices}")
     ids = [h.get("worker_id") for h in hosts]
-    if all(i is None for i in ids):
+    known = [i for i in ids if i is not None]
+    if not known:
         return list(range(len(hosts)))
-    if any(i is None for i in ids) or sorted(ids) != list(range(len(hosts))):
+    if len(known) != len(ids) or sorted(known) != list(range(len(hosts))):
         raise RuntimeError(f"the hosts' TPU_WORKER_IDs {ids} are not 0..{len(hosts) - 1}, one "
                            "each: the run's hosts are not one whole TPU slice")
-    return [int(i) for i in ids]
+    return [int(i) for i in known]
 
 
 def _describe(resources: Mapping[str, float]) -> str:
@@ -460,7 +461,7 @@ class RayTrainerPool(TrainerPool):
         self._lost: list[Finished] = []
         self._nodes: tuple[float, list[dict[str, float]]] = (-math.inf, [])
         self._nodes_ttl_s = nodes_ttl_s
-        self._requested: tuple = ()
+        self._requested: tuple[tuple[tuple[str, float], ...], ...] = ()
         self._slice_types = list(tpu_slice_types)
         self._autoscaler_v2: bool | None = None  # read from the cluster once per connection
         self._request_ref: Any = None  # the in-cluster request_resources of a Ray Client
@@ -635,9 +636,12 @@ class RayTrainerPool(TrainerPool):
             from ray.experimental.internal_kv import _internal_kv_get
 
             try:
+                # ray/_raylet.pyi declares only the ID types, not the compiled module's
+                # constants: hence the two ignores.
                 self._autoscaler_v2 = _internal_kv_get(
-                    ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY,
-                    namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE) == b"1"
+                    ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY,  # type: ignore[attr-defined]
+                    namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE  # type: ignore[attr-defined]
+                ) == b"1"
             except Exception as error:  # noqa: BLE001 - asked again after a reconnect
                 # v2's request (a bundle per host) also starts the slice under v1, where it
                 # may start more slices than needed (up to the group's maxReplicas); v1's
@@ -884,11 +888,11 @@ class RayTrainerPool(TrainerPool):
         except Exception as error:  # noqa: BLE001 - the link decides whether Ray is lost
             log.warning("polling the trainers failed: %s", error)
             return []
-        ready = set(ready)
+        ready_refs = set(ready)
         finished: list[Finished] = []
         with self._lock:
             for key, dispatch in list(self._dispatches.items()):
-                done = [ref for ref in dispatch.refs if ref in ready]
+                done = [ref for ref in dispatch.refs if ref in ready_refs]
                 if not done:
                     continue
                 outcome = self._collect(dispatch, done)

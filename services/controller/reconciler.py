@@ -45,13 +45,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
 
 from batchlab.proto import crd
 from batchlab.proto.v1 import common_pb2, controller_pb2, experiment_pb2
+
+if TYPE_CHECKING:
+    from batchlab.client.experiments import ExperimentClient
 
 __all__ = ["ExperimentReconciler", "ReconcilerConfig", "start_experiment_reconciler"]
 
@@ -137,7 +140,7 @@ class ExperimentReconciler:
       now: the clock for status.lastUpdateTime (RFC 3339 text).
     """
 
-    def __init__(self, api: Any, client: Any, config: ReconcilerConfig, *,
+    def __init__(self, api: Any, client: ExperimentClient, config: ReconcilerConfig, *,
                  now: Callable[[], str] = _now):
         self.api = api
         self.client = client
@@ -301,6 +304,8 @@ class ExperimentReconciler:
                 continue
             study = trial.name.split("/trials/")[0]
             workload = workload_of.get(study)
+            if workload is None:
+                continue
             target = targets.get(workload)
             if target is None or target.metric not in trial.final_metrics:
                 continue
@@ -368,8 +373,9 @@ class ExperimentReconciler:
 
     # -- API writes ---------------------------------------------------------------------------
     def _patch(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.api.patch_namespaced_custom_object(
+        patched: dict[str, Any] = self.api.patch_namespaced_custom_object(
             crd.GROUP, crd.VERSION, self.config.namespace, crd.PLURAL, name, body)
+        return patched
 
     def _write_status(self, name: str, old: Mapping[str, Any], new: dict[str, Any]) -> None:
         """Patch the status subresource when something other than the timestamp changed."""

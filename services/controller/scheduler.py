@@ -39,12 +39,13 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format
 
-from batchlab.proto.v1 import controller_pb2, experiment_pb2
+from batchlab.proto.v1 import common_pb2, controller_pb2, experiment_pb2
 from batchlab.search import (
+    RunRecord,
     Study,
     expand_studies,
     next_runs,
@@ -120,7 +121,7 @@ def _check_stored_attempts(studies: Sequence[Study], attempts: Sequence[AttemptR
 
 
 def attempt_assignment(experiment_id: str, study: Study, attempt: AttemptRecord, *,
-                       evaluation: int = controller_pb2.EVALUATION_IN_PROCESS
+                       evaluation: controller_pb2.EvaluationMode = controller_pb2.EVALUATION_IN_PROCESS
                        ) -> controller_pb2.TrialAssignment:
     """The batchlab.v1.TrialAssignment a trainer runs for a stored attempt.
 
@@ -131,9 +132,12 @@ def attempt_assignment(experiment_id: str, study: Study, attempt: AttemptRecord,
       evaluation: where its evaluation points are evaluated (an EvaluationMode).
     """
     key = attempt.trial
-    target = experiment_pb2.Target(metric=study.target.metric, value=study.target.value,
-                                   goal=int(study.target.goal),
-                                   reading=int(study.target.reading))
+    # batchlab.targets' Goal and TargetReading carry the proto's numbers; the generated stubs
+    # type the proto's enums as their own int subclasses, which plain ints are at run time.
+    target = experiment_pb2.Target(
+        metric=study.target.metric, value=study.target.value,
+        goal=cast(common_pb2.Goal, int(study.target.goal)),
+        reading=cast(experiment_pb2.TargetReading, int(study.target.reading)))
     resources = json_format.ParseDict(
         {k: v for k, v in dict(study.resources).items() if v}, experiment_pb2.Resources())
     return controller_pb2.TrialAssignment(
@@ -191,7 +195,7 @@ class Scheduler:
         self._metrics_updated = -float("inf")
 
     @property
-    def evaluation_mode(self) -> int:
+    def evaluation_mode(self) -> controller_pb2.EvaluationMode:
         """Where trainers' evaluation points are evaluated (a batchlab.v1.EvaluationMode)."""
         return (controller_pb2.EVALUATION_SERVICE if self.evaluations is not None
                 else controller_pb2.EVALUATION_IN_PROCESS)
@@ -441,7 +445,7 @@ class Scheduler:
         if all_done:
             self._finish(experiment, attempts, unfilled)
 
-    def _store_score(self, experiment_id: str, study: Study, records: list, phase: str,
+    def _store_score(self, experiment_id: str, study: Study, records: list[RunRecord], phase: str,
                      best_trial: int | None) -> None:
         marker = (len(records), phase)
         if self._scores.get((experiment_id, study.id)) == marker:

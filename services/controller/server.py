@@ -82,7 +82,7 @@ import sys
 import threading
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format
 
@@ -115,6 +115,9 @@ from services.controller.reconciler import start_experiment_reconciler
 from services.controller.scheduler import DEFAULT_UNSCHEDULABLE_AFTER_S, Scheduler, StudyCache
 from services.controller.servicer import ExperimentServicer
 from services.controller.storage import ExperimentStorage, SQLiteStorage
+
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import MetricsServer
 
 __all__ = ["Controller", "ControllerConfig", "known_workloads", "main"]
 
@@ -392,7 +395,7 @@ class Controller:
                                    metrics=controller_metrics, evaluations=self.evaluations,
                                    unschedulable_after_s=config.unschedulable_timeout_s)
         self.servicer.scheduler = self.scheduler
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
         self.backups = None
         if isinstance(self.storage, SQLiteStorage) and config.backup_interval_s > 0:
             self.backups = BackupScheduler(self.storage.path, interval_s=config.backup_interval_s,

@@ -25,11 +25,13 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from batchlab import limits
+from batchlab.limits import shorten
 from batchlab.proto.v1 import common_pb2, controller_pb2, controller_pb2_grpc, experiment_pb2
 from batchlab.rpc.errors import (
     AlreadyExists,
@@ -37,7 +39,6 @@ from batchlab.rpc.errors import (
     InvalidArgument,
     NotFound,
     handle_errors,
-    shorten,
 )
 from batchlab.search import SpecError, Study, expand_studies, spec_to_dict, validate_spec
 from batchlab.search.admission import check_request_id
@@ -173,13 +174,14 @@ def trial_key_of(name: str, field: str) -> TrialKey:
     return TrialKey(e, s, int(t), int(r))
 
 
-def _outcome_value(name: str | None) -> int:
+def _outcome_value(name: str | None) -> common_pb2.Outcome:
     return common_pb2.Outcome.Value(name) if name else common_pb2.OUTCOME_UNSPECIFIED
 
 
-def _failure_value(name: str) -> int:
+def _failure_value(name: str) -> controller_pb2.Failure:
     """batchlab.v1.Failure of a stored Failure value ("" -> FAILURE_UNSPECIFIED)."""
-    return controller_pb2.Failure.Value(f"FAILURE_{name}") if name else 0
+    return (controller_pb2.Failure.Value(f"FAILURE_{name}") if name
+            else controller_pb2.FAILURE_UNSPECIFIED)
 
 
 def aggregate_from_score(score: Mapping[str, Any]) -> controller_pb2.StudyAggregate:
@@ -247,6 +249,12 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             self.scheduler.wake()
 
     # -- reading ----------------------------------------------------------------------------
+    def _reread(self, experiment_id: str) -> ExperimentRecord:
+        """An experiment read again from storage, which never deletes one."""
+        record = self.storage.get_experiment(experiment_id)
+        assert record is not None, f"experiment {experiment_id} vanished from storage"
+        return record
+
     def _get(self, name: str, field: str = "name") -> ExperimentRecord:
         experiment_id = experiment_id_of(name, field)
         record = self.storage.get_experiment(experiment_id)
@@ -309,8 +317,10 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
             batch_size=study.batch_size,
             step_budget=study.step_budget,
             phase=record.phase if record is not None else "tuning",
+            # batchlab.targets.Goal carries the proto's numbers; the generated stubs type the
+            # proto's enum as its own int subclass, which plain ints are at run time.
             target=experiment_pb2.Target(metric=study.target.metric, value=study.target.value,
-                                         goal=int(study.target.goal)),
+                                         goal=cast(common_pb2.Goal, int(study.target.goal))),
         )
         if record is not None:
             if record.best_trial is not None:
@@ -354,7 +364,8 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
 
     # -- RPCs -------------------------------------------------------------------------------
     @handle_errors
-    def SubmitExperiment(self, request, context):
+    def SubmitExperiment(self, request: controller_pb2.SubmitExperimentRequest,
+                         context: grpc.ServicerContext) -> controller_pb2.Experiment:
         """Validate and store an experiment; the same request_id returns the first one."""
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "required: the ExperimentSpec to run")
@@ -386,10 +397,10 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         record, created = self.storage.create_experiment(experiment_id, request.request_id,
                                                          spec_dict)
         if not created and dict(record.spec) != spec_dict:
-            error = AlreadyExists(record.name, f"request_id {request.request_id!r} was used "
-                                               "for a different spec")
-            error.field_path = "request_id"
-            raise error
+            conflict = AlreadyExists(record.name, f"request_id {request.request_id!r} was used "
+                                                  "for a different spec")
+            conflict.field_path = "request_id"
+            raise conflict
         if created:
             log.info("submitted %s (%d studies, request_id %r)", record.name, len(studies),
                      request.request_id)
@@ -399,12 +410,14 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         return message
 
     @handle_errors
-    def GetExperiment(self, request, context):
+    def GetExperiment(self, request: controller_pb2.GetExperimentRequest,
+                      context: grpc.ServicerContext) -> controller_pb2.Experiment:
         """The experiment, its trial counts and studies."""
         return self._experiment(self._get(request.name))
 
     @handle_errors
-    def ListExperiments(self, request, context):
+    def ListExperiments(self, request: controller_pb2.ListExperimentsRequest,
+                        context: grpc.ServicerContext) -> controller_pb2.ListExperimentsResponse:
         """Experiments in submission order, a page at a time."""
         size = _page_size(request.page_size)
         after = PageToken.decode(request.page_token, "experiments")
@@ -417,7 +430,8 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         return response
 
     @handle_errors
-    def ListTrials(self, request, context):
+    def ListTrials(self, request: controller_pb2.ListTrialsRequest,
+                   context: grpc.ServicerContext) -> controller_pb2.ListTrialsResponse:
         """Trials (latest attempt of each) of an experiment or one of its studies."""
         parent = request.parent
         study_id = None
@@ -448,7 +462,9 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         return response
 
     @handle_errors
-    def WatchExperiment(self, request, context):
+    def WatchExperiment(self, request: controller_pb2.WatchExperimentRequest,
+                        context: grpc.ServicerContext
+                        ) -> Iterator[controller_pb2.WatchExperimentResponse]:
         """Stream snapshots, changed trials and new points until the experiment ends."""
         record = self._get(request.name)
         period = request.period_seconds or self.watch_period_s
@@ -462,7 +478,7 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         after_seq = 0
         seen: dict[str, bytes] = {}
         while True:
-            record = self.storage.get_experiment(experiment_id)
+            record = self._reread(experiment_id)
             attempts = self.storage.attempts(experiment_id)
             points = self.storage.points(experiment_id, after_seq=after_seq,
                                          limit=MAX_POINTS_PER_MESSAGE)
@@ -494,7 +510,8 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
                 self._stopping.wait(min(0.1, deadline - time.monotonic()))
 
     @handle_errors
-    def CancelExperiment(self, request, context):
+    def CancelExperiment(self, request: controller_pb2.CancelExperimentRequest,
+                         context: grpc.ServicerContext) -> controller_pb2.Experiment:
         """Cancel a pending or running experiment; its running trials are told to stop."""
         record = self._get(request.name)
         if record.state is not ExperimentState.CANCELLED:
@@ -507,16 +524,17 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
                 expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
                 cancel_error="experiment cancelled")
             if not changed:  # it ended meanwhile
-                record = self.storage.get_experiment(record.id)
+                record = self._reread(record.id)
                 if record.state is not ExperimentState.CANCELLED:
                     raise FailedPrecondition(f"{record.name} already ended "
                                              f"{record.state.value}")
             log.info("cancelled %s (%d queued attempts dropped)", record.name, cancelled)
             self._wake()
-        return self._experiment(self.storage.get_experiment(record.id))
+        return self._experiment(self._reread(record.id))
 
     @handle_errors
-    def GetReport(self, request, context):
+    def GetReport(self, request: controller_pb2.GetReportRequest,
+                  context: grpc.ServicerContext) -> controller_pb2.Report:
         """report.md and its PNGs built from the stored results."""
         record = self._get(request.name)
         studies = self.storage.studies(record.id)
@@ -538,7 +556,9 @@ class ExperimentServicer(controller_pb2_grpc.ExperimentServiceServicer):
         return report
 
     @handle_errors
-    def ReportProgress(self, request, context):
+    def ReportProgress(self, request: controller_pb2.ReportProgressRequest,
+                       context: grpc.ServicerContext
+                       ) -> controller_pb2.ReportProgressResponse:
         """Store a trainer's metric points; cancel=True when its experiment was stopped."""
         points: list[PointRecord] = []
         attempts: dict[tuple[TrialKey, int], AttemptRecord] = {}

@@ -14,25 +14,30 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from batchlab.proto.v1 import evaluation_pb2, evaluation_pb2_grpc
+from batchlab.proto.v1 import checkpoints_pb2, evaluation_pb2, evaluation_pb2_grpc
 from batchlab.rpc.checkpoint_client import CheckpointClient
 from batchlab.rpc.client import channel, peer_address
 from batchlab.rpc.server import Registration, run_service
 from services.evaluator.servicer import EvaluationServicer
 
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import Metrics
+
 DEFAULT_PORT = 50054
 
 
-def make_registrations(metrics) -> list[Registration]:
+def make_registrations(metrics: Metrics) -> list[Registration]:
     """Connects to the checkpoint service and builds the servicer."""
     address = peer_address("checkpoints")
     client = CheckpointClient(channel(address, token=os.environ.get("BATCHLAB_AUTH_TOKEN") or None))
 
-    def load(trial: str, step: int | None, folder: Path):
+    def load(trial: str, step: int | None, folder: Path) -> checkpoints_pb2.CheckpointInfo | None:
         return client.load_dir(trial, folder, step=step)
 
-    def record(trial: str, step: int, metric: float | None, maximize: bool):
+    def record(trial: str, step: int, metric: float | None,
+               maximize: bool) -> checkpoints_pb2.CheckpointInfo:
         return client.record_evaluation(trial, step, metric=metric, maximize=maximize)
 
     data_root = os.environ.get("BATCHLAB_DATA_DIR")

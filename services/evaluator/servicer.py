@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -32,6 +32,10 @@ from batchlab.rpc.errors import (
     NotFound,
     handle_errors,
 )
+
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import EvaluatorMetrics
+    from batchlab.train import RunConfig
 
 __all__ = ["EvaluationServicer"]
 
@@ -58,7 +62,7 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
     """
 
     def __init__(self, load: Loader, *, data_dir: str | None = None, evaluate: Evaluator | None = None,
-                 record: Recorder | None = None, metrics=None):
+                 record: Recorder | None = None, metrics: EvaluatorMetrics | None = None):
         self._load = load
         self._record = record
         self._metrics = metrics
@@ -72,12 +76,13 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
 
         evaluator = CheckpointEvaluator(self._data_dir)
 
-        def evaluate(config, checkpoint_dir: Path, splits: tuple[str, ...]):
+        def evaluate(config: RunConfig, checkpoint_dir: Path,
+                     splits: tuple[str, ...]) -> tuple[int, dict[str, float]]:
             return evaluator.evaluate(config, checkpoint_dir, splits=splits)
 
         return evaluate
 
-    def _config(self, request: evaluation_pb2.EvaluateRequest):
+    def _config(self, request: evaluation_pb2.EvaluateRequest) -> RunConfig:
         from batchlab.train import RunConfig, get_workload
 
         if not request.trial:
@@ -121,7 +126,8 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
         return splits
 
     @handle_errors
-    def Evaluate(self, request, context):
+    def Evaluate(self, request: evaluation_pb2.EvaluateRequest,
+                 context: grpc.ServicerContext) -> evaluation_pb2.EvaluateResponse:
         config = self._config(request)
         splits = self._splits(request)
         if request.record_metric and self._record is None:
@@ -142,7 +148,8 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
         log.info("evaluated %s at step %d: %s", request.trial, step, metrics)
         return evaluation_pb2.EvaluateResponse(step=step, metrics=metrics, is_best=is_best)
 
-    def _record_metric(self, request, step: int, metrics: dict[str, float]) -> bool:
+    def _record_metric(self, request: evaluation_pb2.EvaluateRequest, step: int,
+                       metrics: dict[str, float]) -> bool:
         if not request.record_metric:
             return False
         if request.record_metric not in metrics:
@@ -150,12 +157,14 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
                                                    f"{request.record_metric!r}; it reports "
                                                    f"{sorted(metrics)}")
         value = metrics[request.record_metric]
+        assert self._record is not None  # Evaluate refuses record_metric without a recorder
         # A diverged run's NaN must not become the best checkpoint: record no metric then.
         info = self._record(request.trial, step, value if math.isfinite(value) else None,
                             request.maximize)
         return bool(getattr(info, "is_best", False))
 
-    def _load_and_evaluate(self, request, config, splits: tuple[str, ...]) -> tuple[int, dict[str, float]]:
+    def _load_and_evaluate(self, request: evaluation_pb2.EvaluateRequest, config: RunConfig,
+                           splits: tuple[str, ...]) -> tuple[int, dict[str, float]]:
         wanted = request.step if request.HasField("step") else None
         with tempfile.TemporaryDirectory(prefix="batchlab-eval-") as tmp:
             incoming = Path(tmp) / "incoming"
@@ -174,7 +183,7 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
                 # it would put another step's numbers at this step of the curve.
                 raise DataLoss(f"{request.trial} step {wanted} is corrupt (the store offered "
                                f"step {info.step} instead)")
-            if self._metrics is not None and getattr(info, "size_bytes", 0):
+            if self._metrics is not None and getattr(info, "size_bytes", None):
                 self._metrics.checkpoint_bytes.labels(workload=request.workload).inc(info.size_bytes)
             checkpoint_dir = Path(tmp) / "checkpoints"
             checkpoint_dir.mkdir()

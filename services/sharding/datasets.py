@@ -76,7 +76,7 @@ class TfdsCatalog(DatasetCatalog):
       data_dir: the tfds folder (``batchlab.data.default_data_dir()`` in the service).
     """
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike[str]):
         self.data_dir = os.fspath(data_dir)
 
     def names(self) -> list[str]:
@@ -95,7 +95,8 @@ class TfdsCatalog(DatasetCatalog):
             builder = builders.builder(dataset, self.data_dir, config=config or None)
         except ValueError as exc:
             raise InvalidArgument("config", str(exc)) from None
-        return builder.builder_config.name
+        name: str = builder.builder_config.name
+        return name
 
     def prepare(self, dataset: str, config: str, *, rebuild: bool = False) -> Mapping[str, int]:
         """Builds an offline dataset or finds imagenet2012; see :meth:`DatasetCatalog.prepare`."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchlab import data
 from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
@@ -28,10 +29,13 @@ from services.sharding.datasets import TfdsCatalog
 from services.sharding.positions import PositionStore
 from services.sharding.servicer import ShardingServicer
 
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import Metrics
+
 DEFAULT_PORT = 50052
 
 
-def make_registrations(metrics) -> list[Registration]:
+def make_registrations(metrics: Metrics) -> list[Registration]:
     """Builds the tfds catalog on ``BATCHLAB_DATA_DIR`` and the servicer.
 
     Args:

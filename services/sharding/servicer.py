@@ -21,7 +21,9 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -31,6 +33,9 @@ from batchlab.proto.v1 import sharding_pb2, sharding_pb2_grpc
 from batchlab.rpc.errors import FailedPrecondition, InvalidArgument, handle_errors, status_for
 from services.sharding.datasets import DatasetCatalog
 from services.sharding.positions import PositionStore
+
+if TYPE_CHECKING:
+    from batchlab.rpc.metrics import ShardingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,7 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
         RecordPositions answer FAILED_PRECONDITION without one).
     """
 
-    def __init__(self, catalog: DatasetCatalog, *, metrics=None,
+    def __init__(self, catalog: DatasetCatalog, *, metrics: ShardingMetrics | None = None,
                  max_indices_per_response: int = MAX_INDICES_PER_RESPONSE,
                  positions: PositionStore | None = None):
         self._catalog = catalog
@@ -126,7 +131,8 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
     # --------------------------------------------------------------------- RPCs
 
     @handle_errors
-    def PrepareDataset(self, request, context):
+    def PrepareDataset(self, request: sharding_pb2.PrepareDatasetRequest,
+                       context: grpc.ServicerContext) -> sharding_pb2.DatasetInfo:
         """Builds a dataset once (concurrent callers wait for the one build); its splits.
 
         Args:
@@ -170,7 +176,8 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
             self._prepared.setdefault(key, _Prepared(dict(sizes), time.monotonic()))
         return sizes
 
-    def _stream(self, request, shard_count: int,
+    def _stream(self, request: sharding_pb2.GetShardRequest | sharding_pb2.AssignShardsRequest,
+                shard_count: int,
                 count_field: str = "shard_count") -> tuple[tuple[str, str], int, int]:
         """Validates a request's (dataset, config, split, shard count, num_examples).
 
@@ -198,7 +205,8 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
         return key, num_examples, data.examples_per_shard(num_examples, shard_count)
 
     @handle_errors
-    def GetShard(self, request, context):
+    def GetShard(self, request: sharding_pb2.GetShardRequest,
+                 context: grpc.ServicerContext) -> sharding_pb2.ShardAssignment:
         """Returns one shard's example indices for an epoch, from a position.
 
         Args:
@@ -255,7 +263,8 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
         return trial
 
     @handle_errors
-    def AssignShards(self, request, context):
+    def AssignShards(self, request: sharding_pb2.AssignShardsRequest,
+                     context: grpc.ServicerContext) -> sharding_pb2.TrialShards:
         """Every host's shard of a trial, at the start or at a recorded checkpoint.
 
         Args:
@@ -321,7 +330,9 @@ class ShardingServicer(sharding_pb2_grpc.ShardingServiceServicer):
         return sharding_pb2.TrialShards(trial=trial, hosts=hosts, step=step)
 
     @handle_errors
-    def RecordPositions(self, request, context):
+    def RecordPositions(self, request: sharding_pb2.RecordPositionsRequest,
+                        context: grpc.ServicerContext
+                        ) -> sharding_pb2.RecordPositionsResponse:
         """Stores hosts' positions at a checkpoint step (what AssignShards serves on resume).
 
         Args:

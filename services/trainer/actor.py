@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from google.protobuf import json_format
@@ -65,6 +65,15 @@ from services.trainer.checkpoint_sync import (
     DirectoryCheckpointSync,
     ServiceCheckpointSync,
 )
+
+if TYPE_CHECKING:
+    import grpc
+
+    from batchlab.proto.v1 import controller_pb2_grpc
+    from batchlab.rpc.metrics import Metrics, MetricsServer
+    from batchlab.rpc.sharding_client import ServiceShardIterator
+    from batchlab.train import RunConfig
+    from services.trainer.metrics_exporter import TextfileWriter
 
 __all__ = [
     "ProgressReporter",
@@ -91,6 +100,9 @@ class TrainerInfrastructureError(RuntimeError):
     """A service the attempt needs failed (not the run itself): retried by the controller."""
 
     infrastructure = True
+    #: True when this trainer cannot run the attempt at all (its JAX runs with another
+    #: XLA:CPU thread count): the trainer pool retires it and the run goes to a fresh one.
+    retire_trainer = False
 
 
 def trainer_settings(mapping: Mapping[str, Any] | None) -> controller_pb2.TrainerSettings:
@@ -103,10 +115,12 @@ def trainer_settings(mapping: Mapping[str, Any] | None) -> controller_pb2.Traine
     Raises:
       ValueError: an unknown key or a value of the wrong kind, naming it.
     """
+    settings = controller_pb2.TrainerSettings()
     try:
-        return json_format.ParseDict(dict(mapping or {}), controller_pb2.TrainerSettings())
+        json_format.ParseDict(dict(mapping or {}), settings)
     except json_format.ParseError as error:
         raise ValueError(f"settings: {error}") from None
+    return settings
 
 
 def actor_options(resources: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -187,7 +201,7 @@ def hyperparameters_of(assignment: controller_pb2.TrialAssignment) -> dict[str, 
 
 
 def build_run_config(assignment: controller_pb2.TrialAssignment, *, data_dir: str | None,
-                     checkpoint_dir: str | None):
+                     checkpoint_dir: str | None) -> RunConfig:
     """The RunConfig of an assignment, built as batchlab.runner.local builds it.
 
     Args:
@@ -195,7 +209,7 @@ def build_run_config(assignment: controller_pb2.TrialAssignment, *, data_dir: st
       data_dir: the tfds folder (None: the default).
       checkpoint_dir: where the run saves and resumes (None: no checkpoints).
     """
-    from batchlab.search.study import TargetReading
+    from batchlab.targets import TargetReading
     from batchlab.train import Goal, RunConfig, Target
 
     target = assignment.target
@@ -341,9 +355,9 @@ class TrainerWorker:
         self._lock = threading.Lock()
         self._busy = threading.Lock()
         self._distributed = False
-        self._metrics = None
-        self._metrics_server = None
-        self._metrics_writer = None
+        self._metrics: Metrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._metrics_writer: TextfileWriter | None = None
         self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
         # XLA:CPU threads, fixed when JAX starts here: on the first run, never earlier, because
         # a multi-host run must call jax.distributed.initialize before JAX's backend starts.
@@ -589,7 +603,8 @@ class TrainerWorker:
             return DirectoryCheckpointSync(self.settings.checkpoint_root)
         return None
 
-    def _stub(self):
+    def _stub(self) -> tuple[grpc.Channel | None,
+                             controller_pb2_grpc.ExperimentServiceStub | None]:
         if not self.settings.controller_address:
             return None, None
         from batchlab.proto.v1 import controller_pb2_grpc
@@ -778,11 +793,13 @@ class TrainerWorker:
     @staticmethod
     def _index_stream(sharding: Any, info: Any, assignment: controller_pb2.TrialAssignment,
                       restored: int | None, process_id: int, num_processes: int,
-                      streams: list[Any]):
+                      streams: list[Any]
+                      ) -> Callable[[int, Mapping[str, Any] | None], ServiceShardIterator]:
         """``fn(num_examples, saved) -> stream``: this host's examples, from the service."""
         from batchlab.rpc.sharding_client import ServiceShardIterator, ShardingError
 
-        def index_stream(num_examples: int, saved: Mapping[str, Any] | None):
+        def index_stream(num_examples: int,
+                         saved: Mapping[str, Any] | None) -> ServiceShardIterator:
             split_size = int(info.split_sizes.get("train", 0))
             shards = sharding.assign(
                 assignment.trial, info.dataset, info.config, "train",
@@ -815,6 +832,8 @@ class TrainerWorker:
     def _observe(self, series: Any, point: Mapping[str, float], last: dict[str, float],
                  batch_size: int) -> None:
         """Trainer metrics at an evaluation: progress, curve and throughput since the last."""
+        # Called only with a series, which exists only when the trainer metrics do.
+        assert self._metrics is not None and self._metrics.trainer is not None
         trainer = self._metrics.trainer
         step = int(point["step"])
         now = time.perf_counter()
@@ -860,4 +879,6 @@ class _ExampleLog:
 
 
 # The Ray actor: a threaded actor, so `stop` and `info` are answered while `run` trains.
-TrainerActor = ray.remote(max_concurrency=MAX_CONCURRENCY)(TrainerWorker)
+# ray.remote's typed overloads list only the task options, not the actor ones
+# (max_concurrency); Ray accepts them there.
+TrainerActor = ray.remote(max_concurrency=MAX_CONCURRENCY)(TrainerWorker)  # type: ignore[call-overload]

@@ -255,15 +255,15 @@ class SQLiteStorage(ExperimentStorage):
         return [_experiment_from_row(r) for r in rows]
 
     def experiments_in(self, states: Iterable[ExperimentState]) -> list[ExperimentRecord]:
-        states = [str(s) for s in states]
+        state_names = [str(s) for s in states]
         rows = self._connection().execute(
             f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments WHERE state IN "
-            f"({_placeholders(states)}) ORDER BY seq", states).fetchall()
+            f"({_placeholders(state_names)}) ORDER BY seq", state_names).fetchall()
         return [_experiment_from_row(r) for r in rows]
 
     def set_experiment_state(self, experiment_id: str, state: ExperimentState, *,
                              expected: Iterable[ExperimentState], error: str = "") -> bool:
-        expected = [str(s) for s in expected]
+        expected_names = [str(s) for s in expected]
         now = self._clock()
         end = now if state in TERMINAL_EXPERIMENT_STATES else None
         start = now if state is ExperimentState.RUNNING else None
@@ -272,8 +272,8 @@ class SQLiteStorage(ExperimentStorage):
                 "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
                 "ELSE ? END, start_time = COALESCE(start_time, ?), "
                 "end_time = COALESCE(end_time, ?) "
-                f"WHERE id = ? AND state IN ({_placeholders(expected)})",
-                (str(state), error, error, start, end, experiment_id, *expected))
+                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
+                (str(state), error, error, start, end, experiment_id, *expected_names))
             return cursor.rowcount == 1
 
     def end_experiment(self, experiment_id: str, state: ExperimentState, *,
@@ -281,15 +281,15 @@ class SQLiteStorage(ExperimentStorage):
                        cancel_error: str) -> tuple[bool, int]:
         if state not in TERMINAL_EXPERIMENT_STATES:
             raise ValueError(f"end_experiment: {state} is not a terminal state")
-        expected = [str(s) for s in expected]
+        expected_names = [str(s) for s in expected]
         waiting = [str(AttemptState.QUEUED), str(AttemptState.EVALUATING)]
         now = self._clock()
         with self._write() as conn:
             changed = conn.execute(
                 "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
                 "ELSE ? END, end_time = COALESCE(end_time, ?) "
-                f"WHERE id = ? AND state IN ({_placeholders(expected)})",
-                (str(state), error, error, now, experiment_id, *expected)).rowcount == 1
+                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
+                (str(state), error, error, now, experiment_id, *expected_names)).rowcount == 1
             cancelled = conn.execute(
                 "UPDATE attempts SET state = ?, outcome = 'CANCELLED', error = ?, "
                 "end_time = ?, pending_reason = '', pending_since = NULL "
@@ -328,9 +328,9 @@ class SQLiteStorage(ExperimentStorage):
             query += " AND study_id = ?"
             args.append(study_id)
         if states is not None:
-            states = [str(s) for s in states]
-            query += f" AND state IN ({_placeholders(states)})"
-            args.extend(states)
+            state_names = [str(s) for s in states]
+            query += f" AND state IN ({_placeholders(state_names)})"
+            args.extend(state_names)
         rows = self._connection().execute(query + " ORDER BY id", args).fetchall()
         return [_attempt_from_row(r) for r in rows]
 
@@ -354,7 +354,7 @@ class SQLiteStorage(ExperimentStorage):
                          result: Mapping[str, Any] | None = None, error: str = "",
                          expected: Iterable[AttemptState] = (AttemptState.ACTIVE,),
                          failure: str = "") -> bool:
-        expected = [str(s) for s in expected]
+        expected_names = [str(s) for s in expected]
         with self._write() as conn:
             # An EVALUATING attempt keeps the result stored when training ended unless a new
             # one (with the evaluations merged in) comes.
@@ -362,10 +362,10 @@ class SQLiteStorage(ExperimentStorage):
                 "UPDATE attempts SET state = ?, outcome = ?, result = COALESCE(?, result), "
                 "error = ?, end_time = ?, step = MAX(step, ?), failure = ?, "
                 "pending_reason = '', pending_since = NULL "
-                f"WHERE id = ? AND state IN ({_placeholders(expected)})",
+                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
                 (AttemptState.COMPLETED, outcome, None if result is None else dumps_value(result),
                  error, self._clock(), int((result or {}).get("steps_completed") or 0),
-                 str(failure), attempt_id, *expected))
+                 str(failure), attempt_id, *expected_names))
             return cursor.rowcount == 1
 
     def fail_active_attempts(self, error: str, failure: str = "") -> list[AttemptRecord]:
