@@ -159,10 +159,42 @@ def _services(root: Path) -> tuple[float, float, float]:
     return cold, warm, startup
 
 
-def _services_cold(root: Path, spec: dict) -> float:
-    """Seconds from `batchlab up` of a fresh stack to SUCCEEDED of ``spec`` on it."""
+def _services_cold(root: Path, spec: dict) -> tuple[float, dict[str, float]]:
+    """Seconds from `batchlab up` of a fresh stack to SUCCEEDED of ``spec`` on it, and where
+    they went (see _breakdown; "outside runs" here is the stack's start-up and the submission)."""
+    from services.controller.storage import SQLiteStorage
+
     with embedded_stack(root) as (client, startup):
-        return startup + _experiment(client, spec)
+        total = startup + _experiment(client, spec)
+    storage = SQLiteStorage(root / "stack" / "controller")
+    try:
+        attempts = [a for e in storage.list_experiments() for a in storage.attempts(e.id)]
+    finally:
+        storage.close()
+    spans = [(a.start_time, a.end_time, a.result or {}) for a in attempts
+             if a.start_time is not None and a.end_time is not None]
+    return total, _breakdown(total, [r for _, _, r in spans],
+                             in_attempts=sum(end - start for start, end, _ in spans))
+
+
+def _breakdown(total: float, results: list[dict], *, in_attempts: float | None = None
+               ) -> dict[str, float]:
+    """Where a cold figure's seconds went, summed over its runs (from their stored results):
+    the first step (compilation and first batch), training after it, the rest of each run
+    (evaluation, checkpoints, set-up), between a run's dispatch and its result outside its own
+    timing (services only: the trainer call, result recording), and outside runs altogether
+    (local: the interpreter, imports and the driver; services: the stack's start-up too)."""
+    wall = sum(r.get("wall_time_s") or 0.0 for r in results)
+    first = sum(r.get("startup_time_s") or 0.0 for r in results)
+    train = sum(r.get("train_time_s") or 0.0 for r in results)
+    dispatch = (in_attempts - wall) if in_attempts is not None else 0.0
+    return {"runs": len(results), "first_step_s": first, "train_s": train,
+            "rest_of_run_s": wall - first - train, "dispatch_s": dispatch,
+            "outside_runs_s": total - wall - dispatch}
+
+
+def _run_results(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text())["result"] for p in sorted(folder.rglob("runs/*/*.json"))]
 
 
 def run(*, rounds: int = 2) -> dict:
@@ -170,6 +202,8 @@ def run(*, rounds: int = 2) -> dict:
     and the cold ratio of a study four times as large."""
     local_cold, local_warm, services_cold, services_warm, startups = [], [], [], [], []
     large_local, large_services = [], []
+    local_parts: list[dict[str, float]] = []
+    services_parts: list[dict[str, float]] = []
     for i in range(rounds):
         with tempfile.TemporaryDirectory(prefix=f"batchlab-system-{i}-") as tmp:
             root = Path(tmp)
@@ -181,8 +215,13 @@ def run(*, rounds: int = 2) -> dict:
             services_cold.append(cold)
             services_warm.append(warm)
             startups.append(startup)
-            large_local.append(_local(root / "large", LARGE_SPEC, parallel=1, warm=False)[0])
-            large_services.append(_services_cold(root / "large", LARGE_SPEC))
+            cold_large = _local(root / "large", LARGE_SPEC, parallel=1, warm=False)[0]
+            large_local.append(cold_large)
+            local_parts.append(_breakdown(
+                cold_large, _run_results(root / "large" / "local_out" / "cold")))
+            cold_large, parts = _services_cold(root / "large", LARGE_SPEC)
+            large_services.append(cold_large)
+            services_parts.append(parts)
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -194,6 +233,9 @@ def run(*, rounds: int = 2) -> dict:
         "large_local_cold_s": [round(x, 1) for x in large_local],
         "large_services_cold_s": [round(x, 1) for x in large_services],
         "ratio_cold_large": float(np.median(large_services) / np.median(large_local)),
+        # Per round, in the order of large_*_cold_s.
+        "large_local_breakdown": local_parts,
+        "large_services_breakdown": services_parts,
     }
 
 
@@ -226,4 +268,35 @@ def to_markdown(r: dict) -> str:
         f"| services / local, cold (16 runs) | {r['ratio_cold_large']:.3f} | <= {TARGET} | {met(r['ratio_cold_large'])} |",
         f"| services / local, warm | {r['ratio_warm']:.3f} | <= {TARGET} | {met(r['ratio_warm'])} |",
         "",
+        *_breakdown_table(r),
     ])
+
+
+_PARTS = (
+    ("first_step_s", "first step of each run (compilation, first batch)"),
+    ("train_s", "training after the first step"),
+    ("rest_of_run_s", "rest of each run (evaluation, checkpoints, set-up)"),
+    ("dispatch_s", "between dispatch and result, outside the run's own timing"),
+    ("outside_runs_s", "outside runs (process or stack start-up, imports, driver)"),
+)
+
+
+def _breakdown_table(r: dict) -> list[str]:
+    """Where the 16-run cold figures' seconds went, summed over runs (median over rounds)."""
+    if not r.get("large_local_breakdown"):
+        return []
+    rows = []
+    for key, label in _PARTS:
+        local = float(np.median([b[key] for b in r["large_local_breakdown"]]))
+        services = float(np.median([b[key] for b in r["large_services_breakdown"]]))
+        rows.append(f"| {label} | {local:.1f} | {services:.1f} | {services - local:+.1f} |")
+    return [
+        "Where the 16-run cold seconds go, summed over the runs from their stored results "
+        "(median over rounds; each part's median is taken on its own, so the parts need not add "
+        "up to the medians above):",
+        "",
+        "| part | local s | services s | services - local |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+    ]
