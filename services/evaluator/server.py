@@ -49,7 +49,9 @@ def make_registrations(metrics: Metrics) -> list[Registration]:
 
 def main() -> int:
     """Serves until SIGTERM or SIGINT; returns the exit status."""
-    return run_service("evaluator", default_port=DEFAULT_PORT, make_registrations=make_registrations)
+    # Imported before serving: see run_service's preload (the evaluation loads datasets).
+    return run_service("evaluator", default_port=DEFAULT_PORT, make_registrations=make_registrations,
+                       preload=("batchlab.data.builders", "batchlab.train.evaluate"))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def make_registrations(metrics: Metrics) -> list[Registration]:
 
 def main() -> int:
     """Serves until SIGTERM or SIGINT; returns the exit status."""
+    # Imported before serving: see run_service's preload (the datasets' builders).
     return run_service("sharding", default_port=DEFAULT_PORT,
-                       make_registrations=make_registrations)
+                       make_registrations=make_registrations, preload=("batchlab.data.builders",))
 
 
 if __name__ == "__main__":

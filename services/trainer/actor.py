@@ -364,8 +364,14 @@ class TrainerWorker:
         self._threads: int | None = None
         # Importing JAX does not start its backend. Import it here, once, so that warm_up and a
         # first run, which the actor may serve on two threads at once, never import it
-        # concurrently (a half-initialised jax module fails with AttributeErrors).
+        # concurrently (a half-initialised jax module fails with AttributeErrors). The datasets'
+        # builders likewise: tensorflow_datasets imports inside etils' lazy_imports(), which
+        # swaps the process-wide __import__ while it runs, so an import on another of the
+        # actor's threads meanwhile gets a lazy stand-in (batchlab.rpc.server.run_service's
+        # preload says what that did to the evaluator).
         import jax  # noqa: F401
+
+        import batchlab.data.builders  # noqa: F401
         self._start_metrics()
         log.info("trainer %s ready (pid %d)", self.name, os.getpid())
 

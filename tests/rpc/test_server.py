@@ -225,3 +225,36 @@ def test_service_logging_quiets_orbax_and_jax_unless_debugging(level, expected):
     finally:
         for name, value in before.items():
             logging.getLogger(name).setLevel(value)
+
+
+def test_preloaded_modules_are_imported_before_any_servicer_exists(tmp_path, monkeypatch):
+    """tensorflow_datasets swaps the process-wide __import__ while it imports; an RPC served
+    meanwhile failed inside gRPC and was never answered (a 30-minute hang of the evaluator)."""
+    import sys
+
+    from batchlab.rpc.client import StartupError
+    from batchlab.rpc.server import run_service
+
+    (tmp_path / "preload_probe_module.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+
+    def make_registrations(metrics):
+        seen.append("preload_probe_module" in sys.modules)
+        raise StartupError("stop here: no server is needed")
+
+    environ = {"BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_SHARDING_PORT": "0"}
+    assert run_service("sharding", default_port=0, make_registrations=make_registrations,
+                       environ=environ, preload=("preload_probe_module",)) == 2
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("service", ["evaluator", "sharding"])
+def test_services_that_load_datasets_preload_tensorflow_datasets(service, monkeypatch):
+    import importlib
+
+    server = importlib.import_module(f"services.{service}.server")
+    calls = []
+    monkeypatch.setattr(server, "run_service", lambda *args, **kwargs: calls.append(kwargs) or 0)
+    assert server.main() == 0
+    assert "batchlab.data.builders" in calls[0]["preload"]

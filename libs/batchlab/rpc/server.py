@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -748,6 +748,7 @@ def run_service(
     default_port: int,
     make_registrations: Callable[[Any], Iterable[Registration]],
     environ: Mapping[str, str] | None = None,
+    preload: Sequence[str] = (),
 ) -> int:
     """The whole main of a service: settings, metrics endpoint, server, serve until a signal.
 
@@ -760,13 +761,24 @@ def run_service(
         ``OSError`` raised here (a missing or bad setting) ends the process with status 2
         and one clear log line.
       environ: mapping to read (``os.environ`` by default).
+      preload: modules the handlers import on first use that must be imported before the
+        server serves: tensorflow_datasets (batchlab.data.builders) imports its dependencies
+        inside ``etils.epy.lazy_imports()``, which swaps the process-wide ``__import__`` while
+        it runs, and gRPC's server imports a name on every call; an RPC arriving on another
+        thread meanwhile failed in gRPC itself ("'LazyModule' object is not callable") and was
+        never answered, so its caller waited out its deadline (seen in the evaluator: a
+        30-minute hang of a 16-run benchmark).
 
     Returns:
       The process exit status: 0 after a signalled stop, 2 for a configuration error.
     """
+    import importlib
+
     from batchlab.rpc.metrics import make_metrics, start_metrics_server
 
     configure_logging(environ)
+    for module in preload:
+        importlib.import_module(module)
     try:
         settings = settings_from_env(name, default_port=default_port, environ=environ)
         metrics = make_metrics(roles=[name])
