@@ -47,3 +47,23 @@ def test_digest_ignores_timings_and_sees_a_changed_number(tmp_path):
     verdict = next(iter(changed["verdicts"].values()))
     verdict["metric"][1] += 1e-9  # a change to the resampling moves an interval's end
     assert len(compare_digests(changed, expected)) == 2
+
+
+def test_digest_ignores_which_session_wrote_a_run_file(tmp_path):
+    """Every run file names the commit that wrote it; the contract covers results only, so a
+    new commit with the same numbers must not fail the shipped-study test."""
+    from runner_helpers import _result, fake_spec
+
+    out = run_experiment(fake_spec("provenance", optimizers=1, trials=2, reruns=1), tmp_path,
+                         train_fn=lambda request, study, data_dir: _result(request),
+                         progress=False, write_report=False, in_process=True)
+    before = digest(out)
+    path = sorted((out / "runs").glob("*/*.json"))[0]
+    stored = json.loads(path.read_text())
+    assert stored["written_by"]["code"]
+    stored["written_by"] = {"started_at": "later", "code": {"commit": "another"}}
+    path.write_text(json.dumps(stored))
+    assert compare_digests(digest(out), before) == []
+    stored["result"]["final_metrics"]["validation/accuracy"] += 1e-7
+    path.write_text(json.dumps(stored))
+    assert len(compare_digests(digest(out), before)) == 1

@@ -52,7 +52,11 @@ def digest(results_dir: str | Path) -> dict[str, Any]:
     experiment = json.loads((root / "experiment.json").read_text())
     runs = {}
     for path in sorted((root / "runs").glob("*/t*_r*_a*.json")):
-        runs[f"{path.parent.name}/{path.name}"] = _clean(json.loads(path.read_text()))
+        stored = json.loads(path.read_text())
+        # Which session and code wrote the file is provenance, not a result (and names the
+        # commit, which every commit changes).
+        stored.pop("written_by", None)
+        runs[f"{path.parent.name}/{path.name}"] = _clean(stored)
     studies = {path.stem: _clean(json.loads(path.read_text()))
                for path in sorted((root / "studies").glob("*.json"))}
     return {"spec": _clean(experiment.get("spec", {})), "runs": runs, "studies": studies,
