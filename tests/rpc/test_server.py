@@ -258,3 +258,36 @@ def test_services_that_load_datasets_preload_tensorflow_datasets(service, monkey
     monkeypatch.setattr(server, "run_service", lambda *args, **kwargs: calls.append(kwargs) or 0)
     assert server.main() == 0
     assert "batchlab.data.builders" in calls[0]["preload"]
+
+
+def test_after_the_preload_a_first_dataset_load_never_swaps_the_process_import(tfds_dir):
+    """What the evaluator's first Evaluate does: load a dataset. Run in a fresh process so that
+    nothing is imported yet; every entry into etils' lazy_imports() (which swaps the process-
+    wide __import__) after the preload is a window in which a concurrent RPC breaks in gRPC."""
+    import subprocess
+    import sys
+
+    script = f"""
+import contextlib, importlib, sys
+for module in ("batchlab.data.builders", "batchlab.train.evaluate"):
+    importlib.import_module(module)
+from etils import epy
+import etils.epy.lazy_imports_utils as utils
+entered = []
+original = utils.lazy_imports
+@contextlib.contextmanager
+def spy(*args, **kwargs):
+    frame = sys._getframe(2)
+    entered.append(f"{{frame.f_globals.get('__name__')}}:{{frame.f_lineno}}")
+    with original(*args, **kwargs):
+        yield
+epy.lazy_imports = utils.lazy_imports = spy
+from batchlab.data.loaders import get_dataset
+for split in ("train", "validation"):
+    assert len(get_dataset("mnist1d", split, {tfds_dir!r}, config="small", build=False)) > 0
+print("ENTERED", entered)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "ENTERED []", done.stdout

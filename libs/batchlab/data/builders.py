@@ -22,6 +22,12 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+# Imported here, not on a dataset's first load: its module body runs inside etils'
+# lazy_imports(), which swaps the process-wide __import__ while it runs; a service that imports
+# this module before serving (batchlab.rpc.server.run_service's preload) must not enter that
+# block later, when another thread may be importing (gRPC's server imports on every call).
+import tensorflow_datasets.core.dataset_metadata  # noqa: F401
+
 from batchlab.data import mlm_corpus
 from batchlab.data.paths import default_data_dir
 from batchlab.limits import shorten
