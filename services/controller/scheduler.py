@@ -65,6 +65,7 @@ from services.controller.storage import (
     Failure,
     NewAttempt,
     PointRecord,
+    StorageError,
     StudyRecord,
     TrialKey,
 )
@@ -278,8 +279,9 @@ class Scheduler:
                         and item.result.get("curve")):
                     # Trained: the outcome waits for the evaluations of its points.
                     changed = self.storage.finish_training(d.attempt_id, item.result)
-                    log.info("%s attempt %d trained on %s (%s); waiting for its evaluations",
-                             d.trial, d.attempt, d.lease.worker, outcome)
+                    log.info("%s attempt %d trained on %s (%s); %s", d.trial, d.attempt,
+                             d.lease.worker, outcome, "waiting for its evaluations" if changed
+                             else "its experiment has ended: not evaluated")
                     if changed:
                         self._end_trial_metrics(d.experiment_id, d.trial)
                     if self.evaluations is not None:
@@ -436,7 +438,16 @@ class Scheduler:
             if decision.done:
                 unfilled += unfilled_runs(study, decision.state)
         if new:
-            stored = self.storage.add_attempts(new)
+            try:
+                stored = self.storage.add_attempts(new)
+            except StorageError:
+                ended = self.storage.get_experiment(experiment.id)
+                if ended is None or not ended.terminal:
+                    raise
+                # Cancelled (or failed) since this round read it: nothing more to queue.
+                log.info("experiment %s ended %s while its next runs were planned",
+                         experiment.id, ended.state.value)
+                return
             now = time.monotonic()
             for attempt in stored:
                 self._queued_since[attempt.id] = now

@@ -91,7 +91,8 @@ class ExperimentStorage(abc.ABC):
 
         Raises:
           StorageError: an attempt with the same (trial, attempt) exists, or its experiment
-            does not; nothing is stored then.
+            does not exist or has ended (a run queued then would wait forever); nothing is
+            stored then.
         """
 
     @abc.abstractmethod
@@ -128,7 +129,9 @@ class ExperimentStorage(abc.ABC):
     @abc.abstractmethod
     def finish_training(self, attempt_id: int, result: Mapping[str, Any]) -> bool:
         """ACTIVE -> EVALUATING: training ended with `result`; the outcome waits for the
-        evaluations of its points. Returns whether it changed."""
+        evaluations of its points. Returns whether it changed. If the attempt's experiment has
+        ended, nobody evaluates its points: it completes as CANCELLED (error ENDED_ERROR, the
+        result kept) in the same transaction, and False is returned."""
 
     @abc.abstractmethod
     def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from services.controller.storage.base import ExperimentStorage
 from services.controller.storage.records import (
+    ENDED_ERROR,
     TERMINAL_EXPERIMENT_STATES,
     AttemptRecord,
     AttemptState,
@@ -116,6 +117,10 @@ class InMemoryStorage(ExperimentStorage):
             for a in attempts:
                 if a.trial.experiment_id not in self._experiments:
                     raise StorageError(f"cannot queue {a.trial.name}: no such experiment")
+                experiment = self._experiments[a.trial.experiment_id]
+                if experiment.terminal:
+                    raise StorageError(f"cannot queue {a.trial.name}: its experiment ended "
+                                       f"{experiment.state.value}")
                 if (a.trial, a.attempt) in existing:
                     raise StorageError(f"cannot queue attempt {a.attempt} of {a.trial.name}: "
                                        "it exists")
@@ -183,10 +188,14 @@ class InMemoryStorage(ExperimentStorage):
             record = self._attempts.get(attempt_id)
             if record is None or record.state is not AttemptState.ACTIVE:
                 return False
+            ended = self._experiments[record.trial.experiment_id].terminal
             self._attempts[attempt_id] = dataclasses.replace(
-                record, state=AttemptState.EVALUATING, result=json.loads(dumps_value(result)),
-                step=max(record.step, int(result.get("steps_completed") or 0)))
-            return True
+                record, result=json.loads(dumps_value(result)),
+                step=max(record.step, int(result.get("steps_completed") or 0)),
+                **(dict(state=AttemptState.COMPLETED, outcome="CANCELLED", error=ENDED_ERROR,
+                        end_time=self._clock()) if ended
+                   else dict(state=AttemptState.EVALUATING)))
+            return not ended
 
     def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:
         with self._lock:

@@ -26,6 +26,9 @@ class ExperimentState(enum.StrEnum):
 TERMINAL_EXPERIMENT_STATES = frozenset(
     {ExperimentState.SUCCEEDED, ExperimentState.FAILED, ExperimentState.CANCELLED})
 
+# Why a run whose training ended after its experiment did completes as CANCELLED.
+ENDED_ERROR = "its experiment ended before the run's evaluations"
+
 
 class AttemptState(enum.StrEnum):
     """States of a run attempt (names as batchlab.v1.Trial.State).

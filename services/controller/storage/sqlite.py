@@ -16,6 +16,7 @@ from batchlab.sqlite import ThreadConnections
 from services.controller.backups import check_database
 from services.controller.storage.base import ExperimentStorage
 from services.controller.storage.records import (
+    ENDED_ERROR,
     TERMINAL_EXPERIMENT_STATES,
     AttemptRecord,
     AttemptState,
@@ -302,6 +303,12 @@ class SQLiteStorage(ExperimentStorage):
         ids = []
         now = self._clock()
         with self._write() as conn:
+            for experiment_id in sorted({a.trial.experiment_id for a in attempts}):
+                row = conn.execute("SELECT state FROM experiments WHERE id = ?",
+                                   (experiment_id,)).fetchone()
+                if row is not None and ExperimentState(row[0]) in TERMINAL_EXPERIMENT_STATES:
+                    raise StorageError(f"cannot queue runs of experiments/{experiment_id}: it "
+                                       f"ended {row[0]}")
             for a in attempts:
                 try:
                     cursor = conn.execute(
@@ -379,7 +386,20 @@ class SQLiteStorage(ExperimentStorage):
         return [_attempt_from_row(r) for r in rows]
 
     def finish_training(self, attempt_id: int, result: Mapping[str, Any]) -> bool:
+        terminal = [str(s) for s in TERMINAL_EXPERIMENT_STATES]
         with self._write() as conn:
+            # An ended experiment's evaluations never come: its run completes as CANCELLED.
+            ended = conn.execute(
+                "SELECT 1 FROM attempts JOIN experiments ON experiments.id = "
+                f"attempts.experiment_id WHERE attempts.id = ? AND experiments.state IN "
+                f"({_placeholders(terminal)})", (attempt_id, *terminal)).fetchone() is not None
+            if ended:
+                conn.execute(
+                    "UPDATE attempts SET state = ?, outcome = 'CANCELLED', error = ?, "
+                    "end_time = ?, result = ?, step = MAX(step, ?) WHERE id = ? AND state = ?",
+                    (AttemptState.COMPLETED, ENDED_ERROR, self._clock(), dumps_value(result),
+                     int(result.get("steps_completed") or 0), attempt_id, AttemptState.ACTIVE))
+                return False
             cursor = conn.execute(
                 "UPDATE attempts SET state = ?, result = ?, step = MAX(step, ?) "
                 "WHERE id = ? AND state = ?",

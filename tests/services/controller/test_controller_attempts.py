@@ -688,3 +688,51 @@ def test_a_run_the_cluster_could_hold_for_a_while_restarts_the_unschedulable_clo
     clock.now += 61
     _ticks(scheduler, 2)
     assert storage.get_experiment("e1").error.startswith(f"unschedulable: {reason}; waited 61 s")
+
+
+def _cancel(storage):
+    """What CancelExperiment does on its RPC thread."""
+    return storage.end_experiment("e1", ExperimentState.CANCELLED,
+                                  expected=[ExperimentState.PENDING, ExperimentState.RUNNING],
+                                  cancel_error="experiment cancelled")
+
+
+@pytest.mark.parametrize("storage_kind", ["memory", "sqlite"])
+def test_a_cancel_between_planning_and_queueing_leaves_no_run_waiting(storage_kind, tmp_path):
+    """A cancel that landed after the scheduler read the attempts and before it queued new ones
+    left the cancelled experiment with QUEUED runs nobody would ever run (review finding)."""
+    storage = InMemoryStorage() if storage_kind == "memory" else SQLiteStorage(tmp_path)
+    storage.create_experiment("e1", "", spec_dict())
+    queue = storage.add_attempts
+
+    def cancel_then_queue(new):
+        _cancel(storage)
+        return queue(new)
+
+    storage.add_attempts = cancel_then_queue
+    scheduler = Scheduler(storage, FakePool())
+    scheduler.tick()
+    storage.add_attempts = queue
+    _ticks(scheduler)
+    assert storage.get_experiment("e1").state is ExperimentState.CANCELLED
+    assert storage.attempts("e1") == []
+
+
+@pytest.mark.parametrize("storage_kind", ["memory", "sqlite"])
+def test_a_run_that_finishes_training_after_a_cancel_is_not_left_evaluating(storage_kind, tmp_path):
+    """The trainer's result came in after the cancel: the run waited in EVALUATING for
+    evaluations the driver (which serves running experiments only) never made."""
+    storage = InMemoryStorage() if storage_kind == "memory" else SQLiteStorage(tmp_path)
+    storage.create_experiment("e1", "", spec_dict())
+    pool = FakePool()
+    pool.hold = True
+    scheduler = Scheduler(storage, pool, evaluations=FakeEvaluations())
+    scheduler.tick()
+    assert len(storage.attempts("e1", states=[AttemptState.ACTIVE])) == 2
+    _cancel(storage)
+    pool.hold = False
+    _ticks(scheduler)
+    ended = [(a.state, a.outcome, a.error) for a in storage.attempts("e1")]
+    assert ended == [(AttemptState.COMPLETED, "CANCELLED",
+                      "its experiment ended before the run's evaluations")] * 2
+    assert all(a.result and a.result["steps_completed"] for a in storage.attempts("e1"))

@@ -206,6 +206,15 @@ def test_end_experiment_cancels_only_waiting_attempts_with_the_state_change(make
                                expected=[ExperimentState.PENDING], cancel_error="x")
 
 
+def test_an_ended_experiment_takes_no_new_runs(storage):
+    storage.create_experiment("e1", "", SPEC)
+    storage.end_experiment("e1", ExperimentState.CANCELLED, expected=[ExperimentState.PENDING],
+                           cancel_error="experiment cancelled")
+    with pytest.raises(StorageError, match="ended CANCELLED"):
+        _queue(storage, (0, 0, 1))
+    assert storage.attempts("e1") == []
+
+
 def test_a_reader_never_sees_an_ended_experiment_with_waiting_runs(storage):
     """Ending an experiment and cancelling its queued runs is one transaction: the
     controller's scheduler thread ends experiments while RPC threads read them."""
