@@ -232,3 +232,78 @@ def test_run_files_copied_from_an_experiment_with_another_search_seed_are_refuse
     with pytest.raises(ValueError, match=r"not a run of study .*replica must be in 0\.\."):
         run_experiment(TINY, target, train_fn=_fake_train([]), progress=False, write_report=False,
                        in_process=True)
+
+
+def _copy_under(name):
+    def change(path):
+        target = path.parent / name
+        target.write_bytes(path.read_bytes())
+        return target
+    return change
+
+
+def _edit_request(**fields):
+    def change(path):
+        stored = json.loads(path.read_text())
+        stored["request"].update(fields)
+        path.write_text(json.dumps(stored))
+        return path
+    return change
+
+
+def _garbage(path):
+    path.write_bytes(b"\xff\xfe\x00binary")
+    return path
+
+
+def _foreign_study(path):
+    target = path.parent.parent / "some.other.study" / path.name
+    target.parent.mkdir()
+    target.write_bytes(path.read_bytes())
+    return target.parent
+
+
+@pytest.mark.parametrize("change, message", [
+    (_copy_under("t0_r0_a2.json"), r"t0_r0_a2\.json is not the run .*the file holds the run "
+                                   r"t0_r0_a1\.json"),
+    (_copy_under("t7_r0_a1.json"), r"t7_r0_a1\.json is not the run .*the file holds the run "
+                                   r"t0_r0_a1\.json"),
+    (_edit_request(replica=False), r"replica must be an integer, got False"),
+    (_garbage, r"t0_r0_a1\.json: malformed run record"),
+    (_foreign_study, r"some\.other\.study.* holds runs of a study this spec does not have"),
+], ids=["copy-as-attempt-2", "copy-as-trial-7", "replica-bool", "binary", "foreign-study"])
+def test_a_folder_with_a_run_file_that_is_not_its_run_is_refused_untouched(tmp_path, change,
+                                                                            message):
+    """Review findings: a copy under another file name passed the check and then crashed the
+    protocol mid-run; a binary file raised a bare UnicodeDecodeError; replica False was 0."""
+    run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    first = sorted((tmp_path / "runs").glob("*/t0_r0_a1.json"))[0]
+    change(first)
+    before = _snapshot(tmp_path)
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False,
+                       write_report=False, in_process=True)
+    assert calls == [] and _snapshot(tmp_path) == before
+
+
+def test_a_report_names_run_files_that_are_not_the_runs_its_spec_asks_for(tmp_path):
+    """`batchlab report` rebuilt a table from a run file copied in from an experiment with
+    another search seed without a word (review finding); the runner refuses such a folder."""
+    from batchlab.report import write_report
+
+    other = json.loads(json.dumps(TINY))
+    other["search_seed"] = TINY["search_seed"] + 1
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for spec, out in ((TINY, mine), (other, theirs)):
+        run_experiment(spec, out, train_fn=_fake_train([]), progress=False, write_report=False,
+                       in_process=True)
+    clean = write_report(mine, tmp_path / "clean").read_text()
+    assert "not the runs this spec asks for" not in clean
+    source = sorted((theirs / "runs").glob("*/t0_r0_a1.json"))[0]
+    target = mine / "runs" / source.parent.name / source.name
+    target.write_bytes(source.read_bytes())
+    report = write_report(mine, tmp_path / "report").read_text()
+    assert ("**1 run files are not the runs this spec asks for**" in report
+            and f"`{source.parent.name}/t0_r0_a1.json` (seed: stored" in report), report

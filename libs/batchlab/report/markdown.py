@@ -11,6 +11,7 @@ from typing import Any
 
 from batchlab.files import atomic_write
 from batchlab.report import figures
+from batchlab.report.reader import thaw
 from batchlab.report.results import Experiment, load_results, spec_get
 from batchlab.report.tables import (
     DASH,
@@ -24,6 +25,7 @@ from batchlab.report.tables import (
 from batchlab.report.verdicts import decide_point, rule_paragraph, study_flags, verdict_section
 from batchlab.report.views import Run
 from batchlab.search.diagnostics import spec_diagnostics
+from batchlab.search.protocol import request_differences
 from batchlab.search.space import SearchParameter, SpecError
 
 __all__ = ["FIGURES", "REPORT_NAME", "build_markdown", "write_report"]
@@ -124,6 +126,11 @@ def _provenance(experiment: Experiment) -> list[str]:
     versions = {_code_text(session.get("code") or {}) for session in experiment.sessions}
     unrecorded = experiment.sessions[0].get("runs_before", 0) if experiment.sessions else 0
     runs = [run for study in experiment.studies for run in study.runs]
+    foreign = _foreign_runs(experiment)
+    if foreign:
+        lines.append(f"- **{len(foreign)} run files are not the runs this spec asks for** (the "
+                     "runner refuses such a folder; its numbers below include them): "
+                     + "; ".join(foreign[:5]) + ("; ..." if len(foreign) > 5 else "") + ".")
     if any(run.written_by is not None for run in runs):
         lines.append(_written_by_text(runs))
     elif unrecorded:
@@ -141,6 +148,28 @@ def _provenance(experiment: Experiment) -> list[str]:
         lines.append(f"- {len(provisional)} studies have no stored score yet; their rows are "
                      "provisional, scored from their run files so far.")
     return lines + [""]
+
+
+def _foreign_runs(experiment: Experiment) -> list[str]:
+    """Run files whose request differs from what the stored spec's study makes for its trial
+    and replica (batchlab.search.request_differences), or whose name is another run's."""
+    found = []
+    for study in experiment.studies:
+        protocol = experiment.protocol.get(study.info.id)
+        if protocol is None:
+            continue
+        for run in study.runs:
+            stored = {"trial_index": run.trial_index, "replica": run.replica,
+                      "attempt": run.attempt, "seed": run.seed, "kind": run.kind,
+                      "hyperparameters": thaw(run.hyperparameters)}
+            differing = request_differences(protocol, stored,
+                                            fields=("seed", "kind", "hyperparameters"))
+            named = f"t{run.trial_index}_r{run.replica}_a{run.attempt}.json"
+            if not differing and run.path.name != named:
+                differing = [f"the file holds the run {named}"]
+            if differing:
+                found.append(f"`{study.info.id}/{run.path.name}` ({differing[0]})")
+    return found
 
 
 def _written_by_text(runs: Sequence[Run]) -> str:

@@ -86,7 +86,7 @@ class ResultStore:
         for path in sorted((self.root / "runs" / study_id).glob("t*_r*_a*.json")):
             try:
                 request = json.loads(path.read_text())["request"]
-            except (KeyError, TypeError, json.JSONDecodeError) as err:
+            except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ValueError(f"{path}: malformed run record ({err})") from err
             if not isinstance(request, dict):
                 raise ValueError(f"{path}: malformed run record (request is not a mapping)")
@@ -102,6 +102,7 @@ class ResultStore:
                 payload = json.loads(path.read_text())
                 req, res = payload["request"], payload["result"]
                 out.append(RunRecord.from_result(req["trial_index"], req["seed"], res))
-            except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
+            except (KeyError, ValueError, TypeError, UnicodeDecodeError,
+                    json.JSONDecodeError) as err:
                 raise ValueError(f"{path}: malformed run record ({err})") from err
         return out

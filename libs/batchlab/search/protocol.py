@@ -576,10 +576,16 @@ def request_differences(study: Study, stored: Mapping[str, Any],
       its hyperparameters); a stored request that no trial and replica of the study can have
       gives one entry saying why. Empty when it matches.
     """
+    identity = {key: stored.get(key, 1 if key == "attempt" else None)
+                for key in ("trial_index", "replica", "attempt")}
+    wrong = [f"{key} must be an integer, got {value!r}" for key, value in identity.items()
+             if isinstance(value, bool) or not isinstance(value, int)]
+    if wrong:
+        return [f"not a run of study {study.id} ({'; '.join(wrong)})"]
     try:
-        wanted = request_for(study, int(stored["trial_index"]), int(stored["replica"]),
-                             int(stored.get("attempt", 1))).to_dict()
-    except (KeyError, TypeError, ValueError) as err:
+        wanted = request_for(study, identity["trial_index"], identity["replica"],
+                             identity["attempt"]).to_dict()
+    except ValueError as err:
         return [f"not a run of study {study.id} ({type(err).__name__}: {err})"]
     keys = list(wanted) if fields is None else list(fields)
     found = [d for key in keys
