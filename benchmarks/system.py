@@ -161,36 +161,33 @@ def _services(root: Path) -> tuple[float, float, float]:
 
 def _services_cold(root: Path, spec: dict) -> tuple[float, dict[str, float]]:
     """Seconds from `batchlab up` of a fresh stack to SUCCEEDED of ``spec`` on it, and where
-    they went (see _breakdown; "outside runs" here is the stack's start-up and the submission)."""
+    they went (see _breakdown)."""
     from services.controller.storage import SQLiteStorage
 
     with embedded_stack(root) as (client, startup):
         total = startup + _experiment(client, spec)
     storage = SQLiteStorage(root / "stack" / "controller")
     try:
-        attempts = [a for e in storage.list_experiments() for a in storage.attempts(e.id)]
+        results = [a.result or {} for e in storage.list_experiments()
+                   for a in storage.attempts(e.id)]
     finally:
         storage.close()
-    spans = [(a.start_time, a.end_time, a.result or {}) for a in attempts
-             if a.start_time is not None and a.end_time is not None]
-    return total, _breakdown(total, [r for _, _, r in spans],
-                             in_attempts=sum(end - start for start, end, _ in spans))
+    return total, _breakdown(total, results)
 
 
-def _breakdown(total: float, results: list[dict], *, in_attempts: float | None = None
-               ) -> dict[str, float]:
-    """Where a cold figure's seconds went, summed over its runs (from their stored results):
-    the first step (compilation and first batch), training after it, the rest of each run
-    (evaluation, checkpoints, set-up), between a run's dispatch and its result outside its own
-    timing (services only: the trainer call, result recording), and outside runs altogether
-    (local: the interpreter, imports and the driver; services: the stack's start-up too)."""
+def _breakdown(total: float, results: list[dict]) -> dict[str, float]:
+    """Where a cold figure's seconds went, summed over its runs' stored timings: the first step
+    (compilation and first batch), training after it, the rest of each run, and everything
+    outside the runs' own timing (local: the interpreter, imports and the driver; services:
+    the stack's start-up, dispatching runs to the trainer, recording results, and waiting for
+    evaluations that did not overlap training). The rest of a run is not the same work on both
+    paths: a local run evaluates its points itself; a services run saves a checkpoint at each
+    and the evaluation service evaluates them apart, in parallel with the next run."""
     wall = sum(r.get("wall_time_s") or 0.0 for r in results)
     first = sum(r.get("startup_time_s") or 0.0 for r in results)
     train = sum(r.get("train_time_s") or 0.0 for r in results)
-    dispatch = (in_attempts - wall) if in_attempts is not None else 0.0
     return {"runs": len(results), "first_step_s": first, "train_s": train,
-            "rest_of_run_s": wall - first - train, "dispatch_s": dispatch,
-            "outside_runs_s": total - wall - dispatch}
+            "rest_of_run_s": wall - first - train, "outside_runs_s": total - wall}
 
 
 def _run_results(folder: Path) -> list[dict]:
@@ -275,9 +272,9 @@ def to_markdown(r: dict) -> str:
 _PARTS = (
     ("first_step_s", "first step of each run (compilation, first batch)"),
     ("train_s", "training after the first step"),
-    ("rest_of_run_s", "rest of each run (evaluation, checkpoints, set-up)"),
-    ("dispatch_s", "between dispatch and result, outside the run's own timing"),
-    ("outside_runs_s", "outside runs (process or stack start-up, imports, driver)"),
+    ("rest_of_run_s", "rest of each run (local: evaluation; services: checkpoints, set-up)"),
+    ("outside_runs_s", "outside the runs' own timing (start-up, imports, driver; services: "
+                       "also dispatch, results, evaluation not overlapped)"),
 )
 
 
