@@ -307,3 +307,14 @@ def test_a_report_names_run_files_that_are_not_the_runs_its_spec_asks_for(tmp_pa
     report = write_report(mine, tmp_path / "report").read_text()
     assert ("**1 run files are not the runs this spec asks for**" in report
             and f"`{source.parent.name}/t0_r0_a1.json` (seed: stored" in report), report
+
+
+def test_an_empty_or_editor_made_folder_under_runs_does_not_block_a_resume(tmp_path):
+    run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
+                   in_process=True)
+    (tmp_path / "runs" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "runs" / "old_study").mkdir()
+    calls = []
+    run_experiment(TINY, tmp_path, train_fn=_fake_train(calls), progress=False, write_report=False,
+                   in_process=True)
+    assert calls == []

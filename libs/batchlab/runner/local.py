@@ -293,7 +293,8 @@ def _check_stored_requests(store: ResultStore, studies: list[Study]) -> None:
     """
     known = {study.id for study in studies}
     for folder in sorted((store.root / "runs").glob("*")):
-        if folder.is_dir() and folder.name not in known:
+        # Only folders holding run files count (an empty or editor-made folder holds no runs).
+        if folder.name not in known and any(folder.glob("t*_r*_a*.json")):
             raise ValueError(f"out_dir: {folder} holds runs of a study this spec does not have "
                              f"({folder.name!r}); use a new folder, or remove it")
     for study in studies:
