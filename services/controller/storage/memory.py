@@ -188,14 +188,14 @@ class InMemoryStorage(ExperimentStorage):
             record = self._attempts.get(attempt_id)
             if record is None or record.state is not AttemptState.ACTIVE:
                 return False
-            ended = self._experiments[record.trial.experiment_id].terminal
+            if self._experiments[record.trial.experiment_id].terminal:
+                # An ended experiment's evaluations never come (reentrant lock: one step).
+                self.complete_attempt(attempt_id, "CANCELLED", result=result, error=ENDED_ERROR)
+                return False
             self._attempts[attempt_id] = dataclasses.replace(
-                record, result=json.loads(dumps_value(result)),
-                step=max(record.step, int(result.get("steps_completed") or 0)),
-                **(dict(state=AttemptState.COMPLETED, outcome="CANCELLED", error=ENDED_ERROR,
-                        end_time=self._clock()) if ended
-                   else dict(state=AttemptState.EVALUATING)))
-            return not ended
+                record, state=AttemptState.EVALUATING, result=json.loads(dumps_value(result)),
+                step=max(record.step, int(result.get("steps_completed") or 0)))
+            return True
 
     def set_pending_reason(self, attempt_id: int, reason: str, *, permanent: bool = True) -> None:
         with self._lock:

@@ -152,6 +152,39 @@ def _placeholders(values: Sequence[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
+def _set_experiment_state(conn: sqlite3.Connection, experiment_id: str, state: ExperimentState,
+                          expected: Iterable[ExperimentState], error: str, now: float) -> bool:
+    """ExperimentStorage.set_experiment_state inside the caller's write transaction."""
+    expected_names = [str(s) for s in expected]
+    end = now if state in TERMINAL_EXPERIMENT_STATES else None
+    start = now if state is ExperimentState.RUNNING else None
+    cursor = conn.execute(
+        "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
+        "ELSE ? END, start_time = COALESCE(start_time, ?), "
+        "end_time = COALESCE(end_time, ?) "
+        f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
+        (str(state), error, error, start, end, experiment_id, *expected_names))
+    return cursor.rowcount == 1
+
+
+def _complete_attempt(conn: sqlite3.Connection, attempt_id: int, outcome: str,
+                      result: Mapping[str, Any] | None, error: str,
+                      expected: Iterable[AttemptState], failure: str, now: float) -> bool:
+    """ExperimentStorage.complete_attempt inside the caller's write transaction."""
+    expected_names = [str(s) for s in expected]
+    # An EVALUATING attempt keeps the result stored when training ended unless a new one
+    # (with the evaluations merged in) comes.
+    cursor = conn.execute(
+        "UPDATE attempts SET state = ?, outcome = ?, result = COALESCE(?, result), "
+        "error = ?, end_time = ?, step = MAX(step, ?), failure = ?, "
+        "pending_reason = '', pending_since = NULL "
+        f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
+        (AttemptState.COMPLETED, outcome, None if result is None else dumps_value(result),
+         error, now, int((result or {}).get("steps_completed") or 0),
+         str(failure), attempt_id, *expected_names))
+    return cursor.rowcount == 1
+
+
 class SQLiteStorage(ExperimentStorage):
     """ExperimentStorage in one SQLite file (WAL mode), safe across threads.
 
@@ -264,33 +297,19 @@ class SQLiteStorage(ExperimentStorage):
 
     def set_experiment_state(self, experiment_id: str, state: ExperimentState, *,
                              expected: Iterable[ExperimentState], error: str = "") -> bool:
-        expected_names = [str(s) for s in expected]
-        now = self._clock()
-        end = now if state in TERMINAL_EXPERIMENT_STATES else None
-        start = now if state is ExperimentState.RUNNING else None
         with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
-                "ELSE ? END, start_time = COALESCE(start_time, ?), "
-                "end_time = COALESCE(end_time, ?) "
-                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
-                (str(state), error, error, start, end, experiment_id, *expected_names))
-            return cursor.rowcount == 1
+            return _set_experiment_state(conn, experiment_id, state, expected, error,
+                                         self._clock())
 
     def end_experiment(self, experiment_id: str, state: ExperimentState, *,
                        expected: Iterable[ExperimentState], error: str = "",
                        cancel_error: str) -> tuple[bool, int]:
         if state not in TERMINAL_EXPERIMENT_STATES:
             raise ValueError(f"end_experiment: {state} is not a terminal state")
-        expected_names = [str(s) for s in expected]
         waiting = [str(AttemptState.QUEUED), str(AttemptState.EVALUATING)]
         now = self._clock()
         with self._write() as conn:
-            changed = conn.execute(
-                "UPDATE experiments SET state = ?, error = CASE WHEN ? = '' THEN error "
-                "ELSE ? END, end_time = COALESCE(end_time, ?) "
-                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
-                (str(state), error, error, now, experiment_id, *expected_names)).rowcount == 1
+            changed = _set_experiment_state(conn, experiment_id, state, expected, error, now)
             cancelled = conn.execute(
                 "UPDATE attempts SET state = ?, outcome = 'CANCELLED', error = ?, "
                 "end_time = ?, pending_reason = '', pending_since = NULL "
@@ -361,19 +380,9 @@ class SQLiteStorage(ExperimentStorage):
                          result: Mapping[str, Any] | None = None, error: str = "",
                          expected: Iterable[AttemptState] = (AttemptState.ACTIVE,),
                          failure: str = "") -> bool:
-        expected_names = [str(s) for s in expected]
         with self._write() as conn:
-            # An EVALUATING attempt keeps the result stored when training ended unless a new
-            # one (with the evaluations merged in) comes.
-            cursor = conn.execute(
-                "UPDATE attempts SET state = ?, outcome = ?, result = COALESCE(?, result), "
-                "error = ?, end_time = ?, step = MAX(step, ?), failure = ?, "
-                "pending_reason = '', pending_since = NULL "
-                f"WHERE id = ? AND state IN ({_placeholders(expected_names)})",
-                (AttemptState.COMPLETED, outcome, None if result is None else dumps_value(result),
-                 error, self._clock(), int((result or {}).get("steps_completed") or 0),
-                 str(failure), attempt_id, *expected_names))
-            return cursor.rowcount == 1
+            return _complete_attempt(conn, attempt_id, outcome, result, error, expected,
+                                     failure, self._clock())
 
     def fail_active_attempts(self, error: str, failure: str = "") -> list[AttemptRecord]:
         with self._write() as conn:
@@ -394,11 +403,8 @@ class SQLiteStorage(ExperimentStorage):
                 f"attempts.experiment_id WHERE attempts.id = ? AND experiments.state IN "
                 f"({_placeholders(terminal)})", (attempt_id, *terminal)).fetchone() is not None
             if ended:
-                conn.execute(
-                    "UPDATE attempts SET state = ?, outcome = 'CANCELLED', error = ?, "
-                    "end_time = ?, result = ?, step = MAX(step, ?) WHERE id = ? AND state = ?",
-                    (AttemptState.COMPLETED, ENDED_ERROR, self._clock(), dumps_value(result),
-                     int(result.get("steps_completed") or 0), attempt_id, AttemptState.ACTIVE))
+                _complete_attempt(conn, attempt_id, "CANCELLED", result, ENDED_ERROR,
+                                  [AttemptState.ACTIVE], "", self._clock())
                 return False
             cursor = conn.execute(
                 "UPDATE attempts SET state = ?, result = ?, step = MAX(step, ?) "
