@@ -163,10 +163,8 @@ def _foreign_runs(experiment: Experiment) -> list[str]:
                       "attempt": run.attempt, "seed": run.seed, "kind": run.kind,
                       "hyperparameters": thaw(run.hyperparameters)}
             differing = request_differences(protocol, stored,
-                                            fields=("seed", "kind", "hyperparameters"))
-            named = f"t{run.trial_index}_r{run.replica}_a{run.attempt}.json"
-            if not differing and run.path.name != named:
-                differing = [f"the file holds the run {named}"]
+                                            fields=("seed", "kind", "hyperparameters"),
+                                            file_name=run.path.name)
             if differing:
                 found.append(f"`{study.info.id}/{run.path.name}` ({differing[0]})")
     return found

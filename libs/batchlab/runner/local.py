@@ -299,14 +299,7 @@ def _check_stored_requests(store: ResultStore, studies: list[Study]) -> None:
                              f"({folder.name!r}); use a new folder, or remove it")
     for study in studies:
         for path, stored in store.requests(study.id):
-            differing = request_differences(study, stored)
-            if not differing:
-                # The file's name is the run's identity for the protocol: a copy under another
-                # name would be a second result of the same run (or of another trial).
-                named = (f"t{stored['trial_index']}_r{stored['replica']}_"
-                         f"a{stored.get('attempt', 1)}.json")
-                if path.name != named:
-                    differing = [f"the file holds the run {named}"]
+            differing = request_differences(study, stored, file_name=path.name)
             if differing:
                 raise ValueError(
                     f"out_dir: {path} is not the run this spec asks for with this code "

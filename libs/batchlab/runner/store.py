@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.files import atomic_write
-from batchlab.search.protocol import RunRecord, RunRequest
+from batchlab.search.protocol import RunRecord, RunRequest, run_file_name
 
 __all__ = ["ResultStore"]
 
@@ -42,7 +42,7 @@ class ResultStore:
         return self.root / "experiment.json"
 
     def run_path(self, request: RunRequest) -> Path:
-        name = f"t{request.trial_index}_r{request.replica}_a{request.attempt}.json"
+        name = run_file_name(request.trial_index, request.replica, request.attempt)
         return self.root / "runs" / request.study_id / name
 
     def study_path(self, study_id: str) -> Path:

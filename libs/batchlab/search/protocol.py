@@ -558,8 +558,15 @@ def request_for(study: Study, trial_index: int, replica: int, attempt: int = 1) 
     )
 
 
+def run_file_name(trial_index: int, replica: int, attempt: int) -> str:
+    """The file a run attempt is stored in, under its study's folder ("t{T}_r{R}_a{A}.json"):
+    its identity for a runner reading a results folder back."""
+    return f"t{trial_index}_r{replica}_a{attempt}.json"
+
+
 def request_differences(study: Study, stored: Mapping[str, Any],
-                        fields: Iterable[str] | None = None) -> list[str]:
+                        fields: Iterable[str] | None = None, *,
+                        file_name: str | None = None) -> list[str]:
     """How a stored run's request differs from the one the study makes for its trial and replica.
 
     A resumed study reads its finished runs back as results, so each must be the run the
@@ -570,6 +577,8 @@ def request_differences(study: Study, stored: Mapping[str, Any],
       study: the study.
       stored: a stored request (RunRequest.to_dict's keys; at least trial_index and replica).
       fields: the keys to compare (default: all of RunRequest.to_dict's).
+      file_name: the name of the file the request was read from: a request that matches but
+        is stored under another run's name (a copy) is a second result of that other run.
 
     Returns:
       "path: stored X, expected Y" for each differing leaf (the run's identity first, then
@@ -590,6 +599,9 @@ def request_differences(study: Study, stored: Mapping[str, Any],
     keys = list(wanted) if fields is None else list(fields)
     found = [d for key in keys
              for d in _differences(stored.get(key, "<missing>"), wanted[key], key)]
+    named = run_file_name(identity["trial_index"], identity["replica"], identity["attempt"])
+    if not found and file_name is not None and file_name != named:
+        return [f"the file holds the run {named}"]
     return sorted(found, key=lambda d: d.startswith("hyperparameters"))
 
 
