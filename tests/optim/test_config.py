@@ -121,3 +121,82 @@ def test_figure1_schedules_from_paper_configs():
 def test_paper_config_unknown_name_lists_names():
     with pytest.raises(ValueError, match="nesterov_b_32k"):
         paper_config("nesterov_c")
+
+
+# -- optimizer_arguments: one compiled program per optimizer structure ---------------------------
+
+_PW = {"schedule": "piecewise_polynomial", "peak_value": 0.4, "end_value": 1e-4, "warmup_steps": 3,
+       "warmup_power": 1.5, "decay_power": 2.0}
+_STRUCTURES = {
+    "nesterov_piecewise": {"optimizer": "nesterov", "momentum": 0.9, "weight_decay": 5e-4, "learning_rate": _PW},
+    "lars_pipeline": {
+        "weights": {"optimizer": "lars", "momentum": 0.929, "weight_decay": 1e-4, "learning_rate": {**_PW, "peak_value": 20.0}},
+        "bias_bn": {"optimizer": "heavy_ball", "momentum": 0.929, "learning_rate": {"schedule": "cosine", "peak_value": 0.3, "warmup_steps": 2, "end_value": 1e-3}},
+    },
+    "lars_optax_cosine": {"optimizer": "lars", "variant": "optax", "weight_decay": 1e-4, "eps": 1e-9,
+                          "learning_rate": {"schedule": "cosine", "peak_value": 2.0, "end_value": 0.01}},
+    "lamb_linear": {"optimizer": "lamb", "b1": 0.85, "b2": 0.99, "weight_decay": 0.01,
+                    "learning_rate": {"schedule": "linear_decay", "init_value": 0.01, "decay_factor": 0.1}},
+    "adam_to_constant": {"optimizer": "adam", "eps": 1e-6, "learning_rate": {
+        "schedule": "warmup_decay_to_constant", "peak_value": 1e-3, "warmup_steps": 2, "decay_steps": 6, "decay_factor": 0.1}},
+    "bert_adam": {"optimizer": "adam", "bias_correction": False, "weight_decay": 0.01,
+                  "learning_rate": {"schedule": "bert_legacy", "peak_value": 1e-3, "warmup_steps": 2}},
+    "sgd_constant": {"optimizer": "sgd", "learning_rate": 0.05},
+}
+
+
+def _steps(opt, n=4, params=_PARAMS):
+    """``n`` updates of ``opt`` from fixed gradients, returning the final parameters."""
+    state = opt.init(params)
+    for i in range(n):
+        grads = jax.tree.map(lambda p, i=i: jnp.full(p.shape, 0.1 * (i + 1), p.dtype) + 0.01 * p, params)
+        updates, state = opt.update(grads, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return params
+
+
+@pytest.mark.parametrize("name", sorted(_STRUCTURES))
+def test_optimizer_arguments_traced_equal_constants(name):
+    cfg = _STRUCTURES[name]
+    build, values = optim.optimizer_arguments(cfg, total_steps=8)
+    assert values and all(isinstance(v, float) and v != 0.0 for v in values.values())
+    expected = _steps(optim.from_config(cfg, total_steps=8))
+    # Built inside jit from traced values: the same updates, up to float32 rounding (constants
+    # are folded in float64 by Python, traced values combine in float32).
+    got = jax.jit(lambda v: _steps(build(v)))(values)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), got, expected)
+    # And built from the concrete values, exactly from_config's optimizer.
+    jax.tree.map(np.testing.assert_array_equal, _steps(build(values)), expected)
+
+
+def test_trials_that_differ_in_real_values_compile_once():
+    traces = []
+
+    def run(values, build):
+        traces.append(1)
+        return _steps(build(values), n=2)
+
+    step = jax.jit(run, static_argnums=1)
+    base = _STRUCTURES["lars_pipeline"]
+    build, values = optim.optimizer_arguments(base, total_steps=8)
+    step(values, build)
+    other = {**values, "weights.learning_rate.peak_value": 35.0, "weights.momentum": 0.8}
+    step(other, build)
+    assert len(traces) == 1
+    # The other trial's values took effect: different parameters than the first's.
+    a, b = step(values, build), step(other, build)
+    assert not np.allclose(a["conv"]["kernel"], b["conv"]["kernel"])
+    np.testing.assert_array_equal(a["bn"]["scale"], b["bn"]["scale"])  # bias_bn's values are the same
+    # A zero weight decay is structure (the term is left out), not a value.
+    _, zero_wd = optim.optimizer_arguments(
+        {**base, "weights": {**base["weights"], "weight_decay": 0.0}}, total_steps=8
+    )
+    assert "weights.weight_decay" not in zero_wd and "weights.weight_decay" in values
+
+
+def test_optimizer_arguments_checks_values_before_tracing():
+    with pytest.raises(ConfigError, match=r"optimizer\.momentum"):
+        optim.optimizer_arguments({"optimizer": "nesterov", "learning_rate": 0.1, "momentum": 1.5})
+    build, values = optim.optimizer_arguments({"optimizer": "nesterov", "learning_rate": 0.1})
+    with pytest.raises(ValueError, match="arguments: expected the fields"):
+        build({"momentum": 0.9})

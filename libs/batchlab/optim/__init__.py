@@ -22,6 +22,7 @@ _EXPORTS = {
     "param_groups": "groups",
     "grouped": "groups",
     "from_config": "config",
+    "optimizer_arguments": "config",
     "schedule_from_config": "config",
     "learning_rate_fn": "config",
     "ConfigError": "schema",

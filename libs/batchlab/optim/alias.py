@@ -11,6 +11,7 @@ Conventions shared by every optimizer here:
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from batchlab.optim import transforms
@@ -21,17 +22,23 @@ ScalarOrSchedule = float | optax.Schedule
 
 
 def _l2(weight_decay: float) -> list[optax.GradientTransformation]:
-    return [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return [] if transforms.is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
 
 
+# The checks below pass over traced values: batchlab.optim.config.optimizer_arguments checks the
+# concrete values once before it builds an optimizer from traced ones.
 def _check_unit_interval(**values: float) -> None:
     for name, value in values.items():
+        if isinstance(value, jax.Array):
+            continue
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}: must be in [0, 1), got {value}")
 
 
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
+        if isinstance(value, jax.Array):
+            continue
         if value < 0:
             raise ValueError(f"{name}: must be >= 0, got {value}")
 

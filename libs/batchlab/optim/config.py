@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import optax
@@ -13,7 +15,7 @@ from batchlab.optim.schema import (
     validate_schedule_config,
 )
 
-__all__ = ["from_config", "schedule_from_config"]
+__all__ = ["from_config", "optimizer_arguments", "schedule_from_config"]
 
 _BUILDERS = {
     "nesterov": alias.nesterov,
@@ -85,12 +87,79 @@ def from_config(
       ... })
     """
     cfg = validate_optimizer_config(mapping, path=path, total_steps=total_steps)
+    return _build(cfg, path)
+
+
+def _build(cfg: dict[str, Any], path: str) -> optax.GradientTransformation:
     if "optimizer" in cfg:
         return _build_group(cfg, path)
     return groups.grouped(
         weights=_build_group(cfg["weights"], f"{path}.weights"),
         bias_bn=_build_group(cfg["bias_bn"], f"{path}.bias_bn"),
     )
+
+
+Arguments = dict[str, Any]
+
+
+def _numbers(cfg: dict[str, Any], prefix: str = "") -> Arguments:
+    """Every non-zero float of ``cfg`` by its dotted path (booleans, integers and zeros excluded)."""
+    out: Arguments = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+        elif type(value) is float and value != 0.0:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def optimizer_arguments(
+    mapping: Any, *, total_steps: int | None = None, path: str = "optimizer"
+) -> tuple[Callable[[Arguments], optax.GradientTransformation], Arguments]:
+    """An optimizer as a function of its real-valued hyperparameters, to compile once.
+
+    ``from_config`` bakes every hyperparameter into the programs that jit compiles, so each
+    tuning trial compiles its own train step. Passing the values returned here as arguments of
+    the jitted step and building the optimizer inside it with ``build(values)`` gives one
+    program per optimizer *structure*: trials that differ only in real values (learning rates,
+    momenta, decay coefficients, schedule powers) share it, in the process and through the
+    persistent compilation cache. What changes the structure stays a constant: the optimizer and
+    schedule kinds, integers (step counts), booleans, strings, and zeros (a zero weight decay
+    removes its term).
+
+    Args:
+      mapping: an optimizer config (see :func:`from_config`), validated here with concrete
+        values, so every error names its field before anything is traced.
+      total_steps: the step budget.
+      path: the field path used in error messages.
+
+    Returns:
+      ``(build, values)``: ``values`` maps dotted field paths (``weights.momentum``) to floats;
+      ``build(values)`` returns the same transformation as ``from_config(mapping)``, and
+      accepts traced values of the same paths.
+
+    Example:
+      >>> build, values = optimizer_arguments({"optimizer": "nesterov", "learning_rate": 0.1})
+      >>> values
+      {'momentum': 0.9, 'learning_rate.value': 0.1}
+    """
+    cfg = validate_optimizer_config(mapping, path=path, total_steps=total_steps)
+    _build(cfg, path)  # the builders' own value checks, on the concrete values
+    values = _numbers(cfg)
+
+    def build(arguments: Arguments) -> optax.GradientTransformation:
+        if set(arguments) != set(values):
+            raise ValueError(f"arguments: expected the fields {sorted(values)}, got {sorted(arguments)}")
+        filled = copy.deepcopy(cfg)
+        for dotted, value in arguments.items():
+            *parents, leaf = dotted.split(".")
+            node = filled
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return _build(filled, path)
+
+    return build, values
 
 
 def learning_rate_fn(

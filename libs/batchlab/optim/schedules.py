@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from batchlab.optim.transforms import is_zero as _is_zero
+
 __all__ = [
     "bert_legacy",
     "constant",
@@ -170,11 +172,17 @@ def cosine(
         raise ValueError(
             f"total_steps: must be > warmup_steps ({warmup_steps}), got {total_steps}"
         )
+    # alpha = end / peak, 0 for a zero peak (as optax's warmup_cosine_decay_schedule), decided
+    # without comparing a value that may be traced (see batchlab.optim.config.optimizer_arguments).
+    alpha = 0.0 if _is_zero(peak_value) or _is_zero(end_value) else end_value / peak_value
     if warmup_steps == 0:
-        alpha = end_value / peak_value if peak_value else 0.0
         return optax.cosine_decay_schedule(peak_value, total_steps, alpha=alpha)
-    return optax.warmup_cosine_decay_schedule(
-        init_value, peak_value, warmup_steps, total_steps, end_value
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(init_value, peak_value, warmup_steps),
+            optax.cosine_decay_schedule(peak_value, total_steps - warmup_steps, alpha=alpha),
+        ],
+        [warmup_steps],
     )
 
 

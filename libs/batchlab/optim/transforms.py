@@ -22,6 +22,14 @@ __all__ = [
 ]
 
 
+def is_zero(value: float | jax.Array) -> bool:
+    """True for a Python zero; False for any other number and for a traced value.
+
+    Traced hyperparameters are never zero: optimizer_arguments keeps zeros as constants.
+    """
+    return not isinstance(value, jax.Array) and value == 0
+
+
 def _leaf_norm(x: jax.Array) -> jax.Array:
     # jnp.linalg.norm lowers to a single fused reduction; optax's safe_norm
     # (max + where + sum) was measured 8x slower on CPU on the ResNet-50 tree.
@@ -85,7 +93,7 @@ def scale_by_lars(
             ratio = _safe_ratio(
                 trust_coefficient * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm
             )
-            step = g + weight_decay * w if weight_decay else g
+            step = g if is_zero(weight_decay) else g + weight_decay * w
             return (ratio.astype(g.dtype) * step).astype(g.dtype)
 
         return jax.tree.map(one, updates, params), state

@@ -24,7 +24,7 @@ import numpy as np
 
 from batchlab import data as bdata
 from batchlab.data.pipeline import BatchIterator, RandomAccessSource
-from batchlab.optim import from_config, learning_rate_fn, validate_optimizer_config
+from batchlab.optim import learning_rate_fn, optimizer_arguments, validate_optimizer_config
 from batchlab.targets import Goal, Outcome, Target, steps_to_target
 from batchlab.train.checkpoint import (
     RunCheckpointer,
@@ -222,13 +222,27 @@ class _Run:
                 max_seq_length=hp["max_seq_length"], max_predictions_per_seq=hp["max_predictions_per_seq"]
             )
         self.model = w.model(hp, **extra)
-        self.optimizer = from_config(config.optimizer, total_steps=config.total_steps)
+        build, self.optimizer_values = optimizer_arguments(config.optimizer, total_steps=config.total_steps)
+        self.optimizer = build(self.optimizer_values)
         self.lr_fn = learning_rate_fn(config.optimizer, total_steps=config.total_steps)
-        self.train_step = jax.jit(
-            make_train_step(w, hp, self.model, self.optimizer),
-            in_shardings=(self.dp.replicated, self.dp.batch),
+
+        # The optimizer's real-valued hyperparameters are arguments, not constants: tuning
+        # trials that differ only in them compile one program, which the persistent
+        # compilation cache serves to later runs (see optimizer_arguments).
+        def train_step(
+            state: TrainState, batch: Mapping[str, jax.Array], values: Mapping[str, Any]
+        ) -> tuple[TrainState, dict[str, jax.Array]]:
+            return make_train_step(w, hp, self.model, build(dict(values)))(state, batch)
+
+        step = jax.jit(
+            train_step,
+            in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
             out_shardings=(self.dp.replicated, self.dp.replicated),
             donate_argnums=(0,),
+        )
+        values = self.optimizer_values
+        self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]] = (
+            lambda state, batch: step(state, batch, values)
         )
         self.eval_step = jax.jit(
             make_eval_step(w, hp, self.model),
