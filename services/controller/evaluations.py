@@ -27,7 +27,9 @@ checkpoint whose step already has a stored evaluation.
 Transient failures of the evaluation service (UNAVAILABLE, DEADLINE_EXCEEDED,
 RESOURCE_EXHAUSTED, ABORTED) are retried with backoff; an evaluation that keeps failing, or
 fails for good (a corrupt checkpoint: DATA_LOSS), fails its attempt as an infrastructure
-failure.
+failure. A deadline that passes twice counts as failing for good: each try waited the whole
+deadline (30 minutes by default), so retrying it to max_tries would hold the attempt for hours
+behind an evaluator that is stuck or too slow for the deadline.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # What the training loop evaluates at every point (batchlab.train.evaluate.LOOP_SPLITS).
 EVALUATION_SPLITS = ("train", "validation")
+# Tries of one evaluation that may run out of time before its attempt fails.
+MAX_DEADLINE_TRIES = 2
 _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
@@ -208,6 +212,7 @@ class _Job:
     step: int
     attempt: int
     tries: int = 0
+    deadlines: int = 0  # tries that ran out of time
     not_before: float = 0.0
 
 
@@ -223,7 +228,8 @@ class EvaluationDriver:
         replica; more help with several replicas).
       interval_s: how often storage is read for new points (and at once on `wake`).
       timeout_s: deadline of one Evaluate call.
-      max_tries: tries of one evaluation before its attempt fails.
+      max_tries: tries of one evaluation before its attempt fails (at most
+        MAX_DEADLINE_TRIES of them may run out of time).
       backoff_s: the first wait after a retried failure (doubled each try, at most 60 s).
       on_evaluated: called after each stored evaluation (the scheduler's wake).
       checkpoints: a CheckpointServiceStub: the driver records the target metric (and so
@@ -441,7 +447,13 @@ class EvaluationDriver:
         else:
             code, details = None, str(error)
         job.tries += 1
-        retried = code in _RETRIED and job.tries < self.max_tries
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            job.deadlines += 1
+            details = (f"{details} (no answer within {self.timeout_s:g} s, "
+                       f"{job.deadlines} time{'s' if job.deadlines > 1 else ''}; "
+                       "BATCHLAB_EVALUATE_TIMEOUT_SECONDS sets the deadline)")
+        retried = (code in _RETRIED and job.tries < self.max_tries
+                   and job.deadlines < MAX_DEADLINE_TRIES)
         with self._lock:
             if retried:
                 job.not_before = self._clock() + min(self.backoff_s * 2 ** (job.tries - 1), 60.0)

@@ -35,6 +35,9 @@ Environment:
     steps (as `batchlab local run` does).
   BATCHLAB_EVALUATION: "service" (default) or "in-process".
   BATCHLAB_EVALUATION_CONCURRENCY: evaluations in flight at once (default 2).
+  BATCHLAB_EVALUATE_TIMEOUT_SECONDS: how long one Evaluate call may take (default 1800). An
+    evaluation whose deadline passes twice fails its attempt (the evaluator is stuck or too
+    slow for the deadline), rather than waiting out every retry.
   BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS: how long a run may wait for resources that no node
     of the Ray cluster provides (the autoscaler is asked for them meanwhile) before it and
     its experiment fail as unschedulable (default 600).
@@ -186,6 +189,7 @@ class ControllerConfig:
       evaluator_address: the evaluation service ("" = trainers evaluate in their own
         process; from_env refuses that unless BATCHLAB_EVALUATION=in-process).
       evaluation_concurrency: evaluations in flight at once.
+      evaluate_timeout_s: the deadline of one Evaluate call.
       unschedulable_timeout_s: how long a run waits for resources no node provides.
       ray_probe_interval_s: time between two checks of the Ray link.
       ray_probe_timeout_s: a check without an answer in this time means the link is lost.
@@ -220,6 +224,7 @@ class ControllerConfig:
     backups_kept: int = 5
     evaluator_address: str = ""
     evaluation_concurrency: int = 2
+    evaluate_timeout_s: float = 1800.0
     unschedulable_timeout_s: float = DEFAULT_UNSCHEDULABLE_AFTER_S
     ray_probe_interval_s: float = 5.0
     ray_probe_timeout_s: float = 30.0
@@ -231,6 +236,9 @@ class ControllerConfig:
             raise StartupError("the evaluation service (BATCHLAB_EVALUATOR_ADDR) reads each "
                                "evaluation point's checkpoint from the checkpoint service: set "
                                "BATCHLAB_CHECKPOINTS_ADDR too, or BATCHLAB_EVALUATION=in-process")
+        if not self.evaluate_timeout_s > 0:
+            raise ValueError(f"BATCHLAB_EVALUATE_TIMEOUT_SECONDS must be > 0; got "
+                               f"{self.evaluate_timeout_s}")
         if self.warm_trainers is not None and self.warm_trainers > self.num_trainers:
             raise StartupError(f"BATCHLAB_WARM_TRAINERS ({self.warm_trainers}) must be at most "
                                f"BATCHLAB_NUM_TRAINERS ({self.num_trainers})")
@@ -283,6 +291,7 @@ class ControllerConfig:
             backups_kept=_int(env, "BATCHLAB_DB_BACKUPS_KEPT", 5, 1),
             evaluator_address=evaluator,
             evaluation_concurrency=_int(env, "BATCHLAB_EVALUATION_CONCURRENCY", 2, 1),
+            evaluate_timeout_s=_float(env, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS", 1800.0),
             unschedulable_timeout_s=_float(env, "BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS",
                                            DEFAULT_UNSCHEDULABLE_AFTER_S),
             ray_probe_interval_s=_float(env, "BATCHLAB_RAY_PROBE_SECONDS", 5.0),
@@ -387,7 +396,7 @@ class Controller:
             self.evaluations = EvaluationDriver(
                 self.storage, evaluation_pb2_grpc.EvaluationServiceStub(self._evaluator_channel),
                 self.studies, concurrency=config.evaluation_concurrency,
-                on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics,
+                timeout_s=config.evaluate_timeout_s, on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics,
                 checkpoints=checkpoints_pb2_grpc.CheckpointServiceStub(
                     self._checkpoints_channel))
         self.scheduler = Scheduler(self.storage, pool, studies=self.studies,

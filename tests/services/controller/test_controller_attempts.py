@@ -470,6 +470,30 @@ def test_the_driver_retries_an_unavailable_evaluator_and_gives_up_on_a_corrupt_c
     assert "evaluated step 5, not 10" in driver.failed(key, 10)
 
 
+def test_an_evaluation_whose_deadline_passes_twice_fails_rather_than_waiting_out_every_retry():
+    import grpc
+
+    from services.controller.evaluations import MAX_DEADLINE_TRIES, EvaluationDriver
+
+    clock = Clock()
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage)
+    late = grpc.StatusCode.DEADLINE_EXCEEDED
+    # A deadline, then an unavailable evaluator, then a deadline again: the third try is the
+    # last (max_tries is 6), since each deadline cost the whole timeout.
+    stub = FakeEvaluatorStub(late, grpc.StatusCode.UNAVAILABLE, late, {"validation/accuracy": 0.5})
+    driver = EvaluationDriver(storage, stub, studies, backoff_s=1.0, timeout_s=90.0, clock=clock)
+    for _ in range(3):
+        driver.dispatch()
+        clock.now += 60
+    assert MAX_DEADLINE_TRIES == 2 and len(stub.requests) == 3
+    why = driver.failed(key, 10)
+    assert "after 3 tries" in why and "DEADLINE_EXCEEDED" in why
+    assert "no answer within 90 s, 2 times" in why and "BATCHLAB_EVALUATE_TIMEOUT_SECONDS" in why
+    assert driver.dispatch() == 0  # not asked again
+    assert all(r.step == 10 for r in stub.requests)
+
+
 class _InProcess:
     """A gRPC stub over a servicer in this process: an abort is raised as a grpc.RpcError."""
 

@@ -1,0 +1,136 @@
+"""A tuning sweep's compile cost: hyperparameters as constants vs as arguments of the train step.
+
+A study's tuning trials differ only in real-valued hyperparameters. Baked into the program as
+constants (what a plain ``jax.jit(train_step)`` closing over ``optax.sgd(lr, momentum)`` does,
+and what batchlab did before ``optim.optimizer_arguments``), every trial compiles its own train
+step; passed as arguments, trials share one program, and a later trial's "compile" is a trace
+plus a load from the persistent compilation cache. Both contenders build the same model
+(mnist1d_resnet1d, the CPU reproduction's workload) and optimizer (the LARS pipeline: LARS on
+weights, heavy ball on biases and BN, each with the paper's polynomial schedule), make a new
+jitted step per trial as a new run does, and time jit + compile + the first step on one batch,
+in a fresh process with one XLA thread and its own empty cache folder, as a run here has. Each
+round draws new values, so no constants-program is ever served from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+__all__ = ["run", "to_markdown"]
+
+WORKLOAD = "mnist1d_resnet1d"
+BATCH = 128
+
+
+def _config(peak: float, bias_peak: float, momentum: float) -> dict:
+    schedule = {"schedule": "piecewise_polynomial", "end_value": 1e-4, "warmup_steps": 8, "total_steps": 240}
+    return {
+        "weights": {"optimizer": "lars", "momentum": momentum, "weight_decay": 1e-4,
+                    "learning_rate": {**schedule, "peak_value": peak}},
+        "bias_bn": {"optimizer": "heavy_ball", "momentum": momentum,
+                    "learning_rate": {**schedule, "peak_value": bias_peak}},
+    }
+
+
+def _worker(trials: int, rounds: int) -> dict:
+    """In this process: per contender, per trial, seconds to jit, compile and run one step."""
+    import jax
+    import jax.numpy as jnp
+
+    from batchlab.optim import from_config, optimizer_arguments
+    from batchlab.train.compilation_cache import enable_compilation_cache
+    from batchlab.train.steps import TrainState, make_train_step
+    from batchlab.train.workloads import get_workload
+
+    enable_compilation_cache(tempfile.mkdtemp(prefix="batchlab-bench-compile-"), cpu_threads=1)
+    workload = get_workload(WORKLOAD)
+    hp = workload.hyperparameters({})
+    model = workload.model(hp)
+    rng = np.random.default_rng(0)
+    batch = {"input": jnp.asarray(rng.normal(size=(BATCH, 40)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, BATCH), jnp.int32)}
+    variables = model.init(jax.random.key(0), batch["input"][:2 * hp["virtual_batch_size"]], train=False)
+
+    def state_for(optimizer):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          batch_stats=variables["batch_stats"], opt_state=optimizer.init(variables["params"]),
+                          rng=jax.random.key_data(jax.random.key(1)))
+
+    def constants(cfg):
+        step = jax.jit(make_train_step(workload, hp, model, from_config(cfg)))
+        return step(state_for(from_config(cfg)), batch)
+
+    def arguments(cfg):
+        build, values = optimizer_arguments(cfg)
+
+        def train_step(state, batch, values):
+            return make_train_step(workload, hp, model, build(values))(state, batch)
+
+        return jax.jit(train_step)(state_for(build(values)), batch, values)
+
+    out: dict[str, list[float]] = {"constants": [], "arguments": []}
+    draws = rng.uniform(size=(rounds, trials, 3))
+    for r in range(rounds):
+        for name, fn in (("constants", constants), ("arguments", arguments)):
+            for u in draws[r]:
+                cfg = _config(3.0 * 300.0 ** u[0], 0.01 * 100.0 ** u[1], 1.0 - 0.3 * u[2])
+                start = time.perf_counter()
+                jax.block_until_ready(fn(cfg))
+                out[name].append(time.perf_counter() - start)
+    return out
+
+
+def run(*, rounds: int = 3, trials: int = 4) -> dict:
+    """Time ``rounds`` sweeps of ``trials`` trials per contender in a fresh one-thread process."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+           "BATCHLAB_JAX_CACHE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile", str(trials), str(rounds)],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile benchmark worker failed:\n{proc.stderr[-3000:]}")
+    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = {name: t[0] for name, t in times.items()}
+    later = {name: float(np.median([x for i, x in enumerate(t) if i > 0])) for name, t in times.items()}
+    return {
+        "setup": (f"{WORKLOAD}, batch {BATCH}, the LARS pipeline, {rounds} rounds of {trials} trials per "
+                  "contender (new values every round), one XLA thread, a fresh persistent cache"),
+        "seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
+        "first_trial_s": first,
+        "later_trial_median_s": later,
+        "ratio": later["constants"] / later["arguments"],
+    }
+
+
+def to_markdown(result: dict) -> str:
+    """Render the result as a markdown section."""
+    rows = [
+        f"| {name} | {result['first_trial_s'][name]:.2f} | {result['later_trial_median_s'][name]:.2f} | "
+        f"{result['seconds'][name]} |"
+        for name in ("constants", "arguments")
+    ]
+    return "\n".join([
+        "## A tuning sweep's compile cost: hyperparameters as constants vs as arguments",
+        "",
+        result["setup"] + ". Each figure is jit + compile (or trace + cache load) + one train step.",
+        "",
+        "| hyperparameters | first trial (s) | later trials, median (s) | every trial (s) |",
+        "|---|---:|---:|---|",
+        *rows,
+        "",
+        f"Later trials' first step, constants / arguments: **{result['ratio']:.1f}x** (batchlab's loop "
+        "passes them as arguments).",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(int(sys.argv[1]), int(sys.argv[2]))))
