@@ -309,6 +309,23 @@ def test_a_report_names_run_files_that_are_not_the_runs_its_spec_asks_for(tmp_pa
             and f"`{source.parent.name}/t0_r0_a1.json` (seed: stored" in report), report
 
 
+def test_a_report_names_folders_of_run_files_that_are_not_its_studies(tmp_path):
+    """The runner refuses such a folder; the report read it silently (a log line only)."""
+    from batchlab.report import write_report
+
+    run_experiment(TINY, tmp_path / "mine", train_fn=_fake_train([]), progress=False,
+                   write_report=False, in_process=True)
+    source = sorted((tmp_path / "mine" / "runs").glob("*/t0_r0_a1.json"))[0]
+    (tmp_path / "mine" / "runs" / "old_study").mkdir()  # empty: not named
+    stray = tmp_path / "mine" / "runs" / "another.spec.study"
+    stray.mkdir()
+    (stray / "t0_r0_a1.json").write_bytes(source.read_bytes())
+    report = write_report(tmp_path / "mine", tmp_path / "report").read_text()
+    assert ("**Not read: 1 folder(s) of run files that are not studies of this experiment** "
+            "(`runs/another.spec.study`)") in report, report
+    assert "old_study" not in report
+
+
 def test_an_empty_or_editor_made_folder_under_runs_does_not_block_a_resume(tmp_path):
     run_experiment(TINY, tmp_path, train_fn=_fake_train([]), progress=False, write_report=False,
                    in_process=True)

@@ -131,6 +131,10 @@ def _provenance(experiment: Experiment) -> list[str]:
         lines.append(f"- **{len(foreign)} run files are not the runs this spec asks for** (the "
                      "runner refuses such a folder; its numbers below include them): "
                      + "; ".join(foreign[:5]) + ("; ..." if len(foreign) > 5 else "") + ".")
+    if experiment.ignored:
+        names = ", ".join(f"`runs/{name}`" for name in experiment.ignored)
+        lines.append(f"- **Not read: {len(experiment.ignored)} folder(s) of run files that are not "
+                     f"studies of this experiment** ({names}); nothing below includes them.")
     if any(run.written_by is not None for run in runs):
         lines.append(_written_by_text(runs))
     elif unrecorded:

@@ -338,10 +338,13 @@ def load_results(results_dir: str | Path) -> Experiment:
         seen[info.id] = i
     known = set(seen)
     runs_root = root / "runs"
+    ignored = []
     if runs_root.is_dir():
         for folder in sorted(p for p in runs_root.iterdir() if p.is_dir()):
-            if folder.name not in known:
+            # An empty or editor-made folder is no result; one holding run files is named.
+            if folder.name not in known and any(folder.glob("t*_r*_a*.json")):
                 log.warning("%s: not a study of experiment.json; ignored", folder)
+                ignored.append(folder.name)
 
     studies: list[StudyResult] = []
     rebuilt = protocol_studies(spec) if spec else {}
@@ -371,6 +374,7 @@ def load_results(results_dir: str | Path) -> Experiment:
         protocol=MappingProxyType(rebuilt),
         code=freeze(reader.get(data, "code", Mapping, optional=True, default={})),
         sessions=freeze(reader.get(data, "sessions", list, optional=True, default=[])),
+        ignored=tuple(ignored),
     )
 
 

@@ -375,6 +375,8 @@ class Experiment:
         "version"}); empty when not stored.
       sessions: every start of the runner on this folder, oldest first: {"started_at",
         "code", "runs_before": run files already stored}; empty when not stored.
+      ignored: folders under runs/ that hold run files but are not studies of
+        experiment.json (another spec's runs, say): not read, and named in the report.
     """
 
     path: Path
@@ -388,6 +390,7 @@ class Experiment:
     protocol: Mapping[str, Study] = field(default_factory=lambda: MappingProxyType({}))
     code: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     sessions: tuple[Mapping[str, Any], ...] = ()
+    ignored: tuple[str, ...] = ()
 
     def study(self, study_id: str) -> StudyResult:
         """The study with this id.
