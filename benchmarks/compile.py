@@ -8,14 +8,16 @@ plus a load from the persistent compilation cache. Both contenders build the sam
 (mnist1d_resnet1d, the CPU reproduction's workload) and optimizer (the LARS pipeline: LARS on
 weights, heavy ball on biases and BN, each with the paper's polynomial schedule), make a new
 jitted step per trial as a new run does, and time jit + compile + the first step on one batch,
-in a fresh process with one XLA thread and its own empty cache folder, as a run here has. Each
-round draws new values, so no constants-program is ever served from the cache.
+in a fresh process with one XLA:CPU thread (batchlab.runner.resources.start_jax_with_threads)
+and its own empty cache folder, as a run here has. Each round draws new values, so no
+constants-program is ever served from the cache; rounds alternate which contender goes first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,17 @@ def _config(peak: float, bias_peak: float, momentum: float) -> dict:
 
 def _worker(trials: int, rounds: int) -> dict:
     """In this process: per contender, per trial, seconds to jit, compile and run one step."""
+    from batchlab.runner.resources import start_jax_with_threads
+
+    start_jax_with_threads(1)
+    cache = tempfile.mkdtemp(prefix="batchlab-bench-compile-")
+    try:
+        return _sweeps(trials, rounds, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _sweeps(trials: int, rounds: int, cache: str) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -49,7 +62,7 @@ def _worker(trials: int, rounds: int) -> dict:
     from batchlab.train.steps import TrainState, make_train_step
     from batchlab.train.workloads import get_workload
 
-    enable_compilation_cache(tempfile.mkdtemp(prefix="batchlab-bench-compile-"), cpu_threads=1)
+    enable_compilation_cache(cache, cpu_threads=1)
     workload = get_workload(WORKLOAD)
     hp = workload.hyperparameters({})
     model = workload.model(hp)
@@ -77,8 +90,9 @@ def _worker(trials: int, rounds: int) -> dict:
 
     out: dict[str, list[float]] = {"constants": [], "arguments": []}
     draws = rng.uniform(size=(rounds, trials, 3))
+    contenders = [("constants", constants), ("arguments", arguments)]
     for r in range(rounds):
-        for name, fn in (("constants", constants), ("arguments", arguments)):
+        for name, fn in contenders if r % 2 == 0 else contenders[::-1]:
             for u in draws[r]:
                 cfg = _config(3.0 * 300.0 ** u[0], 0.01 * 100.0 ** u[1], 1.0 - 0.3 * u[2])
                 start = time.perf_counter()
@@ -89,11 +103,9 @@ def _worker(trials: int, rounds: int) -> dict:
 
 def run(*, rounds: int = 3, trials: int = 4) -> dict:
     """Time ``rounds`` sweeps of ``trials`` trials per contender in a fresh one-thread process."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-           "BATCHLAB_JAX_CACHE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.compile", str(trials), str(rounds)],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True, text=True, env={**os.environ, "BATCHLAB_JAX_CACHE": "1"}, check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"compile benchmark worker failed:\n{proc.stderr[-3000:]}")

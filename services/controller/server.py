@@ -129,6 +129,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9101
 DEFAULT_STATE_DIR = ".batchlab/controller"
+MAX_EVALUATE_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -142,7 +145,8 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     return value
 
 
-def _float(environ: Mapping[str, str], name: str, default: float) -> float:
+def _float(environ: Mapping[str, str], name: str, default: float,
+           minimum: float | None = 0.0) -> float:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -150,8 +154,10 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number; got {raw!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0; got {raw!r}")
+    if minimum is None:  # the caller checks the range
+        return value
+    if not value >= minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}; got {raw!r}")
     return value
 
 
@@ -236,9 +242,11 @@ class ControllerConfig:
             raise StartupError("the evaluation service (BATCHLAB_EVALUATOR_ADDR) reads each "
                                "evaluation point's checkpoint from the checkpoint service: set "
                                "BATCHLAB_CHECKPOINTS_ADDR too, or BATCHLAB_EVALUATION=in-process")
-        if not self.evaluate_timeout_s > 0:
-            raise ValueError(f"BATCHLAB_EVALUATE_TIMEOUT_SECONDS must be > 0; got "
-                               f"{self.evaluate_timeout_s}")
+        # gRPC turns a deadline past its clock's range (about 7e9 s from now) into an instant
+        # DEADLINE_EXCEEDED: a week is far beyond any evaluation and far inside that range.
+        if not 0 < self.evaluate_timeout_s <= MAX_EVALUATE_TIMEOUT_S:
+            raise ValueError(f"BATCHLAB_EVALUATE_TIMEOUT_SECONDS must be > 0 and at most "
+                             f"{MAX_EVALUATE_TIMEOUT_S:g} (a week); got {self.evaluate_timeout_s}")
         if self.warm_trainers is not None and self.warm_trainers > self.num_trainers:
             raise StartupError(f"BATCHLAB_WARM_TRAINERS ({self.warm_trainers}) must be at most "
                                f"BATCHLAB_NUM_TRAINERS ({self.num_trainers})")
@@ -291,7 +299,8 @@ class ControllerConfig:
             backups_kept=_int(env, "BATCHLAB_DB_BACKUPS_KEPT", 5, 1),
             evaluator_address=evaluator,
             evaluation_concurrency=_int(env, "BATCHLAB_EVALUATION_CONCURRENCY", 2, 1),
-            evaluate_timeout_s=_float(env, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS", 1800.0),
+            evaluate_timeout_s=_float(env, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS", 1800.0,
+                                      minimum=None),
             unschedulable_timeout_s=_float(env, "BATCHLAB_UNSCHEDULABLE_TIMEOUT_SECONDS",
                                            DEFAULT_UNSCHEDULABLE_AFTER_S),
             ray_probe_interval_s=_float(env, "BATCHLAB_RAY_PROBE_SECONDS", 5.0),

@@ -200,3 +200,9 @@ def test_optimizer_arguments_checks_values_before_tracing():
     build, values = optim.optimizer_arguments({"optimizer": "nesterov", "learning_rate": 0.1})
     with pytest.raises(ValueError, match="arguments: expected the fields"):
         build({"momentum": 0.9})
+    # Concrete arrays are still checked (only traced values pass over the builders' checks).
+    with pytest.raises(ValueError, match=r"b1: must be in \[0, 1\)"):
+        optim.adam(0.1, b1=jnp.asarray(1.5))
+    # Traced, 1 - b2 is computed in float32: a b2 that float32 rounds to 1 is refused by name.
+    with pytest.raises(ConfigError, match=r"optimizer\.b2.*float32 rounds it to 1"):
+        optim.optimizer_arguments({"optimizer": "adam", "learning_rate": 0.1, "b2": 0.99999999})

@@ -29,7 +29,7 @@ def _l2(weight_decay: float) -> list[optax.GradientTransformation]:
 # concrete values once before it builds an optimizer from traced ones.
 def _check_unit_interval(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, jax.Array):
+        if isinstance(value, jax.core.Tracer):
             continue
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}: must be in [0, 1), got {value}")
@@ -37,7 +37,7 @@ def _check_unit_interval(**values: float) -> None:
 
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, jax.Array):
+        if isinstance(value, jax.core.Tracer):
             continue
         if value < 0:
             raise ValueError(f"{name}: must be >= 0, got {value}")

@@ -122,10 +122,17 @@ def optimizer_arguments(
     tuning trial compiles its own train step. Passing the values returned here as arguments of
     the jitted step and building the optimizer inside it with ``build(values)`` gives one
     program per optimizer *structure*: trials that differ only in real values (learning rates,
-    momenta, decay coefficients, schedule powers) share it, in the process and through the
-    persistent compilation cache. What changes the structure stays a constant: the optimizer and
-    schedule kinds, integers (step counts), booleans, strings, and zeros (a zero weight decay
-    removes its term).
+    momenta, decay coefficients, schedule powers) lower to the same program, which the
+    persistent compilation cache then serves to every trial after the first (the training loop
+    makes a new jitted step per run, so without that cache each run still compiles). What
+    changes the structure stays a constant: the optimizer and schedule kinds, integers (step
+    counts), booleans, strings, and zeros (a zero weight decay removes its term).
+
+    Numerics: arguments combine in float32 where Python folded constants in float64, so results
+    differ from ``from_config``'s at rounding level, and XLA no longer simplifies constant
+    powers. Quantities like Adam's 1 - b2 lose relative precision as b2 nears 1 (about
+    2**-24 / (1 - b2): 1.3e-5 at the default 0.999); the schema refuses b1 and b2 above
+    1 - 2**-24, where 1 - b would be 0.
 
     Args:
       mapping: an optimizer config (see :func:`from_config`), validated here with concrete
@@ -135,8 +142,8 @@ def optimizer_arguments(
 
     Returns:
       ``(build, values)``: ``values`` maps dotted field paths (``weights.momentum``) to floats;
-      ``build(values)`` returns the same transformation as ``from_config(mapping)``, and
-      accepts traced values of the same paths.
+      ``build(values)`` with these concrete values returns the same transformation as
+      ``from_config(mapping)``, and it accepts traced values of the same paths.
 
     Example:
       >>> build, values = optimizer_arguments({"optimizer": "nesterov", "learning_rate": 0.1})

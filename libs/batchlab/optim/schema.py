@@ -77,6 +77,19 @@ def _unit_interval(path: str, value: Any) -> float:
     return number
 
 
+# 1 - 2**-24: the largest float32 below 1. Adam's moment updates compute 1 - b in float32
+# once b is an argument of the compiled step (batchlab.optim.config.optimizer_arguments).
+_BELOW_ONE_F32 = 1.0 - 2.0**-24
+
+
+def _moment_decay(path: str, value: Any) -> float:
+    number = _unit_interval(path, value)
+    if number > _BELOW_ONE_F32:
+        raise ConfigError(path, f"must be at most 1 - 2**-24 (float32 rounds it to 1, and 1 - b to 0), "
+                                f"got {number}")
+    return number
+
+
 def _steps(path: str, value: Any) -> int:
     value = _number(path, value)
     if value != int(value) or value < 0:
@@ -101,8 +114,8 @@ def _one_of(*allowed: str) -> Callable[[str, Any], str]:
 
 _MOMENTUM = {"momentum": Field(_unit_interval, 0.9), "weight_decay": Field(_non_negative, 0.0)}
 _ADAM = {
-    "b1": Field(_unit_interval, 0.9),
-    "b2": Field(_unit_interval, 0.999),
+    "b1": Field(_moment_decay, 0.9),
+    "b2": Field(_moment_decay, 0.999),
     "weight_decay": Field(_non_negative, 0.0),
 }
 

@@ -23,11 +23,11 @@ __all__ = [
 
 
 def is_zero(value: float | jax.Array) -> bool:
-    """True for a Python zero; False for any other number and for a traced value.
+    """Whether ``value`` is zero; False for a traced value.
 
     Traced hyperparameters are never zero: optimizer_arguments keeps zeros as constants.
     """
-    return not isinstance(value, jax.Array) and value == 0
+    return not isinstance(value, jax.core.Tracer) and bool(value == 0)
 
 
 def _leaf_norm(x: jax.Array) -> jax.Array:

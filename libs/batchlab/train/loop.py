@@ -227,7 +227,7 @@ class _Run:
         self.lr_fn = learning_rate_fn(config.optimizer, total_steps=config.total_steps)
 
         # The optimizer's real-valued hyperparameters are arguments, not constants: tuning
-        # trials that differ only in them compile one program, which the persistent
+        # trials that differ only in them lower to one program, which the persistent
         # compilation cache serves to later runs (see optimizer_arguments).
         def train_step(
             state: TrainState, batch: Mapping[str, jax.Array], values: Mapping[str, Any]
@@ -240,7 +240,9 @@ class _Run:
             out_shardings=(self.dp.replicated, self.dp.replicated),
             donate_argnums=(0,),
         )
-        values = self.optimizer_values
+        # Placed once (weak-typed float32 scalars, as jit abstracts Python floats): not sent
+        # to the device again at every step.
+        values = jax.device_put(self.optimizer_values, self.dp.replicated)
         self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]] = (
             lambda state, batch: step(state, batch, values)
         )

@@ -160,6 +160,6 @@ def test_the_controller_reads_the_common_server_settings_as_every_server_does():
     assert config.evaluate_timeout_s == 1800.0
     assert ControllerConfig.from_env(
         {**base, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS": "120"}).evaluate_timeout_s == 120.0
-    for value in ("0", "-5", "later"):
-        with pytest.raises(ValueError, match="BATCHLAB_EVALUATE_TIMEOUT_SECONDS"):
+    for value in ("0", "-5", "later", "inf", "nan", "1e10"):
+        with pytest.raises(ValueError, match="BATCHLAB_EVALUATE_TIMEOUT_SECONDS must be"):
             ControllerConfig.from_env({**base, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS": value})
