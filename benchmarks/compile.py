@@ -5,12 +5,15 @@ constants (what a plain ``jax.jit(train_step)`` closing over ``optax.sgd(lr, mom
 and what batchlab did before ``optim.optimizer_arguments``), every trial compiles its own train
 step; passed as arguments, trials share one program, and a later trial's "compile" is a trace
 plus a load from the persistent compilation cache. Both contenders build the same model
-(mnist1d_resnet1d, the CPU reproduction's workload) and optimizer (the LARS pipeline: LARS on
-weights, heavy ball on biases and BN, each with the paper's polynomial schedule), make a new
+(mnist1d_resnet1d, the CPU reproduction's workload, at batch 1,024) and optimizer (the LAMB
+pipeline of the reproduction: LAMB on weights, Adam on biases and BN, beta1 searched; Adam's
+1 - beta is where arguments and constants differ most in float32), make a new
 jitted step per trial as a new run does, and time jit + compile + the first step on one batch,
 in a fresh process with one XLA:CPU thread (batchlab.runner.resources.start_jax_with_threads)
 and its own empty cache folder, as a run here has. Each round draws new values, so no
 constants-program is ever served from the cache; rounds alternate which contender goes first.
+After each trial's first step, 20 more steps time the compiled step itself (does an argument
+cost time at every step?).
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ import numpy as np
 __all__ = ["run", "to_markdown"]
 
 WORKLOAD = "mnist1d_resnet1d"
-BATCH = 128
+BATCH = 1024
+STEADY_STEPS = 20
 
 
-def _config(peak: float, bias_peak: float, momentum: float) -> dict:
-    schedule = {"schedule": "piecewise_polynomial", "end_value": 1e-4, "warmup_steps": 8, "total_steps": 240}
+def _config(peak: float, bias_peak: float, b1: float) -> dict:
+    schedule = {"schedule": "piecewise_polynomial", "end_value": 0.0, "warmup_steps": 8, "total_steps": 160,
+                "decay_power": 1.0}
     return {
-        "weights": {"optimizer": "lars", "momentum": momentum, "weight_decay": 1e-4,
+        "weights": {"optimizer": "lamb", "b1": b1, "eps": 1e-6, "weight_decay": 1e-2,
                     "learning_rate": {**schedule, "peak_value": peak}},
-        "bias_bn": {"optimizer": "heavy_ball", "momentum": momentum,
+        "bias_bn": {"optimizer": "adam", "b1": b1, "eps": 1e-6,
                     "learning_rate": {**schedule, "peak_value": bias_peak}},
     }
 
@@ -78,7 +83,7 @@ def _sweeps(trials: int, rounds: int, cache: str) -> dict:
 
     def constants(cfg):
         step = jax.jit(make_train_step(workload, hp, model, from_config(cfg)))
-        return step(state_for(from_config(cfg)), batch)
+        return (lambda state: step(state, batch)), state_for(from_config(cfg))
 
     def arguments(cfg):
         build, values = optimizer_arguments(cfg)
@@ -86,19 +91,29 @@ def _sweeps(trials: int, rounds: int, cache: str) -> dict:
         def train_step(state, batch, values):
             return make_train_step(workload, hp, model, build(values))(state, batch)
 
-        return jax.jit(train_step)(state_for(build(values)), batch, values)
+        step = jax.jit(train_step)
+        values = jax.device_put(values)
+        return (lambda state: step(state, batch, values)), state_for(build(values))
 
     out: dict[str, list[float]] = {"constants": [], "arguments": []}
+    steady: dict[str, list[float]] = {"constants": [], "arguments": []}
     draws = rng.uniform(size=(rounds, trials, 3))
     contenders = [("constants", constants), ("arguments", arguments)]
     for r in range(rounds):
         for name, fn in contenders if r % 2 == 0 else contenders[::-1]:
             for u in draws[r]:
-                cfg = _config(3.0 * 300.0 ** u[0], 0.01 * 100.0 ** u[1], 1.0 - 0.3 * u[2])
+                cfg = _config(3e-3 * 300.0 ** u[0], 1e-3 * 300.0 ** u[1], 1.0 - 0.01 * 30.0 ** u[2])
                 start = time.perf_counter()
-                jax.block_until_ready(fn(cfg))
+                go, state = fn(cfg)
+                state, _ = jax.block_until_ready(go(state))
                 out[name].append(time.perf_counter() - start)
-    return out
+                # Then the compiled step itself: does passing values cost time at every step?
+                start = time.perf_counter()
+                for _ in range(STEADY_STEPS):
+                    state, _ = go(state)
+                jax.block_until_ready(state)
+                steady[name].append((time.perf_counter() - start) / STEADY_STEPS)
+    return {"first": out, "steady": steady}
 
 
 def run(*, rounds: int = 3, trials: int = 4) -> dict:
@@ -109,11 +124,15 @@ def run(*, rounds: int = 3, trials: int = 4) -> dict:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"compile benchmark worker failed:\n{proc.stderr[-3000:]}")
-    times = json.loads(proc.stdout.strip().splitlines()[-1])
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    times, steady = measured["first"], measured["steady"]
     first = {name: t[0] for name, t in times.items()}
     later = {name: float(np.median([x for i, x in enumerate(t) if i > 0])) for name, t in times.items()}
+    step_ms = {name: 1e3 * float(np.median(t)) for name, t in steady.items()}
     return {
-        "setup": (f"{WORKLOAD}, batch {BATCH}, the LARS pipeline, {rounds} rounds of {trials} trials per "
+        "steady_step_ms": step_ms,
+        "steady_ratio": step_ms["arguments"] / step_ms["constants"],
+        "setup": (f"{WORKLOAD}, batch {BATCH}, the LAMB pipeline, {rounds} rounds of {trials} trials per "
                   "contender (new values every round), one XLA thread, a fresh persistent cache"),
         "seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
         "first_trial_s": first,
@@ -140,6 +159,10 @@ def to_markdown(result: dict) -> str:
         "",
         f"Later trials' first step, constants / arguments: **{result['ratio']:.1f}x** (batchlab's loop "
         "passes them as arguments).",
+        "",
+        f"After it, one train step ({STEADY_STEPS} per trial, median over trials): constants "
+        f"{result['steady_step_ms']['constants']:.2f} ms, arguments {result['steady_step_ms']['arguments']:.2f} ms "
+        f"(arguments / constants {result['steady_ratio']:.3f}).",
         "",
     ])
 
