@@ -240,9 +240,10 @@ class _Run:
             out_shardings=(self.dp.replicated, self.dp.replicated),
             donate_argnums=(0,),
         )
-        # Placed once (weak-typed float32 scalars, as jit abstracts Python floats): not sent
-        # to the device again at every step.
-        values = jax.device_put(self.optimizer_values, self.dp.replicated)
+        # Python floats, which jit abstracts as weak-typed float32 scalars (a bf16 model stays
+        # bf16). Not placed with jax.device_put: across processes its consistency check fails
+        # on Python scalars (multi-host runs), and jit places them itself.
+        values = self.optimizer_values
         self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]] = (
             lambda state, batch: step(state, batch, values)
         )
