@@ -405,7 +405,8 @@ class Controller:
             self.evaluations = EvaluationDriver(
                 self.storage, evaluation_pb2_grpc.EvaluationServiceStub(self._evaluator_channel),
                 self.studies, concurrency=config.evaluation_concurrency,
-                timeout_s=config.evaluate_timeout_s, on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics,
+                timeout_s=config.evaluate_timeout_s,
+                on_evaluated=lambda: self.scheduler.wake(), metrics=controller_metrics,
                 checkpoints=checkpoints_pb2_grpc.CheckpointServiceStub(
                     self._checkpoints_channel))
         self.scheduler = Scheduler(self.storage, pool, studies=self.studies,

@@ -46,7 +46,7 @@ from batchlab.report.views import (
     StudyResult,
     train_metric_name,
 )
-from batchlab.search.protocol import ProtocolError
+from batchlab.search.protocol import RUN_FILE_PATTERN, ProtocolError, holds_runs
 from batchlab.search.scoring import (
     Effort,
     MetricSummary,
@@ -341,8 +341,7 @@ def load_results(results_dir: str | Path) -> Experiment:
     ignored = []
     if runs_root.is_dir():
         for folder in sorted(p for p in runs_root.iterdir() if p.is_dir()):
-            # An empty or editor-made folder is no result; one holding run files is named.
-            if folder.name not in known and any(folder.glob("t*_r*_a*.json")):
+            if folder.name not in known and holds_runs(folder):
                 log.warning("%s: not a study of experiment.json; ignored", folder)
                 ignored.append(folder.name)
 
@@ -350,7 +349,7 @@ def load_results(results_dir: str | Path) -> Experiment:
     rebuilt = protocol_studies(spec) if spec else {}
     for info in infos:
         folder = runs_root / info.id
-        files = sorted(folder.glob("t*_r*_a*.json"), key=_run_order) if folder.is_dir() else []
+        files = sorted(folder.glob(RUN_FILE_PATTERN), key=_run_order) if folder.is_dir() else []
         runs = tuple(_read_run(Reader(path, root), info.id) for path in files)
         study_path = root / "studies" / f"{info.id}.json"
         score: StudyScore | None

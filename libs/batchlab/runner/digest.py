@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from batchlab.search.protocol import RUN_FILE_PATTERN
+
 __all__ = ["TIMING_KEYS", "compare_digests", "digest"]
 
 # Run-result fields that measure the machine, not the training: excluded from the contract.
@@ -51,7 +53,7 @@ def digest(results_dir: str | Path) -> dict[str, Any]:
     root = Path(results_dir)
     experiment = json.loads((root / "experiment.json").read_text())
     runs = {}
-    for path in sorted((root / "runs").glob("*/t*_r*_a*.json")):
+    for path in sorted((root / "runs").glob(f"*/{RUN_FILE_PATTERN}")):
         stored = json.loads(path.read_text())
         # Which session and code wrote the file is provenance, not a result (and names the
         # commit, which every commit changes).

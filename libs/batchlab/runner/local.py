@@ -32,7 +32,7 @@ from batchlab.search import (
     spec_to_dict,
     unfilled_runs,
 )
-from batchlab.search.protocol import RunRecord, RunRequest
+from batchlab.search.protocol import RunRecord, RunRequest, holds_runs
 from batchlab.search.study import Study
 
 __all__ = ["run_experiment", "study_summary"]
@@ -293,8 +293,7 @@ def _check_stored_requests(store: ResultStore, studies: list[Study]) -> None:
     """
     known = {study.id for study in studies}
     for folder in sorted((store.root / "runs").glob("*")):
-        # Only folders holding run files count (an empty or editor-made folder holds no runs).
-        if folder.name not in known and any(folder.glob("t*_r*_a*.json")):
+        if folder.name not in known and holds_runs(folder):
             raise ValueError(f"out_dir: {folder} holds runs of a study this spec does not have "
                              f"({folder.name!r}); use a new folder, or remove it")
     for study in studies:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlab.files import atomic_write
-from batchlab.search.protocol import RunRecord, RunRequest, run_file_name
+from batchlab.search.protocol import RUN_FILE_PATTERN, RunRecord, RunRequest, run_file_name
 
 __all__ = ["ResultStore"]
 
@@ -83,7 +83,7 @@ class ResultStore:
           ValueError: a file that is not a run record (naming it).
         """
         out = []
-        for path in sorted((self.root / "runs" / study_id).glob("t*_r*_a*.json")):
+        for path in sorted((self.root / "runs" / study_id).glob(RUN_FILE_PATTERN)):
             try:
                 request = json.loads(path.read_text())["request"]
             except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -97,7 +97,7 @@ class ResultStore:
         """Every stored attempt of a study as protocol records, in a stable order."""
         folder = self.root / "runs" / study_id
         out = []
-        for path in sorted(folder.glob("t*_r*_a*.json")):
+        for path in sorted(folder.glob(RUN_FILE_PATTERN)):
             try:
                 payload = json.loads(path.read_text())
                 req, res = payload["request"], payload["result"]

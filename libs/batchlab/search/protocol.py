@@ -36,6 +36,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -562,6 +563,17 @@ def run_file_name(trial_index: int, replica: int, attempt: int) -> str:
     """The file a run attempt is stored in, under its study's folder ("t{T}_r{R}_a{A}.json"):
     its identity for a runner reading a results folder back."""
     return f"t{trial_index}_r{replica}_a{attempt}.json"
+
+
+# Every run_file_name matches it: how a reader finds a study folder's run files.
+RUN_FILE_PATTERN = "t*_r*_a*.json"
+
+
+def holds_runs(folder: Path) -> bool:
+    """Whether ``folder`` holds run files: what makes a folder under runs/ a study's results
+    (an empty or editor-made folder holds none). The runner refuses, and the report names, such
+    a folder that is not a study of the experiment."""
+    return any(folder.glob(RUN_FILE_PATTERN))
 
 
 def request_differences(study: Study, stored: Mapping[str, Any],
