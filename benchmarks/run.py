@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ("optimizers", "training", "compile", "resnet50", "system", "load", "parallel_trials", "tune")
+BENCHMARKS = ("optimizers", "training", "compile", "microbatches", "resnet50", "system", "load", "parallel_trials", "tune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         # parallel_trials runs whole experiments: 2 rounds (P = 1..4, then 4..1), smaller if quick.
         # tune runs the same study three ways (local, services, Ray Tune): 2 rounds, 2 runs if quick.
         extra = {"quick": args.quick} if name in ("load", "parallel_trials", "tune") else {}
-        full_rounds = {"compile": 3, "system": 3, "parallel_trials": 2, "tune": 2}.get(name, rounds)
+        full_rounds = {"compile": 3, "microbatches": 2, "system": 3, "parallel_trials": 2, "tune": 2}.get(name, rounds)
         result = module.run(rounds=1 if args.quick else full_rounds, **extra)
         raw[name] = result
         sections.append(module.to_markdown(result))

@@ -31,6 +31,7 @@ __all__ = [
     "HyperparameterError",
     "WorkloadDeclaration",
     "check_hyperparameters",
+    "microbatch_problem",
     "declared",
     "metrics_of_kind",
     "resolve_hyperparameters",
@@ -55,6 +56,12 @@ RESNET_HYPERPARAMETERS: Mapping[str, Any] = {
     # Train on only the first N examples of the train split (0: all of it), for runs of several
     # epochs over a small training set, where train and validation accuracy separate.
     "train_examples": 0,
+    # At most N examples per forward/backward pass (0: the whole batch in one): a larger batch
+    # runs as batch/N microbatches whose gradients are averaged into one optimizer step, with
+    # one BN running-statistics update from the whole batch. With virtual-batch BN this is the
+    # same function up to float rounding (batchlab.train.steps.make_gradient_step); it changes
+    # speed and memory only (on a CPU, a pass whose activations leave the cache is slow).
+    "microbatch_size": 0,
 }
 BERT_HYPERPARAMETERS: Mapping[str, Any] = {
     "max_seq_length": 128,
@@ -73,6 +80,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_predictions_per_seq": (lambda v: v >= 1, ">= 1"),
     "dropout_rate": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train_examples": (lambda v: v >= 0, ">= 0 (0: the whole train split)"),
+    "microbatch_size": (lambda v: v >= 0, ">= 0 (0: the whole batch in one pass)"),
 }
 
 
@@ -225,3 +233,24 @@ def check_hyperparameters(name: str, overrides: Mapping[str, Any]) -> list[tuple
         except HyperparameterError as error:
             problems.append((str(key), error.reason))
     return problems
+
+
+def microbatch_problem(hyperparameters: Mapping[str, Any], batch_size: int) -> str | None:
+    """Why ``microbatch_size`` cannot split a batch of ``batch_size``, or None.
+
+    Args:
+      hyperparameters: a workload's resolved hyperparameters (defaults applied).
+      batch_size: the global batch size.
+    """
+    size = int(hyperparameters.get("microbatch_size") or 0)
+    if not size or batch_size <= size:
+        return None
+    virtual = int(hyperparameters.get("virtual_batch_size") or 0)
+    if not virtual:
+        return (f"{size} needs a virtual_batch_size: with whole-batch BN a microbatch would be "
+                f"normalised over fewer examples than the batch of {batch_size}")
+    if batch_size % size:
+        return f"{size} does not divide batch_size {batch_size}"
+    if size % virtual:
+        return f"{size} is not a multiple of virtual_batch_size {virtual}"
+    return None

@@ -70,6 +70,32 @@ def virtual_batch_check(data_dir: str, dp: DataParallel) -> dict[str, float]:
     }
 
 
+def microbatch_check(config: RunConfig, all_devices: DataParallel, one_device: DataParallel) -> dict:
+    """Batch 128 as 2 microbatches of 64 on 8 devices (8 examples, one virtual batch, per
+    device and microbatch) vs batch 128 in one pass on one device."""
+    config = dataclasses.replace(config, batch_size=2 * BATCH)
+    split = dataclasses.replace(
+        config, hyperparameters={"virtual_batch_size": VIRTUAL_BATCH, "microbatch_size": BATCH})
+    r8 = train_and_evaluate(split, data_parallel=all_devices, return_state=True)
+    r1 = train_and_evaluate(config, data_parallel=one_device, return_state=True)
+    s8, s1 = r8.final_state, r1.final_state
+    return {
+        "outcomes": [r8.outcome.name, r1.outcome.name],
+        "params": _max_diffs(s8.params, s1.params),
+        "batch_stats": _max_diffs(s8.batch_stats, s1.batch_stats),
+        "curve_max_abs": max(
+            abs(p8[k] - p1[k]) for p8, p1 in zip(r8.curve, r1.curve, strict=True) for k in p8
+        ),
+        "error_microbatch_cuts_virtual_batches": _error(
+            lambda: train_and_evaluate(
+                dataclasses.replace(split, hyperparameters={"virtual_batch_size": 16,
+                                                            "microbatch_size": BATCH}),
+                data_parallel=all_devices,
+            )
+        ),
+    }
+
+
 def main(data_dir: str, out_path: str) -> None:
     all_devices = DataParallel()
     one_device = DataParallel(devices=jax.devices()[:1])
@@ -112,6 +138,7 @@ def main(data_dir: str, out_path: str) -> None:
             )
         ),
         "virtual_batches": virtual_batch_check(data_dir, all_devices),
+        "microbatches": microbatch_check(config, all_devices, one_device),
     }
     with open(out_path, "w") as f:
         json.dump(out, f, indent=1)

@@ -65,3 +65,17 @@ def test_per_device_batch_must_be_a_multiple_of_the_virtual_batch(report):
     assert "per-device batch 8" in message and "virtual_batch_size 16" in message
     message = report["error_not_divisible_by_devices"]
     assert message is not None and message.startswith("batch_size:") and "8 devices" in message
+
+
+def test_microbatches_on_eight_devices_match_one_pass_on_one_device(report):
+    # Each device runs its own slice of each microbatch: the virtual batches, the gradient and
+    # the one running-statistics update are those of one pass over the batch.
+    checks = report["microbatches"]
+    assert checks["outcomes"] == ["SUCCEEDED", "SUCCEEDED"]
+    for part in ("params", "batch_stats"):
+        assert checks[part]["leaves"] > 0
+        assert checks[part]["max_excess"] <= 0, (part, checks[part])
+    assert checks["curve_max_abs"] < 1e-4
+    message = checks["error_microbatch_cuts_virtual_batches"]
+    assert message is not None and message.startswith("workload.microbatch_size:"), message
+    assert "per-device batch 8" in message and "virtual_batch_size 16" in message

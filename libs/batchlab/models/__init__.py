@@ -24,7 +24,7 @@ from batchlab.models.bert import (
     BertModel,
     BertSelfAttention,
 )
-from batchlab.models.normalization import VirtualBatchNorm
+from batchlab.models.normalization import MOMENTS, VirtualBatchNorm, combine_running_statistics
 from batchlab.models.resnet import (
     BasicBlock,
     BottleneckBlock,
@@ -49,6 +49,7 @@ __all__ = [
     "BertSelfAttention",
     "BottleneckBlock",
     "MODEL_NAMES",
+    "MOMENTS",
     "ResNet",
     "ResNet18",
     "ResNet1D",
@@ -56,6 +57,7 @@ __all__ = [
     "ResNet34",
     "ResNet50",
     "VirtualBatchNorm",
+    "combine_running_statistics",
     "get_model",
 ]
 

@@ -9,15 +9,64 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import unfreeze
 from jax import lax
 
 Dtype = Any
 Initializer = Any
+
+#: The collection in which training-mode VirtualBatchNorm layers record their batch's moments
+#: ("mean", "var") and running-average "momentum" when it is mutable.
+MOMENTS = "batch_moments"
+
+
+def _none() -> None:
+    return None
+
+
+def _last(_previous: Any, value: Any) -> Any:
+    return value
+
+
+def combine_running_statistics(batch_stats: Any, moments: Sequence[Any]) -> Any:
+    """The running statistics after one update from a batch seen as equal-sized microbatches.
+
+    Each element of ``moments`` is the ``MOMENTS`` collection of one microbatch's forward pass
+    from the same ``batch_stats``. The batch mean is the mean of the microbatches' means and the
+    batch variance is the mean of their variances plus the variance of their means (the law of
+    total variance over equal parts), so the result is what one forward pass over the whole
+    batch would have stored, up to float rounding: with virtual-batch BN the sub-batches, and
+    so the normalisation itself, are the same either way.
+
+    Args:
+      batch_stats: the running statistics before the step ({..., "mean", "var"} per layer).
+      moments: one ``MOMENTS`` collection per microbatch, all of the same structure.
+
+    Returns:
+      ``batch_stats`` with every layer that recorded moments updated once.
+    """
+    parts = [unfreeze(m) for m in moments]
+    if "momentum" in parts[0] and not isinstance(parts[0]["momentum"], Mapping):
+        m = parts[0]["momentum"]
+        means = jnp.stack([p["mean"] for p in parts])
+        batch_mean = jnp.mean(means, axis=0)
+        batch_var = jnp.mean(jnp.stack([p["var"] for p in parts]), axis=0) + jnp.mean(
+            jnp.square(means - batch_mean), axis=0
+        )
+        return {
+            "mean": (m * batch_stats["mean"] + (1.0 - m) * batch_mean).astype(batch_stats["mean"].dtype),
+            "var": (m * batch_stats["var"] + (1.0 - m) * batch_var).astype(batch_stats["var"].dtype),
+        }
+    return {
+        name: combine_running_statistics(value, [p[name] for p in parts]) if name in parts[0] else value
+        for name, value in batch_stats.items()
+    }
 
 
 class VirtualBatchNorm(nn.Module):
@@ -134,6 +183,12 @@ class VirtualBatchNorm(nn.Module):
             m = self.momentum
             ra_mean.value = (m * ra_mean.value + (1.0 - m) * batch_mean).astype(self.param_dtype)
             ra_var.value = (m * ra_var.value + (1.0 - m) * batch_var).astype(self.param_dtype)
+            # For gradient accumulation (batchlab.train.steps.make_gradient_step): this batch's
+            # moments, so that one running update over several microbatches can be made
+            # (combine_running_statistics). A no-op unless the collection is mutable.
+            self.sow(MOMENTS, "mean", batch_mean, init_fn=_none, reduce_fn=_last)
+            self.sow(MOMENTS, "var", batch_var, init_fn=_none, reduce_fn=_last)
+            self.sow(MOMENTS, "momentum", jnp.asarray(m, stat_dtype), init_fn=_none, reduce_fn=_last)
         normalised_batch: jax.Array = y.astype(out_dtype)
         return normalised_batch
 

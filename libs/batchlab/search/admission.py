@@ -36,7 +36,12 @@ from google.protobuf.message import Message
 from batchlab import limits
 from batchlab.limits import shorten
 from batchlab.proto.v1 import experiment_pb2
-from batchlab.workloads import DECLARATIONS, WorkloadDeclaration, check_hyperparameters
+from batchlab.workloads import (
+    DECLARATIONS,
+    WorkloadDeclaration,
+    check_hyperparameters,
+    microbatch_problem,
+)
 
 __all__ = ["check_request_id", "check_spec"]
 
@@ -207,9 +212,17 @@ def _check_meaning(spec: experiment_pb2.ExperimentSpec, problems: Problems,
                              f"reports {shorten(metric)}, so no run could reach the target; it "
                              f"reports {sorted(declaration.metrics)}"))
         hyperparameters = _plain(workload.hyperparameters) or {}
-        for key, reason in check_hyperparameters(workload.workload, hyperparameters):
+        bad = check_hyperparameters(workload.workload, hyperparameters)
+        for key, reason in bad:
             problems.append((f"{where}.hyperparameters.{shorten(key, 40, quote=False)}",
                              reason))
+        if not bad:
+            resolved = {**declaration.hyperparameters, **hyperparameters}
+            for k, point in enumerate(workload.points):
+                problem = microbatch_problem(resolved, point.batch_size)
+                if problem is not None:
+                    problems.append((f"{where}.hyperparameters.microbatch_size",
+                                     f"{problem} (points[{k}])"))
         for j, optimizer in enumerate(spec.optimizers):
             for p, parameter in enumerate(optimizer.search_space.parameters):
                 for t, path in enumerate([parameter.path, *parameter.tied_paths]):

@@ -32,8 +32,15 @@ from batchlab.train.checkpoint import (
     restore_initial_variables,
 )
 from batchlab.train.parallel import DataParallel
-from batchlab.train.steps import TrainState, make_eval_step, make_train_step
+from batchlab.train.steps import (
+    TrainState,
+    make_apply_step,
+    make_eval_step,
+    make_gradient_step,
+    make_train_step,
+)
 from batchlab.train.workloads import Workload, get_workload
+from batchlab.workloads import microbatch_problem
 
 __all__ = ["Goal", "RunConfig", "RunResult", "Target", "train_and_evaluate"]
 
@@ -229,24 +236,55 @@ class _Run:
         # The optimizer's real-valued hyperparameters are arguments, not constants: tuning
         # trials that differ only in them lower to one program, which the persistent
         # compilation cache serves to later runs (see optimizer_arguments).
-        def train_step(
-            state: TrainState, batch: Mapping[str, jax.Array], values: Mapping[str, Any]
-        ) -> tuple[TrainState, dict[str, jax.Array]]:
-            return make_train_step(w, hp, self.model, build(dict(values)))(state, batch)
-
-        step = jax.jit(
-            train_step,
-            in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
-            out_shardings=(self.dp.replicated, self.dp.replicated),
-            donate_argnums=(0,),
-        )
         # Python floats, which jit abstracts as weak-typed float32 scalars (a bf16 model stays
         # bf16). Not placed with jax.device_put: across processes its consistency check fails
         # on Python scalars (multi-host runs), and jit places them itself.
         values = self.optimizer_values
-        self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]] = (
-            lambda state, batch: step(state, batch, values)
-        )
+        self.microbatches = self._microbatches()
+        # A host batch in, (state, metrics) out: one jitted step, or with gradient accumulation
+        # one jitted gradient step per microbatch and one jitted optimizer step.
+        self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+        if self.microbatches == 1:
+
+            def train_step(
+                state: TrainState, batch: Mapping[str, jax.Array], values: Mapping[str, Any]
+            ) -> tuple[TrainState, dict[str, jax.Array]]:
+                return make_train_step(w, hp, self.model, build(dict(values)))(state, batch)
+
+            step = jax.jit(
+                train_step,
+                in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
+                out_shardings=(self.dp.replicated, self.dp.replicated),
+                donate_argnums=(0,),
+            )
+            self.train_step = lambda state, batch: step(state, self.dp.put_batch(batch), values)
+        else:
+            gradient = jax.jit(
+                make_gradient_step(w, hp, self.model),
+                in_shardings=(self.dp.replicated, self.dp.batch),
+                out_shardings=self.dp.replicated,
+            )
+
+            def apply_step(
+                state: TrainState, parts: Any, values: Mapping[str, Any]
+            ) -> tuple[TrainState, dict[str, jax.Array]]:
+                return make_apply_step(build(dict(values)))(state, parts)
+
+            apply = jax.jit(
+                apply_step,
+                in_shardings=(self.dp.replicated, self.dp.replicated, self.dp.replicated),
+                out_shardings=(self.dp.replicated, self.dp.replicated),
+                donate_argnums=(0,),
+            )
+
+            def accumulate(
+                state: TrainState, batch: Mapping[str, np.ndarray]
+            ) -> tuple[TrainState, dict[str, jax.Array]]:
+                parts = tuple(gradient(state, self.dp.put_batch(mb)) for mb in self._split(batch))
+                stepped: tuple[TrainState, dict[str, jax.Array]] = apply(state, parts, values)
+                return stepped
+
+            self.train_step = accumulate
         self.eval_step = jax.jit(
             make_eval_step(w, hp, self.model),
             in_shardings=(self.dp.replicated, self.dp.batch),
@@ -257,6 +295,37 @@ class _Run:
         if config.init_checkpoint is not None:
             # A source of another architecture is the caller's mistake: refuse it before training.
             self.init_step = check_initial_variables(config.init_checkpoint, self.abstract_variables())
+
+    def _microbatches(self) -> int:
+        """How many microbatches a batch is run as (workload.microbatch_size), after checks.
+
+        Raises:
+          ValueError: naming workload.microbatch_size, when it does not split the batch into
+            equal microbatches of whole virtual batches on every device.
+        """
+        size = int(self.hparams.get("microbatch_size") or 0)
+        batch = self.config.batch_size
+        if not size or batch <= size:
+            return 1
+        field = "workload.microbatch_size"
+        problem = microbatch_problem(self.hparams, batch)
+        if problem is not None:
+            raise ValueError(f"{field}: {problem}")
+        self.dp.check_batch_size(size, self.hparams["virtual_batch_size"], field=field)
+        return batch // size
+
+    def _split(self, batch: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """This process's share of a batch as its shares of the microbatches.
+
+        Microbatch k holds the k-th slice of every device's share, so each device computes on
+        examples it would hold in one pass, and virtual batches are never cut.
+        """
+        k = self.microbatches
+        devices = self.dp.num_local_devices
+        shaped = {name: np.asarray(v).reshape(devices, k, -1, *np.shape(v)[1:])
+                  for name, v in batch.items()}
+        return [{name: v[:, i].reshape(-1, *v.shape[3:]) for name, v in shaped.items()}
+                for i in range(k)]
 
     # -- state ---------------------------------------------------------------------------------
     def _variables(self, key: jax.Array) -> Mapping[str, Any]:
@@ -528,7 +597,7 @@ def train_and_evaluate(
                 if example_key is not None and on_examples is not None:
                     on_examples(step + 1, batch.pop(example_key))
                 state, metrics = run.train_step(
-                    state, run.dp.put_batch(_to_model_batch(run.workload, batch, run.input_key))
+                    state, _to_model_batch(run.workload, batch, run.input_key)
                 )
                 step += 1
                 steps_this_session += 1

@@ -35,6 +35,8 @@ class DataParallel:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.batch = NamedSharding(self.mesh, PartitionSpec("data"))
         self.num_devices = len(devices)
+        #: How many of them this process drives (its share of a batch is theirs).
+        self.num_local_devices = sum(d.process_index == jax.process_index() for d in devices)
 
     def check_batch_size(self, batch_size: int, virtual_batch_size: int | None, *, field: str = "batch_size") -> None:
         """Raise ValueError (naming the field) unless the batch splits evenly over devices and virtual batches."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -11,9 +11,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from batchlab.models import MOMENTS, combine_running_statistics
 from batchlab.train.workloads import Workload, classification_loss
 
-__all__ = ["TrainState", "eval_step", "make_eval_step", "make_train_step"]
+__all__ = [
+    "TrainState",
+    "eval_step",
+    "make_apply_step",
+    "make_eval_step",
+    "make_gradient_step",
+    "make_train_step",
+]
 
 Batch = Mapping[str, jax.Array]
 # {'loss': (weighted sum, total weight), ...}: what eval steps add up across batches.
@@ -38,10 +46,11 @@ def _forward(
     *,
     train: bool,
     rng: jax.Array | None = None,
+    collections: Sequence[str] = ("batch_stats",),
 ) -> tuple[Any, Mapping[str, Any]]:
-    """Model outputs, per-example losses and metrics for one batch."""
+    """Model outputs, and in training the updated ``collections``, for one batch."""
     if workload.kind == "classification":
-        mutable = ["batch_stats"] if train else False
+        mutable = list(collections) if train else False
         out = model.apply(variables, batch["input"], train=train, mutable=mutable)
         logits, updates = out if train else (out, {})
         return logits, updates
@@ -138,6 +147,70 @@ def make_train_step(
         return new_state, {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
 
     return train_step
+
+
+#: One microbatch's share of a step: (gradient of its mean loss, its BN moments, its sums).
+Part = tuple[Any, Any, Sums]
+
+
+def make_gradient_step(
+    workload: Workload, hparams: Mapping[str, Any], model: nn.Module
+) -> Callable[[TrainState, Batch], Part]:
+    """A ``gradient_step(state, microbatch) -> (grads, moments, sums)`` for jit.
+
+    Gradient accumulation: a batch too large to run well in one pass (on a CPU, one whose
+    activations leave the cache) is run as equal microbatches, each by this step from the
+    same state, and :func:`make_apply_step` makes one optimizer step of their mean gradient.
+    With virtual-batch BN whose sub-batches each lie inside one microbatch, every example is
+    normalised with the same statistics as in one pass, and the running statistics get one
+    update from the whole batch's moments (``combine_running_statistics``), so the two
+    compute the same function up to float rounding. Classification workloads only (no
+    dropout key is split across microbatches).
+    """
+    if workload.kind != "classification":
+        raise ValueError(f"gradient accumulation is for classification workloads, not {workload.kind!r}")
+
+    def loss_fn(params: Any, state: TrainState, batch: Batch) -> tuple[jax.Array, tuple[Any, Sums]]:
+        variables = {"params": params}
+        if state.batch_stats is not None:
+            variables["batch_stats"] = state.batch_stats
+        outputs, updates = _forward(workload, model, variables, batch, train=True,
+                                    collections=("batch_stats", MOMENTS))
+        sums = _metrics(workload, hparams, outputs, batch, None)
+        return sums["loss"][0] / sums["loss"][1], (updates.get(MOMENTS, {}), sums)
+
+    def gradient_step(state: TrainState, batch: Batch) -> Part:
+        grads, (moments, sums) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+        return grads, moments, sums
+
+    return gradient_step
+
+
+def make_apply_step(
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Sequence[Part]], tuple[TrainState, dict[str, jax.Array]]]:
+    """An ``apply_step(state, parts) -> (state, metrics)`` for jit: one optimizer step from
+    the :func:`make_gradient_step` results of a batch's equal-sized microbatches (the mean of
+    their gradients is the gradient of the batch's mean loss)."""
+
+    def apply_step(state: TrainState, parts: Sequence[Part]) -> tuple[TrainState, dict[str, jax.Array]]:
+        k = len(parts)
+        grads = jax.tree.map(lambda *g: sum(g[1:], g[0]) / k, *[p[0] for p in parts])
+        batch_stats = state.batch_stats
+        if batch_stats is not None and parts[0][1]:
+            batch_stats = combine_running_statistics(batch_stats, [p[1] for p in parts])
+        sums = {
+            name: (sum(p[2][name][0] for p in parts), sum(p[2][name][1] for p in parts))
+            for name in parts[0][2]
+        }
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, {n: s / jnp.maximum(c, 1.0) for n, (s, c) in sums.items()}
+
+    return apply_step
 
 
 def make_eval_step(

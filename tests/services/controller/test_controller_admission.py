@@ -208,6 +208,22 @@ def test_workload_hyperparameters_of_the_wrong_kind_are_refused(servicer, hyperp
     assert _path(_submit_refused(servicer, spec)) == f"spec.workloads[0].hyperparameters.{field}"
 
 
+@pytest.mark.parametrize("hyperparameters, reason", [
+    ({"microbatch_size": 24}, "24 does not divide batch_size 32 (points[0])"),
+    ({"microbatch_size": 8}, "8 is not a multiple of virtual_batch_size 16 (points[0])"),
+    ({"microbatch_size": 16, "virtual_batch_size": 0}, "needs a virtual_batch_size"),
+])
+def test_a_microbatch_size_that_cannot_split_a_point_is_refused_at_submission(
+        servicer, hyperparameters, reason):
+    spec = spec_dict()
+    spec["workloads"][0]["hyperparameters"] = hyperparameters
+    error = _submit_refused(servicer, spec)
+    assert _path(error) == "spec.workloads[0].hyperparameters.microbatch_size"
+    assert reason in error.details
+    spec["workloads"][0]["hyperparameters"] = {"microbatch_size": 16}
+    assert _submit(servicer, spec).studies
+
+
 def test_a_search_parameter_writing_a_bad_workload_value_is_refused(servicer):
     spec = spec_dict()
     spec["optimizers"][0]["search_space"]["parameters"].append(
