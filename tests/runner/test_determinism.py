@@ -1,10 +1,13 @@
 """The determinism contract, guarded: a small shipped study run end to end gives exactly the
-numbers committed in tests/runner/data/determinism_expected.json.
+numbers committed for this machine kind in tests/runner/data/determinism/<kind>.json.
 
-Same code, spec, data and machine kind give the same numbers. A change that alters results
-fails here until the expected digest is regenerated on purpose (the commands are in
-experiments/examples/determinism.yaml and in the failure message), with the reason in the
-commit.
+Same code, spec, data and machine kind give the same numbers
+(batchlab.runner.provenance.machine_kind: the architecture, the CPU features XLA:CPU compiles
+for, jaxlib). A change that alters results fails here until the expected digest is regenerated
+on purpose (the commands are in experiments/examples/determinism.yaml and in the failure
+message), with the reason in the commit. On a kind with no committed digest the study runs
+twice and must give the same numbers both times: the contract holds there too, but only a
+committed digest catches a change of code.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from pathlib import Path
 
 from batchlab.runner import run_experiment
 from batchlab.runner.digest import compare_digests, digest
+from batchlab.runner.provenance import machine_kind, machine_kind_id
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "experiments" / "examples" / "determinism.yaml"
-EXPECTED = Path(__file__).parent / "data" / "determinism_expected.json"
+EXPECTED_DIR = Path(__file__).parent / "data" / "determinism"
+EXPECTED = EXPECTED_DIR / f"{machine_kind_id()}.json"
 REGENERATE = (
     "If the change is meant to alter results, regenerate the expected digest and give the "
     "reason in the commit:\n"
@@ -25,19 +30,43 @@ REGENERATE = (
     f"  batchlab digest /tmp/determinism > {EXPECTED.relative_to(ROOT)}")
 
 
+def _committed() -> list[Path]:
+    return sorted(EXPECTED_DIR.glob("*.json"))
+
+
 def test_shipped_study_reproduces_its_committed_numbers(tmp_path, small_data_dir):
     out = run_experiment(SPEC, tmp_path / "determinism", data_dir=small_data_dir,
                          progress=False)
     found = digest(out)
-    expected = json.loads(EXPECTED.read_text())
-    assert len(found["runs"]) == len(expected["runs"]) == 20
-    assert len(expected["verdicts"]) == 1  # 6 seeds per arm: the bootstrap runs
-    differences = compare_digests(found, expected)
-    assert not differences, "\n".join(differences) + "\n" + REGENERATE
+    assert found["machine_kinds"] == [json.loads(json.dumps(machine_kind(), sort_keys=True))]
+    assert len(found["runs"]) == 20
+    assert len(found["verdicts"]) == 1  # 6 seeds per arm: the bootstrap runs
+    if EXPECTED.exists():
+        expected = json.loads(EXPECTED.read_text())
+        differences = compare_digests(found, expected)
+        assert not differences, "\n".join(differences) + "\n" + REGENERATE
+        return
+    # A machine kind with no committed digest: the contract checked on it by a second run;
+    # the same run files and spec as a committed kind's.
+    again = digest(run_experiment(SPEC, tmp_path / "again", data_dir=small_data_dir,
+                                  progress=False))
+    differences = compare_digests(again, found)
+    assert not differences, "\n".join(differences)
+    other = json.loads(_committed()[0].read_text())
+    assert sorted(found["runs"]) == sorted(other["runs"]) and found["spec"] == other["spec"]
+
+
+def test_a_digest_is_committed_for_the_machine_kind_that_runs_ci():
+    # Each committed digest is named by the kind recorded in it, and is that kind's only one.
+    files = _committed()
+    assert files, "no committed determinism digest"
+    for path in files:
+        kinds = json.loads(path.read_text())["machine_kinds"]
+        assert len(kinds) == 1 and path.stem == machine_kind_id(kinds[0]), path
 
 
 def test_digest_ignores_timings_and_sees_a_changed_number(tmp_path):
-    expected = json.loads(EXPECTED.read_text())
+    expected = json.loads(_committed()[0].read_text())
     changed = json.loads(json.dumps(expected))
     run = next(iter(changed["runs"].values()))
     run["result"]["curve"][0]["validation/accuracy"] += 1e-7

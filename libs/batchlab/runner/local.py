@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from batchlab.runner.provenance import code_version
+from batchlab.runner.provenance import code_version, machine_kind
 from batchlab.runner.resources import ExecutionPlan, available_cpus, plan_execution
 from batchlab.runner.store import ResultStore
 from batchlab.runner.workers import WorkerPool, cache_root_of, function_reference
@@ -176,7 +176,7 @@ def run_experiment(
         # Every start of this folder's runner, with its code and the run files already there:
         # a study resumed by other code says so (the report lists the sessions).
         "sessions": [*(previous or {}).get("sessions", []),
-                     {"started_at": _now(), "code": code_version(),
+                     {"started_at": _now(), "code": code_version(), "machine_kind": machine_kind(),
                       "runs_before": sum(1 for _ in (Path(out_dir) / "runs").glob("*/*.json"))}],
     }
     # Each run file names the session (and code) that wrote it: files placed in the folder by

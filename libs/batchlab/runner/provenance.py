@@ -7,14 +7,17 @@ to the code that made it, and a report regenerated at another commit says so.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["code_version"]
+__all__ = ["code_version", "machine_kind", "machine_kind_id"]
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +49,39 @@ def code_version() -> dict[str, Any]:
         log.info("no git checkout at %s (%s): commit unknown", root, error)
         return {"commit": "unknown", "dirty": False, "version": version}
     return {"commit": commit, "dirty": bool(status.strip()), "version": version}
+
+
+# CPU features that change what XLA:CPU generates (vector width, fused multiply-add, ...), and
+# so the last bits of a float result: reductions are split differently across wider vectors.
+_ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
+
+
+@functools.cache
+def machine_kind() -> dict[str, Any]:
+    """What "the same machine kind" means in the determinism contract (batchlab.runner.digest).
+
+    The architecture, the CPU features XLA:CPU compiles for (read from /proc/cpuinfo where
+    there is one) and the jaxlib version: runs that agree on these give bit-identical numbers
+    for the same code, spec and data. Two x86-64 CPUs that differ in, say, AVX-512 give
+    numbers that differ in the last bits (seen here: the LARS update's sums).
+    """
+    try:
+        jaxlib = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        jaxlib = "unknown"
+    isa: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                isa = sorted({f for f in line.split(":", 1)[1].split() if f.startswith(_ISA_PREFIXES)})
+                break
+    except OSError:
+        isa = [platform.processor() or "unknown"]
+    return {"arch": platform.machine(), "isa": isa, "jaxlib": jaxlib}
+
+
+def machine_kind_id(kind: dict[str, Any] | None = None) -> str:
+    """A short stable name of a machine kind (default: this machine's), for file names."""
+    kind = machine_kind() if kind is None else kind
+    text = json.dumps(kind, sort_keys=True)
+    return f"{kind.get('arch', 'unknown')}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"

@@ -112,6 +112,18 @@ def _metrics(
     }
 
 
+def _step(
+    optimizer: optax.GradientTransformation, state: TrainState, grads: Any, batch_stats: Any, sums: Sums
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step from the batch's gradient; the batch's mean metrics."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
+
+
 def make_train_step(
     workload: Workload,
     hparams: Mapping[str, Any],
@@ -139,14 +151,16 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
         grads, (batch_stats, sums) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, {k: s / jnp.maximum(c, 1.0) for k, (s, c) in sums.items()}
+        return _step(optimizer, state, grads, batch_stats, sums)
 
     return train_step
+
+
+def _total(values: Sequence[jax.Array]) -> jax.Array:
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
 
 
 #: One microbatch's share of a step: (gradient of its mean loss, its BN moments, its sums).
@@ -195,20 +209,15 @@ def make_apply_step(
 
     def apply_step(state: TrainState, parts: Sequence[Part]) -> tuple[TrainState, dict[str, jax.Array]]:
         k = len(parts)
-        grads = jax.tree.map(lambda *g: sum(g[1:], g[0]) / k, *[p[0] for p in parts])
+        grads = jax.tree.map(lambda *g: _total(g) / k, *[p[0] for p in parts])
         batch_stats = state.batch_stats
         if batch_stats is not None and parts[0][1]:
             batch_stats = combine_running_statistics(batch_stats, [p[1] for p in parts])
-        sums = {
-            name: (sum(p[2][name][0] for p in parts), sum(p[2][name][1] for p in parts))
+        sums: Sums = {
+            name: (_total([p[2][name][0] for p in parts]), _total([p[2][name][1] for p in parts]))
             for name in parts[0][2]
         }
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        )
-        return new_state, {n: s / jnp.maximum(c, 1.0) for n, (s, c) in sums.items()}
+        return _step(optimizer, state, grads, batch_stats, sums)
 
     return apply_step
 
