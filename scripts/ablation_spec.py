@@ -54,13 +54,19 @@ def spec_from_base(base_dir: Path) -> tuple[dict[str, Any], str]:
     l2_all = copy.deepcopy(optimizer)
     l2_all["bias_bn"]["weight_decay"] = weight_decay
 
+    workload = copy.deepcopy(base_spec["workloads"][0])
+
     def arm(name: str, description: str, config: dict[str, Any], *, gamma: float,
             virtual_batch_size: int = 32) -> dict[str, Any]:
+        parameters = [_fixed("workload.gamma_0", gamma),
+                      _fixed("workload.virtual_batch_size", virtual_batch_size)]
+        if not virtual_batch_size and workload.get("hyperparameters", {}).get("microbatch_size"):
+            # BN over the whole batch needs the batch in one pass (a microbatch would be
+            # normalised over fewer examples): this arm runs without gradient accumulation.
+            parameters.append(_fixed("workload.microbatch_size", 0))
         return {"name": name, "description": description, "config": config,
-                "search_space": {"parameters": [_fixed("workload.gamma_0", gamma),
-                                                _fixed("workload.virtual_batch_size", virtual_batch_size)]}}
+                "search_space": {"parameters": parameters}}
 
-    workload = copy.deepcopy(base_spec["workloads"][0])
     spec = {
         "name": "repro-" + stem.replace("_", "-"),
         "description": ("Figure 4's ablations around the tuned Nesterov point of ablation_base: "
