@@ -53,7 +53,14 @@ from typing import Any
 
 from batchlab.search.compare import MIN_SEEDS, PairVerdict, Verdict
 from batchlab.search.scoring import StudyScore
-from batchlab.search.space import Scale, SearchSpace, get_path, parse_search_space, plain_data
+from batchlab.search.space import (
+    Scale,
+    SearchParameter,
+    SearchSpace,
+    get_path,
+    parse_search_space,
+    plain_data,
+)
 from batchlab.search.study import Selection, Study, trial_point
 from batchlab.targets import Goal
 
@@ -62,6 +69,8 @@ __all__ = [
     "MIN_TRIALS_PER_DIMENSION",
     "NOT_REPRODUCED_MARGINS",
     "Diagnostic",
+    "EdgeFlag",
+    "best_at_edges",
     "optimizer_kind",
     "replicate_spread_diagnostic",
     "spec_diagnostics",
@@ -236,7 +245,32 @@ def _format(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
-def _edges(study: Study, best_trial: int) -> list[Diagnostic]:
+@dataclass(frozen=True)
+class EdgeFlag:
+    """A searched dimension whose best value lies at an edge of its range (best-at-edge).
+
+    Args:
+      parameter: the search parameter.
+      side: "lower" or "upper" (of the searched quantity: 1 - value for ``one_minus``).
+      value: the best trial's value (what the config holds).
+      where: the edge in words, e.g. "in the lower 10% of [0.25, 4] (linear scale)".
+    """
+
+    parameter: SearchParameter
+    side: str
+    value: Any
+    where: str
+
+
+def best_at_edges(study: Study, best_trial: int) -> list[EdgeFlag]:
+    """The searched dimensions of ``best_trial`` that lie in the outer ``EDGE_FRACTION`` of
+    their range (on its scale), or at the extreme choice of a numeric discrete list; an edge at
+    0 is a natural bound and is not flagged.
+
+    Args:
+      study: the study.
+      best_trial: the index of its best trial.
+    """
     found = []
     point = iter(trial_point(study, best_trial))
     hyperparameters = study.hyperparameters(best_trial)
@@ -252,7 +286,8 @@ def _edges(study: Study, best_trial: int) -> list[Diagnostic]:
             if len(numeric) != len(parameter.values) or len(numeric) < 2:
                 continue
             edge = raw in (min(numeric), max(numeric)) and raw != 0
-            where = f"the {'smallest' if raw == min(numeric) else 'largest'} of {list(numeric)}"
+            side = "lower" if raw == min(numeric) else "upper"
+            where = f"the {'smallest' if side == 'lower' else 'largest'} of {list(numeric)}"
         else:
             assert parameter.low is not None and parameter.high is not None
             low_edge, high_edge = u < EDGE_FRACTION, u >= 1.0 - EDGE_FRACTION
@@ -262,12 +297,21 @@ def _edges(study: Study, best_trial: int) -> list[Diagnostic]:
             where = (f"in the {side} {EDGE_FRACTION:.0%} of [{parameter.low:g}, "
                      f"{parameter.high:g}] ({scale} scale)")
         if edge:
-            shown = _format(value) + (f" (searched as 1 - value = {_format(raw)})"
-                                      if parameter.one_minus else "")
-            found.append(Diagnostic(
-                "best-at-edge", study.id,
-                f"the best trial's `{parameter.path}` = {shown} lies {where}: the optimum may "
-                f"lie outside the range; widen or move it."))
+            found.append(EdgeFlag(parameter, side, value, where))
+    return found
+
+
+def _edges(study: Study, best_trial: int) -> list[Diagnostic]:
+    found = []
+    for flag in best_at_edges(study, best_trial):
+        parameter, value = flag.parameter, flag.value
+        raw = 1.0 - value if parameter.one_minus else value
+        shown = _format(value) + (f" (searched as 1 - value = {_format(raw)})"
+                                  if parameter.one_minus else "")
+        found.append(Diagnostic(
+            "best-at-edge", study.id,
+            f"the best trial's `{parameter.path}` = {shown} lies {flag.where}: the optimum may "
+            f"lie outside the range; widen or move it."))
     return found
 
 
