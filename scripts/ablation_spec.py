@@ -1,9 +1,10 @@
 """Stage 2 of the CPU reproduction's Figure 4 ablations: write the spec from stage 1's best trial.
 
-Reads the best trial of results/reproduction/ablation_base (Nesterov at batch 1,024 with gamma_0
-tuned; experiments/reproduction/ablation_base.yaml) and prints experiments/reproduction/
-ablations.yaml: that point ("base") and three copies that each change one detail, as in Nado et
-al. 2021, Appendix C, Figure 4 (no retuning: the same point with one thing changed):
+Reads the best trial of results/reproduction/ablation_base_160 (Nesterov at batch 1,024 x 160
+with gamma_0 tuned; experiments/reproduction/ablation_base_160.yaml) and prints
+experiments/reproduction/ablations_160.yaml: that point ("base") and three copies that each
+change one detail, as in Nado et al. 2021, Appendix C, Figure 4 (no retuning: the same point
+with one thing changed):
 
 - ``bn_init``: gamma_0 = 1.0 instead of the tuned value;
 - ``full_batch_bn``: batch norm over the whole batch instead of virtual batches of 32;
@@ -11,7 +12,6 @@ al. 2021, Appendix C, Figure 4 (no retuning: the same point with one thing chang
 
 Each arm is one fixed trial rerun with 7 seeds; each ablation is compared with the base.
 
-    python scripts/ablation_spec.py results/reproduction/ablation_base > experiments/reproduction/ablations.yaml
     python scripts/ablation_spec.py results/reproduction/ablation_base_160 > experiments/reproduction/ablations_160.yaml
 
 The stage-2 spec's name and file follow the stage-1 folder's (ablation_base_160 -> ablations_160).
