@@ -13,8 +13,10 @@ score better than the best point? Each flagged study gives one arm with its best
 How far past: a quarter of the range's width beyond the edge, in decades on a log scale (for
 [1e-6, 1e-3], 10**-0.75 times the lower edge), in units on a linear scale (a lower edge above 0
 whose quarter-width step would cross 0 is divided by 2.5 instead, so that values that must
-stay positive do); a discrete dimension is skipped. For ``one_minus``
-dimensions the searched quantity (1 - value) moves, and stays below 0.9.
+stay positive do); for ``one_minus`` dimensions the searched quantity (1 - value) moves, and
+stays at or below 0.9. A dimension with no value left past its edge (discrete, an integer range
+at 1, 1 - value already at 0.9) is skipped; a spec whose moved values the optimizer refuses
+is an error naming them.
 
     python scripts/edge_spec.py results/reproduction/momentum_large_batch [--replicate 0] \
         > experiments/reproduction/momentum_large_batch_edges.yaml
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,9 @@ from batchlab.search.space import Scale, set_path
 
 
 def beyond(flag: EdgeFlag) -> float | None:
-    """The flagged value moved past its edge (as the config holds it), or None to skip."""
+    """The flagged value moved past its edge (as the config holds it), or None to skip: a
+    discrete dimension, or one where no value past the edge is left (an integer range at 1,
+    1 - momentum capped at 0.9)."""
     parameter = flag.parameter
     if parameter.scale is Scale.DISCRETE or parameter.low is None or parameter.high is None:
         return None
@@ -55,8 +60,11 @@ def beyond(flag: EdgeFlag) -> float | None:
         raw = high + (high - low) / 4
     if parameter.one_minus:
         raw = min(raw, 0.9)
-        return 1.0 - raw
-    return int(round(raw)) if parameter.integer else raw
+    if parameter.integer:
+        raw = round(raw)
+    if low <= raw <= high or (low > 0 and raw <= 0):
+        return None
+    return 1.0 - raw if parameter.one_minus else raw
 
 
 def _short(path: str) -> str:
@@ -90,7 +98,8 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
     comparisons: list[dict[str, str]] = []
     points: set[tuple[int, int]] = set()
     lines: list[str] = []
-    workload_hp = dict(base["workloads"][0].get("hyperparameters", {}))
+    workloads = {w["workload"]: w for w in base["workloads"]}
+    workload_names: set[str] = set()
     for path in sorted((results / "studies").glob("*.json")):
         stored = json.loads(path.read_text())
         study = studies.get(path.stem)
@@ -101,6 +110,8 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
         if not flags:
             continue
         points.add((study.batch_size, study.step_budget))
+        workload_names.add(study.workload)
+        workload_hp = dict(workloads[study.workload].get("hyperparameters", {}))
         hyperparameters = study.hyperparameters(best)
         prefix = f"{study.optimizer}_r{study.replicate}"
         fixed_workload = [{"path": f"workload.{k}", "fixed": {"value": v}}
@@ -124,19 +135,23 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
                              {"path": f"workload.{k}", "fixed": {"value": v}}
                              for k, v in sorted(mapping["workload"].items()) if workload_hp.get(k) != v]}})
             comparisons.append({"a": name, "b": f"{prefix}_best"})
-            lines.append(f"#   {flag.parameter.path} = {flag.value:.4g} lies {flag.where}; "
-                         f"{name} moves it to {moved:.4g}")
+            shown = (f"1 - {flag.parameter.path} = {1.0 - flag.value:.4g}" if flag.parameter.one_minus
+                     else f"{flag.parameter.path} = {flag.value:.4g}")
+            lines.append(f"#   {shown} lies {flag.where}; {name} sets {flag.parameter.path} to "
+                         f"{moved:.4g}")
     if not arms:
         raise SystemExit(f"no best-at-edge flag to test in {results}")
-    if len(points) > 1:
-        raise SystemExit(f"flagged studies at several points {sorted(points)}: pass --replicate "
-                         "or split the folder")
+    if len(points) > 1 or len(workload_names) > 1:
+        raise SystemExit(f"flagged studies at several workloads or points "
+                         f"({sorted(workload_names)}, {sorted(points)}): an edge spec runs every "
+                         "arm at one point; split the results folder")
     ((batch_size, step_budget),) = points
-    workload = copy.deepcopy(base["workloads"][0])
+    (workload_name,) = workload_names
+    workload = copy.deepcopy(workloads[workload_name])
     workload["points"] = [{"batch_size": batch_size, "step_budget": step_budget}]
     stem = f"{results.name}_edges"
     spec = {
-        "name": "repro-" + stem.replace("_", "-"),
+        "name": "repro-" + re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-"),
         "description": (f"The best-at-edge flags of {results.name} tested: each flagged best point "
                         "against the same point with one flagged value moved past its edge."),
         "search_seed": base["search_seed"],
@@ -150,6 +165,10 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
         "workloads": [workload],
         "optimizers": arms,
     }
+    try:
+        load_spec(spec)
+    except ValueError as error:  # SpecError: a value past an edge the optimizer refuses
+        raise SystemExit(f"the edge spec of {results} is not valid: {error}") from error
     header = "\n".join([
         f"# The best-at-edge flags of {results.name}.yaml, tested: does a point past the edge,",
         "# everything else unchanged, score better than the flagged best point? Written by",

@@ -5,14 +5,17 @@ Same code, spec, data and machine kind give the same numbers
 (batchlab.runner.provenance.machine_kind: the architecture, the CPU features XLA:CPU compiles
 for, jaxlib). A change that alters results fails here until the expected digest is regenerated
 on purpose (the commands are in experiments/examples/determinism.yaml and in the failure
-message), with the reason in the commit. On a kind with no committed digest the study runs
-twice and must give the same numbers both times: the contract holds there too, but only a
-committed digest catches a change of code.
+message), with the reason in the commit. A new jaxlib or any other software that changes
+numbers fails here too (software is not part of the kind). On a kind with no committed digest
+the study runs twice and must give the same numbers both times, and the test warns that no
+committed digest guards that kind: the contract holds there, but only a committed digest
+catches a change of code.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from batchlab.runner import run_experiment
@@ -48,6 +51,9 @@ def test_shipped_study_reproduces_its_committed_numbers(tmp_path, small_data_dir
         return
     # A machine kind with no committed digest: the contract checked on it by a second run;
     # the same run files and spec as a committed kind's.
+    warnings.warn(f"no committed determinism digest for this machine kind ({EXPECTED.name}): "
+                  "checked that two runs agree, not that the numbers match a committed digest. "
+                  + REGENERATE, stacklevel=1)
     again = digest(run_experiment(SPEC, tmp_path / "again", data_dir=small_data_dir,
                                   progress=False))
     differences = compare_digests(again, found)

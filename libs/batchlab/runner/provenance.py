@@ -53,31 +53,42 @@ def code_version() -> dict[str, Any]:
 
 # CPU features that change what XLA:CPU generates (vector width, fused multiply-add, ...), and
 # so the last bits of a float result: reductions are split differently across wider vectors.
-_ISA_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx")
+# x86 "flags" and Arm "Features" lines of /proc/cpuinfo.
+_ISA_PREFIXES = {"flags": ("sse4", "avx", "fma", "f16c", "amx"),
+                 "Features": ("asimd", "sve", "sme", "fphp", "bf16", "i8mm")}
 
 
 @functools.cache
 def machine_kind() -> dict[str, Any]:
     """What "the same machine kind" means in the determinism contract (batchlab.runner.digest).
 
-    The architecture, the CPU features XLA:CPU compiles for (read from /proc/cpuinfo where
-    there is one) and the jaxlib version: runs that agree on these give bit-identical numbers
-    for the same code, spec and data. Two x86-64 CPUs that differ in, say, AVX-512 give
-    numbers that differ in the last bits (seen here: the LARS update's sums).
+    The architecture and the CPU features XLA:CPU compiles for: from /proc/cpuinfo where there
+    is one (x86 flags, Arm features), else the processor's name (macOS). Two x86-64 CPUs that
+    differ in, say, AVX-512 give numbers that differ in the last bits (seen here: the LARS
+    update's sums), which training amplifies. Software versions are not part of the kind: a
+    new jaxlib that changes numbers is a change of results, which the determinism test must
+    catch on a kind it knows.
     """
-    try:
-        jaxlib = importlib.metadata.version("jaxlib")
-    except importlib.metadata.PackageNotFoundError:
-        jaxlib = "unknown"
     isa: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                isa = sorted({f for f in line.split(":", 1)[1].split() if f.startswith(_ISA_PREFIXES)})
+            key, _, value = line.partition(":")
+            prefixes = _ISA_PREFIXES.get(key.strip())
+            if prefixes is not None:
+                isa = sorted({f for f in value.split() if f.startswith(prefixes)})
                 break
     except OSError:
-        isa = [platform.processor() or "unknown"]
-    return {"arch": platform.machine(), "isa": isa, "jaxlib": jaxlib}
+        pass
+    if not isa:
+        brand = ""
+        if platform.system() == "Darwin":
+            try:
+                brand = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], check=True,
+                                       capture_output=True, text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                brand = ""
+        isa = [brand or platform.processor() or "unknown"]
+    return {"arch": platform.machine(), "isa": isa}
 
 
 def machine_kind_id(kind: dict[str, Any] | None = None) -> str:

@@ -223,6 +223,7 @@ def _check_meaning(spec: experiment_pb2.ExperimentSpec, problems: Problems,
                 if problem is not None:
                     problems.append((f"{where}.hyperparameters.microbatch_size",
                                      f"{problem} (points[{k}])"))
+            _check_searched_microbatches(spec, i, resolved, problems)
         for j, optimizer in enumerate(spec.optimizers):
             for p, parameter in enumerate(optimizer.search_space.parameters):
                 for t, path in enumerate([parameter.path, *parameter.tied_paths]):
@@ -233,6 +234,42 @@ def _check_meaning(spec: experiment_pb2.ExperimentSpec, problems: Problems,
                     if problem is not None:
                         problems.append((f"optimizers[{j}].search_space.parameters[{p}]."
                                          f"{field}", f"{problem} (for {where})"))
+
+
+_SPLIT_KEYS = ("microbatch_size", "virtual_batch_size")
+
+
+def _check_searched_microbatches(spec: experiment_pb2.ExperimentSpec, i: int,
+                                 resolved: Mapping[str, Any], problems: Problems) -> None:
+    """An optimizer's search space that writes workload.microbatch_size or
+    workload.virtual_batch_size must split every point's batch with every value it can write
+    (as far as they can be listed), as the workload's own values must: a run would fail."""
+    workload = spec.workloads[i]
+    for j, optimizer in enumerate(spec.optimizers):
+        candidates: dict[str, list[tuple[Any, str]]] = {}
+        for p, parameter in enumerate(optimizer.search_space.parameters):
+            for t, path in enumerate([parameter.path, *parameter.tied_paths]):
+                key = path.removeprefix("workload.")
+                if path.startswith("workload.") and key in _SPLIT_KEYS:
+                    field = "path" if t == 0 else f"tied_paths[{t - 1}]"
+                    where = f"optimizers[{j}].search_space.parameters[{p}].{field}"
+                    candidates.setdefault(key, []).extend(
+                        (v, where) for v in _search_values(parameter)
+                        if isinstance(v, int | float) and not isinstance(v, bool))
+        if not candidates:
+            continue
+        sizes = candidates.get("microbatch_size") or [(resolved.get("microbatch_size"), "")]
+        virtuals = candidates.get("virtual_batch_size") or [(resolved.get("virtual_batch_size"), "")]
+        for size, size_where in sizes:
+            for virtual, virtual_where in virtuals:
+                for k, point in enumerate(workload.points):
+                    problem = microbatch_problem(
+                        {"microbatch_size": size, "virtual_batch_size": virtual}, point.batch_size)
+                    if problem is not None:
+                        problems.append((size_where or virtual_where,
+                                         f"microbatch_size {problem} (for workloads[{i}]."
+                                         f"points[{k}])"))
+                        break
 
 
 def _search_problem(workload: str, path: str,

@@ -261,18 +261,19 @@ class _Run:
         else:
             gradient = jax.jit(
                 make_gradient_step(w, hp, self.model),
-                in_shardings=(self.dp.replicated, self.dp.batch),
+                in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
                 out_shardings=self.dp.replicated,
+                donate_argnums=(2,),
             )
 
             def apply_step(
-                state: TrainState, parts: Any, values: Mapping[str, Any]
+                state: TrainState, total: Any, moments: Any, sums: Any, values: Mapping[str, Any]
             ) -> tuple[TrainState, dict[str, jax.Array]]:
-                return make_apply_step(build(dict(values)))(state, parts)
+                return make_apply_step(build(dict(values)))(state, total, moments, sums)
 
             apply = jax.jit(
                 apply_step,
-                in_shardings=(self.dp.replicated, self.dp.replicated, self.dp.replicated),
+                in_shardings=(self.dp.replicated,) * 5,
                 out_shardings=(self.dp.replicated, self.dp.replicated),
                 donate_argnums=(0,),
             )
@@ -280,8 +281,13 @@ class _Run:
             def accumulate(
                 state: TrainState, batch: Mapping[str, np.ndarray]
             ) -> tuple[TrainState, dict[str, jax.Array]]:
-                parts = tuple(gradient(state, self.dp.put_batch(mb)) for mb in self._split(batch))
-                stepped: tuple[TrainState, dict[str, jax.Array]] = apply(state, parts, values)
+                total, moments, sums = None, [], []
+                for microbatch in self._split(batch):
+                    total, m, s = gradient(state, self.dp.put_batch(microbatch), total)
+                    moments.append(m)
+                    sums.append(s)
+                stepped: tuple[TrainState, dict[str, jax.Array]] = apply(
+                    state, total, tuple(moments), tuple(sums), values)
                 return stepped
 
             self.train_step = accumulate

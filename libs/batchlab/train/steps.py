@@ -163,23 +163,26 @@ def _total(values: Sequence[jax.Array]) -> jax.Array:
     return total
 
 
-#: One microbatch's share of a step: (gradient of its mean loss, its BN moments, its sums).
+#: One microbatch's share of a step: (the running sum of the microbatches' gradients up to and
+#: including this one, this microbatch's BN moments, its metric sums).
 Part = tuple[Any, Any, Sums]
 
 
 def make_gradient_step(
     workload: Workload, hparams: Mapping[str, Any], model: nn.Module
-) -> Callable[[TrainState, Batch], Part]:
-    """A ``gradient_step(state, microbatch) -> (grads, moments, sums)`` for jit.
+) -> Callable[[TrainState, Batch, Any], Part]:
+    """A ``gradient_step(state, microbatch, total) -> (total + grads, moments, sums)`` for jit.
 
     Gradient accumulation: a batch too large to run well in one pass (on a CPU, one whose
     activations leave the cache) is run as equal microbatches, each by this step from the
-    same state, and :func:`make_apply_step` makes one optimizer step of their mean gradient.
-    With virtual-batch BN whose sub-batches each lie inside one microbatch, every example is
-    normalised with the same statistics as in one pass, and the running statistics get one
-    update from the whole batch's moments (``combine_running_statistics``), so the two
-    compute the same function up to float rounding. Classification workloads only (no
-    dropout key is split across microbatches).
+    same state, adding its gradient to the running sum ``total`` (None for the first), and
+    :func:`make_apply_step` makes one optimizer step of the mean. Only the sum is kept, so
+    memory holds one gradient whatever the number of microbatches. With virtual-batch BN
+    whose sub-batches each lie inside one microbatch, every example is normalised with the
+    same statistics as in one pass, and the running statistics get one update from the whole
+    batch's moments (``combine_running_statistics``), so the two compute the same function up
+    to float rounding. Classification workloads only (no dropout key is split across
+    microbatches).
     """
     if workload.kind != "classification":
         raise ValueError(f"gradient accumulation is for classification workloads, not {workload.kind!r}")
@@ -193,8 +196,10 @@ def make_gradient_step(
         sums = _metrics(workload, hparams, outputs, batch, None)
         return sums["loss"][0] / sums["loss"][1], (updates.get(MOMENTS, {}), sums)
 
-    def gradient_step(state: TrainState, batch: Batch) -> Part:
+    def gradient_step(state: TrainState, batch: Batch, total: Any) -> Part:
         grads, (moments, sums) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch)
+        if total is not None:
+            grads = jax.tree.map(jnp.add, total, grads)
         return grads, moments, sums
 
     return gradient_step
@@ -202,22 +207,25 @@ def make_gradient_step(
 
 def make_apply_step(
     optimizer: optax.GradientTransformation,
-) -> Callable[[TrainState, Sequence[Part]], tuple[TrainState, dict[str, jax.Array]]]:
-    """An ``apply_step(state, parts) -> (state, metrics)`` for jit: one optimizer step from
-    the :func:`make_gradient_step` results of a batch's equal-sized microbatches (the mean of
-    their gradients is the gradient of the batch's mean loss)."""
+) -> Callable[[TrainState, Any, Sequence[Any], Sequence[Sums]], tuple[TrainState, dict[str, jax.Array]]]:
+    """An ``apply_step(state, total, moments, sums) -> (state, metrics)`` for jit: one optimizer
+    step from a batch's equal-sized microbatches, given the sum of their gradients and each
+    one's BN moments and metric sums from :func:`make_gradient_step` (the mean of their
+    gradients is the gradient of the batch's mean loss)."""
 
-    def apply_step(state: TrainState, parts: Sequence[Part]) -> tuple[TrainState, dict[str, jax.Array]]:
-        k = len(parts)
-        grads = jax.tree.map(lambda *g: _total(g) / k, *[p[0] for p in parts])
+    def apply_step(
+        state: TrainState, total: Any, moments: Sequence[Any], sums: Sequence[Sums]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        k = len(sums)
+        grads = jax.tree.map(lambda g: g / k, total)
         batch_stats = state.batch_stats
-        if batch_stats is not None and parts[0][1]:
-            batch_stats = combine_running_statistics(batch_stats, [p[1] for p in parts])
-        sums: Sums = {
-            name: (_total([p[2][name][0] for p in parts]), _total([p[2][name][1] for p in parts]))
-            for name in parts[0][2]
+        if batch_stats is not None and moments[0]:
+            batch_stats = combine_running_statistics(batch_stats, list(moments))
+        summed: Sums = {
+            name: (_total([s[name][0] for s in sums]), _total([s[name][1] for s in sums]))
+            for name in sums[0]
         }
-        return _step(optimizer, state, grads, batch_stats, sums)
+        return _step(optimizer, state, grads, batch_stats, summed)
 
     return apply_step
 

@@ -224,6 +224,28 @@ def test_a_microbatch_size_that_cannot_split_a_point_is_refused_at_submission(
     assert _submit(servicer, spec).studies
 
 
+@pytest.mark.parametrize("parameter, workload_hp, reason", [
+    ({"path": "workload.microbatch_size", "fixed": {"value": 24}}, {},
+     "microbatch_size 24 does not divide batch_size 32"),
+    ({"path": "workload.microbatch_size", "discrete": {"values": [16, 24]}}, {},
+     "microbatch_size 24 does not divide batch_size 32"),
+    ({"path": "workload.virtual_batch_size", "fixed": {"value": 0}}, {"microbatch_size": 16},
+     "needs a virtual_batch_size"),
+])
+def test_a_searched_value_that_cannot_split_a_point_is_refused_at_submission(
+        servicer, parameter, workload_hp, reason):
+    # The same check as for the workload's own value: a run with it would fail.
+    spec = spec_dict()
+    spec["workloads"][0]["hyperparameters"] = workload_hp
+    spec["optimizers"][0]["search_space"]["parameters"].append(parameter)
+    error = _submit_refused(servicer, spec)
+    assert _path(error) == "spec.optimizers[0].search_space.parameters[1].path"
+    assert reason in error.details and "points[0]" in error.details
+    spec["optimizers"][0]["search_space"]["parameters"][1] = {
+        "path": "workload.microbatch_size", "discrete": {"values": [0, 16, 32]}}
+    assert _submit(servicer, spec).studies
+
+
 def test_a_search_parameter_writing_a_bad_workload_value_is_refused(servicer):
     spec = spec_dict()
     spec["optimizers"][0]["search_space"]["parameters"].append(
