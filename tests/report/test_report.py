@@ -336,3 +336,18 @@ def test_effort_table_says_why_attempts_failed(synthetic: Synthetic):
     table = effort_table(load_results(synthetic.root))
     row = next(line for line in table.splitlines() if "| nesterov |" in line and "| 128 |" in line)
     assert "1 (1 controller, not counted)" in row
+
+
+def test_spec_table_shows_a_point_that_overrides_the_evaluation_period(tmp_path: Path):
+    # scaling.yaml evaluates its small batch sizes more often than the workload's default: the
+    # report's spec table must not show the default as every point's period.
+    import copy
+
+    from synthetic_results import SPEC
+
+    spec = copy.deepcopy(SPEC)
+    spec["workloads"][0]["points"][0]["eval_every_steps"] = 5
+    synthetic = build_results(tmp_path / "r", spec=spec)
+    text = write_report(synthetic.root).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `mnist1d_resnet1d` |"))
+    assert "128 × 100 steps (eval every 5 steps), 512 × 50 steps" in row, row

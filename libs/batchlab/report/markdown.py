@@ -77,7 +77,7 @@ def _spec_section(experiment: Experiment) -> list[str]:
         goal = ">=" if str(spec_get(target, "goal", "MAXIMIZE")) in ("MAXIMIZE", "1") else "<="
         points = ", ".join(
             f"{spec_get(p, 'batch_size', 0):,} × {spec_get(p, 'step_budget', 0):,} steps"
-            for p in spec_get(workload, "points", ()))
+            + _point_cadence(p) for p in spec_get(workload, "points", ()))
         hyper = spec_get(workload, "hyperparameters", {}) or {}
         every = spec_get(workload, "eval_every_steps", 0)
         every_examples = spec_get(workload, "eval_every_examples", 0)
@@ -102,6 +102,15 @@ def _spec_section(experiment: Experiment) -> list[str]:
     lines += [markdown_table(["optimizer", "weights optimizer", "bias/BN optimizer",
                               "search space"], rows, ["l"] * 4)]
     return lines
+
+
+def _point_cadence(point: Any) -> str:
+    """A point's own evaluation period, where it overrides the workload's."""
+    steps = spec_get(point, "eval_every_steps", 0)
+    examples = spec_get(point, "eval_every_examples", 0)
+    if steps:
+        return f" (eval every {steps} steps)"
+    return f" (eval every {examples:,} examples)" if examples else ""
 
 
 def _provenance(experiment: Experiment) -> list[str]:
