@@ -1,8 +1,9 @@
 """Gradient accumulation at batch 1,024: one pass vs microbatches (workload.microbatch_size).
 
-On this CPU a forward/backward pass of mnist1d_resnet1d slows per example once the batch's
-activations leave the cache: above about 512 examples a step costs about 1.8x more per example
-(measured here while writing this). ``microbatch_size`` runs the batch as equal microbatches
+On this CPU a forward/backward pass of mnist1d_resnet1d over more than 512 examples costs about
+1.8x more per example than one over 512 (measured here while writing this, one run alone, at
+batch 640-2,048, with or without virtual batches; most likely the activations no longer fit
+the cache, not tested). ``microbatch_size`` runs the batch as equal microbatches
 and makes one optimizer step of their mean gradient, the same function up to float rounding
 (tests/train/test_microbatches.py). Each contender trains the reproduction's workload at batch
 1,024 for the same steps with batchlab's loop, as the reproduction runs trials: two runs at once,
