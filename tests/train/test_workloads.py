@@ -30,6 +30,7 @@ def test_defaults_and_overrides():
         "bn_momentum": 0.9,
         "bn_epsilon": 1e-5,
         "train_examples": 0,
+        "microbatch_size": 0,
     }
     # JSON numbers arrive as floats: integral ones are fine where an integer is required.
     hp = w.hyperparameters({"virtual_batch_size": 32.0, "label_smoothing": 0.1, "gamma_0": 0})
