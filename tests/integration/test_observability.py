@@ -108,7 +108,17 @@ def observed_stack(tmp_path_factory):
                 time.sleep(1)
             trials = list(client.trials(exp.name))
         _evaluate_a_trial(stack, trials)
-        time.sleep(8)  # a few more scrapes and rule evaluations
+        # Scrapes and rule evaluations run every second, but a rate over a counter needs two
+        # samples after the series appears: wait until every dashboard query and recording rule
+        # has data (or a minute has passed; the tests then name what has none), instead of a
+        # fixed sleep that a fast machine's short experiment outran (8 s failed once here).
+        deadline = time.time() + 60
+        queries = [q.promql() for q in observability_queries(ROOT) if q.kind != "alert"]
+        while time.time() < deadline:
+            if all(_range_has_data(prom_port, q, start, time.time()) for q in queries):
+                break
+            time.sleep(2)
+        time.sleep(3)  # a few more scrapes and rule evaluations for the alerts' inputs
         yield {"prom_port": prom_port, "start": start, "end": time.time(), "experiment": exp, "trials": trials}
     finally:
         stack.down()
