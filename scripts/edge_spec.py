@@ -89,6 +89,12 @@ def _without_filled_steps(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _fixed_workload(values: dict[str, Any], spec_values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fixed search parameters for the workload hyperparameters that differ from the spec's."""
+    return [{"path": f"workload.{k}", "fixed": {"value": v}}
+            for k, v in sorted(values.items()) if spec_values.get(k) != v]
+
+
 def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[str, Any], str]:
     """The spec testing every flagged best point of ``results``, and its header comment."""
     experiment = json.loads((results / "experiment.json").read_text())
@@ -106,24 +112,21 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
         best = stored.get("best_trial")
         if study is None or best is None or (replicates is not None and study.replicate not in replicates):
             continue
-        flags = [f for f in best_at_edges(study, best) if beyond(f) is not None]
-        if not flags:
+        moves = [(f, moved) for f in best_at_edges(study, best) if (moved := beyond(f)) is not None]
+        if not moves:
             continue
         points.add((study.batch_size, study.step_budget))
         workload_names.add(study.workload)
         workload_hp = dict(workloads[study.workload].get("hyperparameters", {}))
         hyperparameters = study.hyperparameters(best)
         prefix = f"{study.optimizer}_r{study.replicate}"
-        fixed_workload = [{"path": f"workload.{k}", "fixed": {"value": v}}
-                          for k, v in sorted(hyperparameters["workload"].items())
-                          if workload_hp.get(k) != v]
         config = _without_filled_steps(hyperparameters["optimizer"])
         arms.append({"name": f"{prefix}_best",
                      "description": f"best trial {best} of {study.id}",
-                     "config": config, "search_space": {"parameters": fixed_workload}})
+                     "config": config,
+                     "search_space": {"parameters": _fixed_workload(hyperparameters["workload"], workload_hp)}})
         lines.append(f"# {study.id}, best trial {best}:")
-        for flag in flags:
-            moved = beyond(flag)
+        for flag, moved in moves:
             mapping = {"optimizer": copy.deepcopy(config), "workload": dict(hyperparameters["workload"])}
             for target in flag.parameter.paths:
                 set_path(mapping, target, moved)
@@ -131,9 +134,7 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
             arms.append({"name": name,
                          "description": f"{prefix}_best with {flag.parameter.path} = {moved:.4g}",
                          "config": mapping["optimizer"],
-                         "search_space": {"parameters": [
-                             {"path": f"workload.{k}", "fixed": {"value": v}}
-                             for k, v in sorted(mapping["workload"].items()) if workload_hp.get(k) != v]}})
+                         "search_space": {"parameters": _fixed_workload(mapping["workload"], workload_hp)}})
             comparisons.append({"a": name, "b": f"{prefix}_best"})
             shown = (f"1 - {flag.parameter.path} = {1.0 - flag.value:.4g}" if flag.parameter.one_minus
                      else f"{flag.parameter.path} = {flag.value:.4g}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -156,13 +158,6 @@ def make_train_step(
     return train_step
 
 
-def _total(values: Sequence[jax.Array]) -> jax.Array:
-    total = values[0]
-    for value in values[1:]:
-        total = total + value
-    return total
-
-
 #: One microbatch's share of a step: (the running sum of the microbatches' gradients up to and
 #: including this one, this microbatch's BN moments, its metric sums).
 Part = tuple[Any, Any, Sums]
@@ -174,8 +169,9 @@ def make_gradient_step(
     """A ``gradient_step(state, microbatch, total) -> (total + grads, moments, sums)`` for jit.
 
     Gradient accumulation: a batch too large to run well in one pass (on this CPU, more than
-    512 examples of mnist1d_resnet1d cost 1.8x more per example) is run as equal microbatches, each by this step from the
-    same state, adding its gradient to the running sum ``total`` (None for the first), and
+    512 examples of mnist1d_resnet1d cost 1.8x more per example) is run as equal microbatches,
+    each by this step from the same state, adding its gradient to the running sum ``total``
+    (None for the first), and
     :func:`make_apply_step` makes one optimizer step of the mean. Only the sum is kept, so
     memory holds one gradient whatever the number of microbatches. With virtual-batch BN
     whose sub-batches each lie inside one microbatch, every example is normalised with the
@@ -222,7 +218,8 @@ def make_apply_step(
         if batch_stats is not None and moments[0]:
             batch_stats = combine_running_statistics(batch_stats, list(moments))
         summed: Sums = {
-            name: (_total([s[name][0] for s in sums]), _total([s[name][1] for s in sums]))
+            name: (functools.reduce(operator.add, [s[name][0] for s in sums]),
+                   functools.reduce(operator.add, [s[name][1] for s in sums]))
             for name in sums[0]
         }
         return _step(optimizer, state, grads, batch_stats, summed)
