@@ -265,8 +265,29 @@ def to_markdown(r: dict) -> str:
         f"| services / local, cold (16 runs) | {r['ratio_cold_large']:.3f} | <= {TARGET} | {met(r['ratio_cold_large'])} |",
         f"| services / local, warm | {r['ratio_warm']:.3f} | <= {TARGET} | {met(r['ratio_warm'])} |",
         "",
+        *_fixed_and_per_run(r),
         *_breakdown_table(r),
     ])
+
+
+def _fixed_and_per_run(r: dict) -> list[str]:
+    """Each path's cold seconds split into a fixed part and a part per run, from the two study
+    sizes (4 and 16 runs; medians): the line through the two points, nothing extrapolated."""
+    rows = []
+    for label, small, large in (("`batchlab local run`", "local_cold_s", "large_local_cold_s"),
+                                ("services", "services_cold_s", "large_services_cold_s")):
+        c4, c16 = float(np.median(r[small])), float(np.median(r[large]))
+        per_run = (c16 - c4) / 12
+        rows.append(f"| {label} | {c4 - 4 * per_run:.1f} | {per_run:.2f} |")
+    return [
+        "Cold seconds as a fixed part plus a part per run (the line through the 4-run and 16-run "
+        "medians):",
+        "",
+        "| path | fixed s | s per run |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 _PARTS = (

@@ -1,6 +1,6 @@
 """The embedded stack: every service as a local process, state under one folder.
 
-``batchlab up`` starts the sharding, checkpoint, evaluation and controller servers (the
+``batchlab up`` starts the sharding, checkpoint, evaluation and controller servers together (the
 controller starts a local Ray cluster for its trainer actors), waits until each reports
 SERVING on grpc.health.v1, and records the processes in ``<state_dir>/stack.json``;
 ``batchlab down`` stops them with SIGTERM (graceful) and SIGKILL after a timeout. Logs go to
@@ -12,7 +12,7 @@ Where each service listens comes from, in order: explicit ports and hosts (``bat
 then the defaults (127.0.0.1:50051-50054). A busy gRPC port is refused up front with the way
 out; a busy metrics port is replaced by a free one (the record lists it).
 
-Start-up is bounded: each service gets ``timeout`` seconds to report SERVING on every
+Start-up is bounded: each service gets ``timeout`` seconds from its start to report SERVING on every
 health name it is ready under (the controller also under ``batchlab.trainers``: Ray is
 connected and trainers can run; the controller retries a local Ray start that timed out, as
 happened with both cores busy), and progress messages say what is awaited, its last health
@@ -65,7 +65,7 @@ class ServiceDef:
       name: its role (names its environment variables).
       module: what ``python -m`` runs.
       port: its default gRPC port.
-      peers: the services it dials (started first).
+      peers: the services it dials (their addresses go into its environment).
       starting: what it does while starting, for progress messages.
       ready: the grpc.health.v1 names that must report SERVING ("" = the server).
     """
@@ -78,7 +78,7 @@ class ServiceDef:
     ready: tuple[str, ...] = ("",)
 
 
-# Started in this order: peers before the services that need them.
+# The stack's services (started together; see Stack._up).
 SERVICES: tuple[ServiceDef, ...] = (
     ServiceDef("sharding", "services.sharding.server", 50052),
     ServiceDef("checkpoints", "services.checkpoints.server", 50053),
@@ -373,33 +373,47 @@ class Stack:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         started: list[str] = []
+        to_start = [s for s in SERVICES if s.name not in alive]
+        procs: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+
+        def spawn(service: ServiceDef, attempt: int) -> None:
+            say(f"starting {service.name} on {self.address(service.name)}"
+                + (f" (attempt {attempt} of {retries + 1})" if attempt > 1 else ""))
+            log_path = logs / f"{service.name}.log"
+            proc = self._spawn(service, log_path)
+            procs[service.name] = (proc, time.monotonic())
+            record["services"][service.name] = {
+                "pid": proc.pid,
+                "address": self.address(service.name),
+                "bind_host": self.hosts[service.name],
+                "port": self.ports[service.name],
+                "metrics_port": self.metrics_ports[service.name],
+                "trainer_metrics_port": self.metrics_ports["trainer"],
+                "start_ticks": _start_ticks(proc.pid),
+                "token_sha256": _token_digest(self.token, self.state_dir),
+                "log": str(log_path),
+            }
+            atomic_write(self.record_path, json.dumps(record, indent=1))
+
         try:
-            for service in SERVICES:
-                if service.name in alive:
-                    continue
+            # All at once: a service dials its peers lazily (gRPC channels connect on first
+            # use), so none waits for another to start. The slowest start (the controller's:
+            # a local Ray cluster and warm trainers) goes first and overlaps the others'.
+            for service in sorted(to_start, key=lambda s: s.name != "controller"):
                 started.append(service.name)
-                log_path = logs / f"{service.name}.log"
-                for attempt in range(1, retries + 2):
-                    say(f"starting {service.name} on {self.address(service.name)}"
-                        + (f" (attempt {attempt} of {retries + 1})" if attempt > 1 else ""))
-                    proc = self._spawn(service, log_path)
-                    record["services"][service.name] = {
-                        "pid": proc.pid,
-                        "address": self.address(service.name),
-                        "bind_host": self.hosts[service.name],
-                        "port": self.ports[service.name],
-                        "metrics_port": self.metrics_ports[service.name],
-                        "trainer_metrics_port": self.metrics_ports["trainer"],
-                        "start_ticks": _start_ticks(proc.pid),
-                        "token_sha256": _token_digest(self.token, self.state_dir),
-                        "log": str(log_path),
-                    }
-                    atomic_write(self.record_path, json.dumps(record, indent=1))
-                    if self._wait_ready(service, proc, log_path, timeout, say,
-                                        last_attempt=attempt > retries):
+                spawn(service, 1)
+            for service in to_start:
+                attempt = 1
+                while True:
+                    proc, since = procs[service.name]
+                    if self._wait_ready(service, proc, logs / f"{service.name}.log", timeout,
+                                        say, last_attempt=attempt > retries, since=since):
                         break
                     say(f"{service.name} exited with status {proc.returncode} while starting "
-                        f"(last logged: {_last_line(log_path)}); starting it again")
+                        f"(last logged: {_last_line(logs / f'{service.name}.log')}); "
+                        "starting it again")
+                    attempt += 1
+                    spawn(service, attempt)
         except BaseException:
             if alive:  # stop only what this call started; the rest ran before it
                 for name in started:
@@ -458,9 +472,13 @@ class Stack:
             )
 
     def _wait_ready(self, service: ServiceDef, proc: subprocess.Popen[bytes], log_path: Path,
-                    timeout: float, say: Callable[[str], None], *, last_attempt: bool) -> bool:
-        """True once SERVING; False when it exited while starting and may be retried."""
-        start = time.monotonic()
+                    timeout: float, say: Callable[[str], None], *, last_attempt: bool,
+                    since: float) -> bool:
+        """True once SERVING; False when it exited while starting and may be retried.
+
+        ``since`` is when it was started (time.monotonic()): ``timeout`` counts from there.
+        """
+        start = since
         deadline = start + timeout
         next_note = start + _PROGRESS_EVERY_S
         waiting = list(service.ready)
