@@ -27,13 +27,7 @@ from typing import Any
 
 import yaml
 
-
-def _without_filled_steps(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer config with the schedules' total_steps left to the step budget."""
-    config = copy.deepcopy(config)
-    for group in config.values():
-        group["learning_rate"].pop("total_steps", None)
-    return config
+from batchlab.optim.config import without_total_steps
 
 
 def _fixed(path: str, value: Any) -> dict[str, Any]:
@@ -48,7 +42,7 @@ def spec_from_base(base_dir: Path) -> tuple[dict[str, Any], str]:
     study = json.loads(study_file.read_text())
     best = study["best_hyperparameters"]
     base_spec = experiment["spec"]
-    optimizer = _without_filled_steps(best["optimizer"])
+    optimizer = without_total_steps(best["optimizer"])
     gamma_0 = float(best["workload"]["gamma_0"])
     weight_decay = optimizer["weights"]["weight_decay"]
     l2_all = copy.deepcopy(optimizer)

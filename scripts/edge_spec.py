@@ -37,9 +37,11 @@ from typing import Any
 
 import yaml
 
+from batchlab.optim.config import without_total_steps
+from batchlab.paths import set_path
 from batchlab.search import expand_studies, load_spec
 from batchlab.search.diagnostics import EdgeFlag, best_at_edges
-from batchlab.search.space import Scale, set_path
+from batchlab.search.space import Scale
 
 
 def beyond(flag: EdgeFlag) -> float | None:
@@ -74,21 +76,6 @@ def _short(path: str) -> str:
     return "_".join(parts)
 
 
-def _without_filled_steps(config: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer config with every schedule's total_steps left to the step budget."""
-    config = copy.deepcopy(config)
-
-    def strip(node: Any) -> None:
-        if isinstance(node, dict):
-            if "schedule" in node:
-                node.pop("total_steps", None)
-            for value in node.values():
-                strip(value)
-
-    strip(config)
-    return config
-
-
 def _fixed_workload(values: dict[str, Any], spec_values: dict[str, Any]) -> list[dict[str, Any]]:
     """Fixed search parameters for the workload hyperparameters that differ from the spec's."""
     return [{"path": f"workload.{k}", "fixed": {"value": v}}
@@ -120,7 +107,7 @@ def edge_spec(results: Path, replicates: set[int] | None = None) -> tuple[dict[s
         workload_hp = dict(workloads[study.workload].get("hyperparameters", {}))
         hyperparameters = study.hyperparameters(best)
         prefix = f"{study.optimizer}_r{study.replicate}"
-        config = _without_filled_steps(hyperparameters["optimizer"])
+        config = without_total_steps(hyperparameters["optimizer"])
         arms.append({"name": f"{prefix}_best",
                      "description": f"best trial {best} of {study.id}",
                      "config": config,

@@ -16,8 +16,8 @@ import pytest
 
 from batchlab import optim
 from batchlab.optim.paper import PAPER_CONFIGS, PAPER_SPECS, PaperConfig, paper_config
+from batchlab.paths import get_path
 from batchlab.search import expand_studies, load_spec, spec_to_dict
-from batchlab.search.space import get_path
 from batchlab.search.warm_start import warm_start_of
 from batchlab.train.workloads import workload_names
 

@@ -18,10 +18,10 @@ from batchlab.proto import generate
 
 generate.ensure_generated()
 
+from batchlab.paths import get_path  # noqa: E402
 from batchlab.search import expand_studies, load_spec, spec_to_dict  # noqa: E402
 from batchlab.search.protocol import Outcome, RunRecord  # noqa: E402
 from batchlab.search.scoring import score_study  # noqa: E402
-from batchlab.search.space import get_path  # noqa: E402
 
 TARGET = 0.6
 EVAL_EVERY = 10

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from synthetic_results import SEEDS, Synthetic, build_results
 
+from batchlab.paths import get_path
 from batchlab.report import write_report
 from batchlab.report.results import load_results, protocol_studies
 from batchlab.report.tables import (
@@ -23,7 +24,6 @@ from batchlab.report.tables import (
 )
 from batchlab.report.verdicts import decide_point, verdict_section
 from batchlab.search.compare import Arm, Verdict, compare_arms
-from batchlab.search.space import get_path
 from batchlab.search.study import Goal
 
 WORKLOAD = "mnist1d_resnet1d"

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from batchlab.paths import set_path
 from batchlab.search.space import (
     Scale,
     SearchSpace,
     SpecError,
     parse_search_space,
-    set_path,
 )
 
 

@@ -14,8 +14,9 @@ from batchlab.optim.schema import (
     validate_optimizer_config,
     validate_schedule_config,
 )
+from batchlab.paths import set_path
 
-__all__ = ["from_config", "optimizer_arguments", "schedule_from_config"]
+__all__ = ["from_config", "optimizer_arguments", "schedule_from_config", "without_total_steps"]
 
 _BUILDERS = {
     "nesterov": alias.nesterov,
@@ -159,11 +160,7 @@ def optimizer_arguments(
             raise ValueError(f"arguments: expected the fields {sorted(values)}, got {sorted(arguments)}")
         filled = copy.deepcopy(cfg)
         for dotted, value in arguments.items():
-            *parents, leaf = dotted.split(".")
-            node = filled
-            for key in parents:
-                node = node[key]
-            node[leaf] = value
+            set_path(filled, dotted, value)
         return _build(filled, path)
 
     return build, values
@@ -185,3 +182,28 @@ def learning_rate_fn(
     cfg = validate_optimizer_config(mapping, total_steps=total_steps)
     group_cfg = cfg if "optimizer" in cfg else cfg[group]
     return _build_schedule(group_cfg["learning_rate"], f"optimizer.{group}.learning_rate")
+
+
+def without_total_steps(mapping: Any) -> Any:
+    """A copy of an optimizer config with every schedule's ``total_steps`` removed.
+
+    A run's stored config has its schedules' ``total_steps`` filled in with that run's step
+    budget; a spec built from it (a trial carried to another point, an ablation of a best
+    trial) must leave them out, so that each schedule follows the budget where it is used.
+
+    Example:
+      >>> without_total_steps({"optimizer": "nesterov", "learning_rate": {
+      ...     "schedule": "cosine", "peak_value": 0.1, "total_steps": 160}})
+      {'optimizer': 'nesterov', 'learning_rate': {'schedule': 'cosine', 'peak_value': 0.1}}
+    """
+    config = copy.deepcopy(mapping)
+
+    def strip(node: Any) -> None:
+        if isinstance(node, dict):
+            if "schedule" in node:
+                node.pop("total_steps", None)
+            for value in node.values():
+                strip(value)
+
+    strip(config)
+    return config

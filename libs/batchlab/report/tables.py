@@ -26,9 +26,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchlab.paths import get_path
 from batchlab.report.results import Experiment, StudyResult
 from batchlab.search.scoring import MetricSummary
-from batchlab.search.space import get_path
 
 __all__ = [
     "DASH",

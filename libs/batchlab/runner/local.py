@@ -177,7 +177,7 @@ def run_experiment(
         # a study resumed by other code says so (the report lists the sessions).
         "sessions": [*(previous or {}).get("sessions", []),
                      {"started_at": _now(), "code": code_version(), "machine_kind": machine_kind(),
-                      "runs_before": sum(1 for _ in (Path(out_dir) / "runs").glob("*/*.json"))}],
+                      "runs_before": store.count_runs()}],
     }
     # Each run file names the session (and code) that wrote it: files placed in the folder by
     # anything else record none, whenever they came.

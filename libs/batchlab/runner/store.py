@@ -76,6 +76,10 @@ class ResultStore:
     def write_study(self, study_id: str, payload: dict[str, Any]) -> None:
         _write_json(self.study_path(study_id), payload)
 
+    def count_runs(self) -> int:
+        """How many run files the folder holds, over every study."""
+        return sum(1 for _ in (self.root / "runs").glob(f"*/{RUN_FILE_PATTERN}"))
+
     def requests(self, study_id: str) -> list[tuple[Path, dict[str, Any]]]:
         """Every stored attempt's request (as written by write_run) with its file, in order.
 

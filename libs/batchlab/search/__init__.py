@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from batchlab.paths import set_path
 from batchlab.search.halton import HALTON_SKIP, halton_point, halton_points
 from batchlab.search.protocol import (
     Decision,
@@ -54,7 +55,6 @@ from batchlab.search.space import (
     SearchSpace,
     SpecError,
     parse_search_space,
-    set_path,
 )
 from batchlab.search.study import Selection, Study, trial_hyperparameters
 from batchlab.targets import Goal, Outcome, Target

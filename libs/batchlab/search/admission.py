@@ -217,13 +217,8 @@ def _check_meaning(spec: experiment_pb2.ExperimentSpec, problems: Problems,
             problems.append((f"{where}.hyperparameters.{shorten(key, 40, quote=False)}",
                              reason))
         if not bad:
-            resolved = {**declaration.hyperparameters, **hyperparameters}
-            for k, point in enumerate(workload.points):
-                problem = microbatch_problem(resolved, point.batch_size)
-                if problem is not None:
-                    problems.append((f"{where}.hyperparameters.microbatch_size",
-                                     f"{problem} (points[{k}])"))
-            _check_searched_microbatches(spec, i, resolved, problems)
+            _check_microbatches(spec, i, {**declaration.hyperparameters, **hyperparameters},
+                                problems)
         for j, optimizer in enumerate(spec.optimizers):
             for p, parameter in enumerate(optimizer.search_space.parameters):
                 for t, path in enumerate([parameter.path, *parameter.tied_paths]):
@@ -239,12 +234,18 @@ def _check_meaning(spec: experiment_pb2.ExperimentSpec, problems: Problems,
 _SPLIT_KEYS = ("microbatch_size", "virtual_batch_size")
 
 
-def _check_searched_microbatches(spec: experiment_pb2.ExperimentSpec, i: int,
-                                 resolved: Mapping[str, Any], problems: Problems) -> None:
-    """An optimizer's search space that writes workload.microbatch_size or
-    workload.virtual_batch_size must split every point's batch with every value it can write
-    (as far as they can be listed), as the workload's own values must: a run would fail."""
+def _check_microbatches(spec: experiment_pb2.ExperimentSpec, i: int,
+                        resolved: Mapping[str, Any], problems: Problems) -> None:
+    """Workload ``i``'s microbatch_size and virtual_batch_size (``resolved``: its declared
+    defaults and the spec's values) must split every point's batch, and so must every value an
+    optimizer's search space can write to them (as far as they can be listed): a run would
+    fail."""
     workload = spec.workloads[i]
+    for k, point in enumerate(workload.points):
+        problem = microbatch_problem(resolved, point.batch_size)
+        if problem is not None:
+            problems.append((f"workloads[{i}].hyperparameters.microbatch_size",
+                             f"{problem} (points[{k}])"))
     for j, optimizer in enumerate(spec.optimizers):
         candidates: dict[str, list[tuple[Any, str]]] = {}
         for p, parameter in enumerate(optimizer.search_space.parameters):

@@ -51,13 +51,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchlab.paths import get_path
 from batchlab.search.compare import MIN_SEEDS, PairVerdict, Verdict
 from batchlab.search.scoring import StudyScore
 from batchlab.search.space import (
     Scale,
     SearchParameter,
     SearchSpace,
-    get_path,
     parse_search_space,
     plain_data,
 )

@@ -3,7 +3,7 @@
 A search space is the `search_space` of an OptimizerSpec (protos/batchlab/v1/experiment.proto)
 or the same thing as a plain mapping (its protobuf JSON form). Each non-fixed parameter takes
 one coordinate u in [0, 1) of a quasi-random point and maps it to a value; `SearchSpace.assign`
-turns a point into {path: value}; `set_path` writes a value into the trial's hyperparameters.
+turns a point into {path: value}; `batchlab.paths.set_path` writes a value into the trial's hyperparameters.
 
 References:
   Nado et al. 2021, "A Large Batch Optimizer Reality Check", Appendix D (Tables 6, 8, 9): the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,47 +291,6 @@ def parse_path(path: Any) -> list[str]:
             "must be a dotted path of identifiers starting with 'optimizer.' or 'workload.', "
             f"e.g. 'optimizer.weights.momentum'; got {shorten(path)}")
     return path.split(".")
-
-
-def get_path(mapping: Mapping[str, Any], path: str, default: Any = None) -> Any:
-    """Read the value at a dotted path, or `default` when any key is missing.
-
-    Args:
-      mapping: nested mappings.
-      path: a dotted path.
-      default: returned when the path does not exist.
-    """
-    node: Any = mapping
-    for key in path.split("."):
-        if not isinstance(node, Mapping) or key not in node:
-            return default
-        node = node[key]
-    return node
-
-
-def set_path(mapping: MutableMapping[str, Any], path: str, value: Any) -> None:
-    """Write value at a dotted path, creating missing mappings on the way.
-
-    Args:
-      mapping: nested mutable mappings, changed in place.
-      path: a dotted path, e.g. "optimizer.weights.learning_rate.peak_value".
-      value: the value to write.
-
-    Raises:
-      ValueError: a key on the way holds something other than a mapping (e.g. writing
-        "optimizer.learning_rate.peak_value" when learning_rate is a number).
-    """
-    keys = path.split(".")
-    node: Any = mapping
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        elif not isinstance(child, MutableMapping):
-            where = ".".join(keys[: depth + 1])
-            raise ValueError(f"cannot set {path!r}: {where!r} holds {child!r}, not a mapping")
-        node = child
-    node[keys[-1]] = value
 
 
 def _is_number(value: Any) -> bool:

@@ -30,14 +30,13 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from batchlab.paths import get_path, set_path
 from batchlab.search.space import (
     SearchSpace,
     SpecError,
-    get_path,
     join_path,
     parse_search_space,
     plain_data,
-    set_path,
 )
 from batchlab.search.study import (
     Selection,

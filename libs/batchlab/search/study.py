@@ -27,8 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchlab.paths import set_path
 from batchlab.search.halton import halton_point
-from batchlab.search.space import SearchSpace, set_path
+from batchlab.search.space import SearchSpace
 from batchlab.targets import (  # noqa: F401 - re-exported: the study protocol speaks of them
     DEFAULT_ABSOLUTE_MARGIN,
     DEFAULT_FRACTION_MARGIN,
