@@ -134,6 +134,21 @@ def test_runs_of_two_studies_train_at_once_in_separate_workers(tmp_path, monkeyp
     assert ResultStore(tmp_path / "out").read_experiment()["execution"]["parallel"] == 2
 
 
+def test_the_first_runs_in_flight_belong_to_different_studies(tmp_path, monkeypatch):
+    # Each study could fill both slots with its own tuning trials; the first two go to two
+    # studies, so two workers do not compile one study's programs at the same time.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    monkeypatch.setenv(helpers.BARRIER_ENV, str(barrier))
+    spec = helpers.fake_spec("spread", optimizers=2, trials=3, reruns=1)
+    _run(spec, tmp_path / "out", train_fn=helpers.barrier_train, parallel=2)
+    runs = helpers.stored_results(tmp_path / "out")
+    assert len(runs) == 8 and all(r["result"]["outcome"] == "SUCCEEDED" for r in runs.values())
+    first = [r for r in runs.values() if r["result"]["barrier"]["first_two"]]
+    assert len(first) == 2 and all(r["result"]["barrier"]["met"] for r in first)
+    assert len({r["request"]["study_id"] for r in first}) == 2
+
+
 def test_reruns_start_only_after_every_tuning_run_is_stored(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv(helpers.OUT_ENV, str(out))

@@ -229,9 +229,12 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
     Returns the runs the studies budgeted but lack because runs were abandoned
     (batchlab.search.unfilled_runs; empty when none).
 
-    Studies are visited in spec order, so with free slots an earlier study's runs start first
-    and the next study's runs fill what is left (e.g. while a study waits for its last tuning
-    trial before its reruns may start).
+    Free slots go first to one run of each study that can launch one, in spec order, then
+    to further runs in spec order (e.g. while a study waits for its last tuning trial before
+    its reruns may start, the next study's runs fill its slots). Spreading the first runs over
+    studies keeps workers from compiling the same programs at once: runs of one study share
+    their programs through the compilation cache, so a second worker starting the same study
+    at the same time compiles them a second time instead of loading them.
     """
     records = {s.id: store.records(s.id) for s in studies}
     flying: dict[str, list[RunRequest]] = {s.id: [] for s in studies}
@@ -240,21 +243,22 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
     planned = sum(s.trials_per_study + s.seeds_per_best for s in studies)
     while True:
         free = width - sum(len(v) for v in flying.values())
-        for study in studies:
-            if study.id in finished:
-                continue
-            # Asked even with no free slot: whether the study is done does not wait for one.
-            decision = next_runs(study, records[study.id], in_flight=flying[study.id],
-                                 parallelism=len(flying[study.id]) + max(free, 1))
-            if decision.done:
-                _write_study(store, study, records[study.id], decision.best_trial)
-                finished.add(study.id)
-                unfilled += unfilled_runs(study, decision.state)
-                continue
-            for request in decision.launch[:max(free, 0)]:
-                runner.submit(request, threads=plan.threads_for(study.workload) if plan else 0)
-                flying[study.id].append(request)
-                free -= 1
+        for spread in (True, False):
+            for study in studies:
+                if study.id in finished:
+                    continue
+                # Asked even with no free slot: whether the study is done does not wait for one.
+                decision = next_runs(study, records[study.id], in_flight=flying[study.id],
+                                     parallelism=len(flying[study.id]) + max(free, 1))
+                if decision.done:
+                    _write_study(store, study, records[study.id], decision.best_trial)
+                    finished.add(study.id)
+                    unfilled += unfilled_runs(study, decision.state)
+                    continue
+                for request in decision.launch[:max(min(free, 1) if spread else free, 0)]:
+                    runner.submit(request, threads=plan.threads_for(study.workload) if plan else 0)
+                    flying[study.id].append(request)
+                    free -= 1
         done = sum(len(r) for r in records.values())
         running = sum(len(v) for v in flying.values())
         bar.update(task, completed=done, total=max(planned, done + running))
