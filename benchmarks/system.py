@@ -272,7 +272,8 @@ def to_markdown(r: dict) -> str:
 
 def _fixed_and_per_run(r: dict) -> list[str]:
     """Each path's cold seconds split into a fixed part and a part per run, from the two study
-    sizes (4 and 16 runs; medians): the line through the two points, nothing extrapolated."""
+    sizes (4 and 16 runs; medians): the line through the two points. The fixed part is that
+    line at 0 runs, an extrapolation, and noisier than either measurement."""
     rows = []
     for label, small, large in (("`batchlab local run`", "local_cold_s", "large_local_cold_s"),
                                 ("services", "services_cold_s", "large_services_cold_s")):
@@ -281,7 +282,7 @@ def _fixed_and_per_run(r: dict) -> list[str]:
         rows.append(f"| {label} | {c4 - 4 * per_run:.1f} | {per_run:.2f} |")
     return [
         "Cold seconds as a fixed part plus a part per run (the line through the 4-run and 16-run "
-        "medians):",
+        "medians; the fixed part is that line at 0 runs, an extrapolation):",
         "",
         "| path | fixed s | s per run |",
         "|---|---:|---:|",

@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 EVALUATION_SPLITS = ("train", "validation")
 # Tries of one evaluation that may run out of time before its attempt fails.
 MAX_DEADLINE_TRIES = 2
+# Seconds between two tries of the start-up sweep of held checkpoints while a listing fails.
+_SWEEP_RETRY_S = 5.0
 _RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
@@ -258,6 +260,7 @@ class EvaluationDriver:
         # (trial, step) -> (metric name, maximize, metrics): stored, hold not released yet.
         self._unreleased: dict[tuple[TrialKey, int], tuple[str, bool, dict[str, float]]] = {}
         self._swept = False
+        self._sweep_after = 0.0
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
@@ -311,9 +314,11 @@ class EvaluationDriver:
         now = self._clock()
         active = self.storage.experiments_in([ExperimentState.PENDING, ExperimentState.RUNNING])
         if self._checkpoints is not None:
-            if not self._swept:
-                self._sweep(active)
-                self._swept = True
+            if not self._swept and now >= self._sweep_after:
+                # Until every listing succeeded: the checkpoint service may start after the
+                # controller (`batchlab up` starts the services together), or be restarting.
+                self._swept = self._sweep(active)
+                self._sweep_after = now + _SWEEP_RETRY_S
             self._release_pending()
         sent = 0
         for experiment in active:
@@ -381,8 +386,12 @@ class EvaluationDriver:
                 with self._lock:
                     self._unreleased.pop((trial, step), None)
 
-    def _sweep(self, active: Sequence[Any]) -> None:
-        """Releases held checkpoints whose evaluation is already stored (a crash in between)."""
+    def _sweep(self, active: Sequence[Any]) -> bool:
+        """Releases held checkpoints whose evaluation is already stored (a crash in between).
+
+        Returns whether every trial's checkpoints could be listed (else it is tried again).
+        """
+        complete = True
         for experiment in active:
             evaluated: dict[TrialKey, dict[int, Mapping[str, float]]] = {}
             for point in self.storage.points(experiment.id):
@@ -394,7 +403,8 @@ class EvaluationDriver:
                         checkpoints_pb2.ListCheckpointsRequest(trial=trial.name), timeout=60.0)
                 except grpc.RpcError as error:
                     log.warning("listing %s's checkpoints failed (%s); its held checkpoints "
-                                "stay held", trial.name, error.code().name)
+                                "stay held until a later try", trial.name, error.code().name)
+                    complete = False
                     continue
                 study = self._study(experiment, trial)
                 for info in listed.checkpoints:
@@ -403,6 +413,7 @@ class EvaluationDriver:
                             self._unreleased[(trial, int(info.step))] = (
                                 study.target.metric, _maximize(study),
                                 dict(steps[int(info.step)]))
+        return complete
 
     def _run(self, job: _Job, experiment: Any) -> None:
         key = (job.trial, job.step)

@@ -527,7 +527,10 @@ class Stack:
         if not record:
             return []
         stopped = []
-        services = list(record["services"].items())[::-1]  # the controller first
+        # The controller first (it stops placing work), then the services it dials.
+        order = [s.name for s in reversed(SERVICES)]
+        services = sorted(record["services"].items(),
+                          key=lambda item: order.index(item[0]) if item[0] in order else len(order))
         # Only the recorded processes themselves: a pid reused by another process is left be.
         services = [(name, info) for name, info in services if _alive_as(info)]
         for name, info in services:

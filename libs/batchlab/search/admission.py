@@ -236,10 +236,11 @@ _SPLIT_KEYS = ("microbatch_size", "virtual_batch_size")
 
 def _check_microbatches(spec: experiment_pb2.ExperimentSpec, i: int,
                         resolved: Mapping[str, Any], problems: Problems) -> None:
-    """Workload ``i``'s microbatch_size and virtual_batch_size (``resolved``: its declared
-    defaults and the spec's values) must split every point's batch, and so must every value an
-    optimizer's search space can write to them (as far as they can be listed): a run would
-    fail."""
+    """Workload ``i``'s microbatch_size (``resolved``: its declared defaults and the spec's
+    values) must split every point's batch into microbatches that are whole virtual batches
+    (batchlab.workloads.microbatch_problem), and so must every microbatch_size and
+    virtual_batch_size an optimizer's search space can write (as far as they can be listed):
+    a run would fail."""
     workload = spec.workloads[i]
     for k, point in enumerate(workload.points):
         problem = microbatch_problem(resolved, point.batch_size)

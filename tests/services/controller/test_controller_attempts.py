@@ -610,6 +610,32 @@ def test_a_hold_not_released_before_a_crash_is_released_by_the_next_controller()
     assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
 
 
+def test_the_start_up_sweep_of_held_checkpoints_is_tried_again_until_it_lists_them():
+    # `batchlab up` starts the services together: the checkpoint service may not listen yet
+    # when the restarted controller's first sweep lists the held checkpoints.
+    import grpc
+
+    from services.controller.evaluations import EvaluationDriver
+
+    storage = InMemoryStorage()
+    studies, key, _ = _awaiting_trial(storage, steps=(200,))
+    store, checkpoints, evaluator = _evaluation_services(key.name)
+    checkpoints.fail = [grpc.StatusCode.UNAVAILABLE]
+    EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
+    assert {r.step: r.held for r in store.list(key.name)}[200]  # stored, release failed
+    now = [0.0]
+    restarted = EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints,
+                                 clock=lambda: now[0])
+    checkpoints.fail = [grpc.StatusCode.UNAVAILABLE]  # the sweep's listing: not up yet
+    restarted.dispatch()
+    assert {r.step: r.held for r in store.list(key.name)}[200]
+    restarted.dispatch()  # too soon for another try
+    assert {r.step: r.held for r in store.list(key.name)}[200]
+    now[0] += 10.0
+    restarted.dispatch()
+    assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
+
+
 def test_with_the_evaluation_service_a_trainer_cannot_report_evaluation_metrics():
     # A point not awaiting evaluation would take the (trial, attempt, step) key and stand in
     # for the evaluator's numbers (a spoofed 0.999 became a trial's final point).
