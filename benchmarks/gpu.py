@@ -47,7 +47,7 @@ import numpy as np
 
 from batchlab.data import dataset_info, imagenet
 from batchlab.data.pipeline import BatchIterator
-from batchlab.optim import from_config
+from batchlab.optim import optimizer_arguments
 from batchlab.optim.paper import paper_config
 from batchlab.train.steps import TrainState, make_train_step
 from batchlab.train.workloads import get_workload
@@ -160,18 +160,20 @@ def _cost_flops(compiled) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def _time_step(step: Callable, state, batch, *, window_s: float, rounds: int) -> dict[str, Any]:
-    """Compile ``step(state, batch) -> (state, metrics)`` with the state donated, then time it.
+def _time_step(step: Callable, state, batch, *args: Any, window_s: float,
+               rounds: int) -> dict[str, Any]:
+    """Compile ``step(state, batch, *args) -> (state, metrics)`` with the state donated, then
+    time it.
 
     Two warm steps run first (the second sizes the timed windows to about ``window_s``); the
     step time is the median over ``rounds`` windows.
     """
     start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, *args).compile()
     compile_s = time.perf_counter() - start
     for _ in range(2):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *args)
         jax.block_until_ready((state, metrics))
         warm_s = time.perf_counter() - start
     steps = max(1, min(200, round(window_s / max(warm_s, 1e-6))))
@@ -179,7 +181,7 @@ def _time_step(step: Callable, state, batch, *, window_s: float, rounds: int) ->
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, *args)
         jax.block_until_ready((state, metrics))
         times.append((time.perf_counter() - start) / steps)
     loss = np.asarray(metrics["loss"])
@@ -220,14 +222,21 @@ def _init_state(
     )
 
 
-def _paper_step(workload, hp, model, optimizer, batch, dummy, mode: Mode) -> dict[str, Any]:
-    """Initialise as the loop does, then compile and time the library's train step."""
-    state = jax.jit(lambda k: _init_state(workload, hp, model, optimizer, k, dummy))(
+def _paper_step(workload, hp, model, optimizer_config, total_steps: int, batch, dummy,
+                mode: Mode) -> dict[str, Any]:
+    """Initialise as the loop does, then compile and time the library's train step as the
+    loop runs it: the optimizer's real-valued hyperparameters are arguments of the step, not
+    constants (batchlab.optim.optimizer_arguments)."""
+    build, values = optimizer_arguments(optimizer_config, total_steps=total_steps)
+    state = jax.jit(lambda k: _init_state(workload, hp, model, build(values), k, dummy))(
         jax.random.key(0)
     )
     params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-    step = make_train_step(workload, hp, model, optimizer)
-    timed = _time_step(step, state, batch, window_s=mode.window_s, rounds=mode.rounds)
+
+    def step(state, batch, values):
+        return make_train_step(workload, hp, model, build(dict(values)))(state, batch)
+
+    timed = _time_step(step, state, batch, values, window_s=mode.window_s, rounds=mode.rounds)
     return {"parameters": params, **timed}
 
 
@@ -240,7 +249,6 @@ def _resnet50(mode: Mode) -> dict[str, Any]:
         {**cfg.hyperparameters, "virtual_batch_size": min(64, mode.resnet_batch)}
     )
     model = workload.model(hp, dtype=jnp.bfloat16)
-    optimizer = from_config(cfg.optimizer, total_steps=cfg.total_steps)
     rng = np.random.default_rng(0)
     size = mode.image_size
     # float32 images, as the input pipeline delivers them; the model computes in bf16.
@@ -249,7 +257,7 @@ def _resnet50(mode: Mode) -> dict[str, Any]:
         "label": jnp.asarray(rng.integers(0, 1000, mode.resnet_batch), jnp.int32),
     }
     dummy = {"input": batch["input"][: min(2 * hp["virtual_batch_size"], mode.resnet_batch)]}
-    timed = _paper_step(workload, hp, model, optimizer, batch, dummy, mode)
+    timed = _paper_step(workload, hp, model, cfg.optimizer, cfg.total_steps, batch, dummy, mode)
     return {
         "model": "ResNet-50 v1.5",
         "optimizer": f"{cfg.name} (paper_config)",
@@ -269,7 +277,6 @@ def _bert(mode: Mode) -> dict[str, Any]:
     hp = workload.hyperparameters(cfg.hyperparameters)
     model = workload.model(hp, dtype=jnp.bfloat16)
     vocab = model.config.vocab_size
-    optimizer = from_config(cfg.optimizer, total_steps=cfg.total_steps)
     b, seq, preds = mode.bert_batch, hp["max_seq_length"], hp["max_predictions_per_seq"]
     rng = np.random.default_rng(0)
     segment = (np.arange(seq)[None, :] >= seq // 2).astype(np.int32).repeat(b, 0)
@@ -282,7 +289,7 @@ def _bert(mode: Mode) -> dict[str, Any]:
         "masked_lm_weights": jnp.ones((b, preds), jnp.float32),
         "next_sentence_label": jnp.asarray(rng.integers(0, 2, b), jnp.int32),
     }
-    timed = _paper_step(workload, hp, model, optimizer, batch, batch, mode)
+    timed = _paper_step(workload, hp, model, cfg.optimizer, cfg.total_steps, batch, batch, mode)
     c = model.config
     return {
         "model": f"{workload.name} ({c.num_layers} layers, hidden {c.hidden_size}, vocab {vocab})",
@@ -331,12 +338,17 @@ def _optimizer_updates(mode: Mode) -> dict[str, Any]:
 
 # -- vectorised lanes ---------------------------------------------------------------------------
 def _lanes(mode: Mode) -> dict[str, Any]:
-    """K independent runs of the CPU-scale workload as one vmapped train step."""
+    """K independent runs of the CPU-scale workload as one vmapped train step, each lane with
+    its own optimizer hyperparameters (arguments, as the loop passes them: lane i's learning
+    rate is the base one times 1 + i / K) and its own data."""
     workload = get_workload(LANES_WORKLOAD)
     hp = workload.hyperparameters({})
     model = workload.model(hp)
-    optimizer = from_config(LANES_OPTIMIZER, total_steps=1000)
-    step = make_train_step(workload, hp, model, optimizer)
+    build, base_values = optimizer_arguments(LANES_OPTIMIZER, total_steps=1000)
+
+    def step(state, batch, values):
+        return make_train_step(workload, hp, model, build(dict(values)))(state, batch)
+
     rows = []
     for k in mode.lanes:
         rng = np.random.default_rng(k)
@@ -347,13 +359,16 @@ def _lanes(mode: Mode) -> dict[str, Any]:
         }
         dummy = {"input": batch["input"][0, : 2 * hp["virtual_batch_size"]]}
         keys = jax.random.split(jax.random.key(0), k)
+        values = {name: jnp.full((k,), value, jnp.float32) for name, value in base_values.items()}
+        values["learning_rate.value"] = values["learning_rate.value"] * (1 + jnp.arange(k) / k)
         states = jax.jit(
             jax.vmap(
-                lambda key, dummy=dummy: _init_state(workload, hp, model, optimizer, key, dummy)
+                lambda key, dummy=dummy: _init_state(workload, hp, model, build(base_values),
+                                                     key, dummy)
             )
         )(keys)
         timed = _time_step(
-            jax.vmap(step), states, batch, window_s=mode.window_s, rounds=mode.rounds
+            jax.vmap(step), states, batch, values, window_s=mode.window_s, rounds=mode.rounds
         )
         rows.append(
             {
@@ -625,7 +640,8 @@ def _optimizer_lines(o: dict[str, Any]) -> list[str]:
 def _lane_lines(v: dict[str, Any]) -> list[str]:
     return [
         f"{v['workload']}, batch {v['batch_per_lane']} per lane, {v['optimizer']}, per-lane "
-        "parameters, optimizer state and batches; examples/s over all lanes.",
+        "parameters, optimizer state, optimizer hyperparameters (arguments of the step, as in "
+        "training; the learning rate differs by lane) and batches; examples/s over all lanes.",
         "",
         "| K | compile s | step ms | examples/s | vs K = 1 |",
         "|---:|---:|---:|---:|---:|",
