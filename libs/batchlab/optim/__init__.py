@@ -23,6 +23,7 @@ _EXPORTS = {
     "grouped": "groups",
     "from_config": "config",
     "optimizer_arguments": "config",
+    "optimizer_structure": "config",
     "schedule_from_config": "config",
     "learning_rate_fn": "config",
     "ConfigError": "schema",

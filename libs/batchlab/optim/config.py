@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,8 @@ from batchlab.optim.schema import (
 )
 from batchlab.paths import set_path
 
-__all__ = ["from_config", "optimizer_arguments", "schedule_from_config", "without_total_steps"]
+__all__ = ["from_config", "optimizer_arguments", "optimizer_structure", "schedule_from_config",
+           "without_total_steps"]
 
 _BUILDERS = {
     "nesterov": alias.nesterov,
@@ -164,6 +166,26 @@ def optimizer_arguments(
         return _build(filled, path)
 
     return build, values
+
+
+def optimizer_structure(mapping: Any, *, total_steps: int | None = None) -> str:
+    """What fixes the programs that ``optimizer_arguments``' optimizer compiles to, as text.
+
+    Two configs with the same structure differ only in the values ``optimizer_arguments``
+    passes as arguments: the validated config (defaults and the step budget filled in) with
+    each of those values replaced by a placeholder, as canonical JSON.
+
+    Example:
+      >>> a = optimizer_structure({"optimizer": "nesterov", "learning_rate": 0.1})
+      >>> a == optimizer_structure({"optimizer": "nesterov", "learning_rate": 0.5})
+      True
+      >>> a == optimizer_structure({"optimizer": "heavy_ball", "learning_rate": 0.1})
+      False
+    """
+    cfg = copy.deepcopy(validate_optimizer_config(mapping, total_steps=total_steps))
+    for dotted in _numbers(cfg):
+        set_path(cfg, dotted, "<argument>")
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def learning_rate_fn(

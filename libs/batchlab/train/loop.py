@@ -10,8 +10,10 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -24,7 +26,12 @@ import numpy as np
 
 from batchlab import data as bdata
 from batchlab.data.pipeline import BatchIterator, RandomAccessSource
-from batchlab.optim import learning_rate_fn, optimizer_arguments, validate_optimizer_config
+from batchlab.optim import (
+    learning_rate_fn,
+    optimizer_arguments,
+    optimizer_structure,
+    validate_optimizer_config,
+)
 from batchlab.targets import Goal, Outcome, Target, steps_to_target
 from batchlab.train.checkpoint import (
     RunCheckpointer,
@@ -205,6 +212,46 @@ def _to_model_batch(
     return out
 
 
+@dataclasses.dataclass
+class _Programs:
+    """The jitted functions of every run with one program key (see _Run.program_key)."""
+
+    step: Any = None
+    gradient: Any = None
+    apply: Any = None
+    eval_step: Any = None
+    init: Any = None
+
+
+# Runs of a study differ in values the programs take as arguments (optimizer hyperparameters,
+# keys, data), not in the programs: the jitted functions of the latest few program keys are
+# kept, so that a process training run after run (a local runner's worker, a trainer) traces
+# and lowers each program once, not once per run (about 0.5 s of a 2 s run on mnist1d here).
+# What they close over is equal for equal keys; nothing of a run itself.
+_PROGRAMS: collections.OrderedDict[str, _Programs] = collections.OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
+def _programs_for(key: str) -> _Programs:
+    programs = _PROGRAMS.pop(key, None) or _Programs()
+    _PROGRAMS[key] = programs
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+        _PROGRAMS.popitem(last=False)
+    return programs
+
+
+def _initial_variables(model: Any, workload: Workload, hparams: Mapping[str, Any],
+                       input_shape: Any, key: jax.Array) -> Mapping[str, Any]:
+    """A model's initial variables ("params", and "batch_stats" for BN models)."""
+    dummy = workload.dummy_batch(2 * max(1, hparams.get("virtual_batch_size") or 1), input_shape, hparams)
+    if workload.kind == "classification":
+        return model.init(key, dummy["input"], train=False)
+    return model.init(
+        key, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
+        dummy["masked_lm_positions"], train=False,
+    )
+
+
 class _Run:
     """One run's machinery: data, model, optimizer, jitted steps, checkpoints."""
 
@@ -228,19 +275,28 @@ class _Run:
             self.data_kwargs.update(
                 max_seq_length=hp["max_seq_length"], max_predictions_per_seq=hp["max_predictions_per_seq"]
             )
-        self.model = w.model(hp, **extra)
+        self.model = model = w.model(hp, **extra)
         build, self.optimizer_values = optimizer_arguments(config.optimizer, total_steps=config.total_steps)
         self.optimizer = build(self.optimizer_values)
         self.lr_fn = learning_rate_fn(config.optimizer, total_steps=config.total_steps)
 
         # The optimizer's real-valued hyperparameters are arguments, not constants: tuning
-        # trials that differ only in them lower to one program, which the persistent
-        # compilation cache serves to later runs (see optimizer_arguments).
+        # trials that differ only in them lower to one program, which this process keeps
+        # (_PROGRAMS) and the persistent compilation cache serves to later processes (see
+        # optimizer_arguments).
         # Python floats, which jit abstracts as weak-typed float32 scalars (a bf16 model stays
         # bf16). Not placed with jax.device_put: across processes its consistency check fails
         # on Python scalars (multi-host runs), and jit places them itself.
         values = self.optimizer_values
         self.microbatches = self._microbatches()
+        self.program_key = json.dumps({
+            "workload": w.name, "hyperparameters": hp, "model": extra,
+            "optimizer": optimizer_structure(config.optimizer, total_steps=config.total_steps),
+            "devices": [[d.process_index, d.id] for d in self.dp.mesh.devices.flat],
+            "microbatches": self.microbatches,
+        }, sort_keys=True, default=repr)
+        programs = self._programs = _programs_for(self.program_key)
+        input_shape = self.input_shape
         # A host batch in, (state, metrics) out: one jitted step, or with gradient accumulation
         # one jitted gradient step per microbatch and one jitted optimizer step.
         self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
@@ -249,34 +305,39 @@ class _Run:
             def train_step(
                 state: TrainState, batch: Mapping[str, jax.Array], values: Mapping[str, Any]
             ) -> tuple[TrainState, dict[str, jax.Array]]:
-                return make_train_step(w, hp, self.model, build(dict(values)))(state, batch)
+                return make_train_step(w, hp, model, build(dict(values)))(state, batch)
 
-            step = jax.jit(
-                train_step,
-                in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
-                out_shardings=(self.dp.replicated, self.dp.replicated),
-                donate_argnums=(0,),
-            )
+            if programs.step is None:
+                programs.step = jax.jit(
+                    train_step,
+                    in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
+                    out_shardings=(self.dp.replicated, self.dp.replicated),
+                    donate_argnums=(0,),
+                )
+            step = programs.step
             self.train_step = lambda state, batch: step(state, self.dp.put_batch(batch), values)
         else:
-            gradient = jax.jit(
-                make_gradient_step(w, hp, self.model),
-                in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
-                out_shardings=self.dp.replicated,
-                donate_argnums=(2,),
-            )
+            if programs.gradient is None:
+                programs.gradient = jax.jit(
+                    make_gradient_step(w, hp, model),
+                    in_shardings=(self.dp.replicated, self.dp.batch, self.dp.replicated),
+                    out_shardings=self.dp.replicated,
+                    donate_argnums=(2,),
+                )
 
             def apply_step(
                 state: TrainState, total: Any, moments: Any, sums: Any, values: Mapping[str, Any]
             ) -> tuple[TrainState, dict[str, jax.Array]]:
                 return make_apply_step(build(dict(values)))(state, total, moments, sums)
 
-            apply = jax.jit(
-                apply_step,
-                in_shardings=(self.dp.replicated,) * 5,
-                out_shardings=(self.dp.replicated, self.dp.replicated),
-                donate_argnums=(0,),
-            )
+            if programs.apply is None:
+                programs.apply = jax.jit(
+                    apply_step,
+                    in_shardings=(self.dp.replicated,) * 5,
+                    out_shardings=(self.dp.replicated, self.dp.replicated),
+                    donate_argnums=(0,),
+                )
+            gradient, apply = programs.gradient, programs.apply
 
             def accumulate(
                 state: TrainState, batch: Mapping[str, np.ndarray]
@@ -291,11 +352,29 @@ class _Run:
                 return stepped
 
             self.train_step = accumulate
-        self.eval_step = jax.jit(
-            make_eval_step(w, hp, self.model),
-            in_shardings=(self.dp.replicated, self.dp.batch),
-            out_shardings=self.dp.replicated,
-        )
+        if programs.eval_step is None:
+            programs.eval_step = jax.jit(
+                make_eval_step(w, hp, model),
+                in_shardings=(self.dp.replicated, self.dp.batch),
+                out_shardings=self.dp.replicated,
+            )
+        self.eval_step = programs.eval_step
+        if programs.init is None:
+            # The keys are arguments, not constants: every seed then compiles the same
+            # program. So are the optimizer's values, as in the train step.
+            @jax.jit
+            def init(k: jax.Array, dropout_key: jax.Array, values: Mapping[str, Any]) -> TrainState:
+                variables = _initial_variables(model, w, hp, input_shape, k)
+                params = variables["params"]
+                return TrainState(
+                    step=jnp.zeros((), jnp.int32),
+                    params=params,
+                    batch_stats=variables.get("batch_stats"),
+                    opt_state=build(dict(values)).init(params),
+                    rng=jax.random.key_data(dropout_key),
+                )
+
+            programs.init = init
         self._eval_sources: dict[str, Any] = {}
         self.init_step: int | None = None
         if config.init_checkpoint is not None:
@@ -336,13 +415,7 @@ class _Run:
     # -- state ---------------------------------------------------------------------------------
     def _variables(self, key: jax.Array) -> Mapping[str, Any]:
         """The model's initial variables ("params", and "batch_stats" for BN models)."""
-        dummy = self.workload.dummy_batch(2 * max(1, self.hparams.get("virtual_batch_size") or 1), self.input_shape, self.hparams)
-        if self.workload.kind == "classification":
-            return self.model.init(key, dummy["input"], train=False)
-        return self.model.init(
-            key, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
-            dummy["masked_lm_positions"], train=False,
-        )
+        return _initial_variables(self.model, self.workload, self.hparams, self.input_shape, key)
 
     def abstract_variables(self) -> dict[str, Any]:
         """{"params", "batch_stats"} as shape/dtype leaves (batch_stats None without BN)."""
@@ -352,22 +425,8 @@ class _Run:
     def init_state(self) -> TrainState:
         key = jax.random.key(self.config.seed)
         init_key, dropout_key = jax.random.split(key)
-
-        # The keys are arguments, not constants: every seed then compiles the same program,
-        # which the persistent compilation cache serves to later runs.
-        @jax.jit
-        def init(k: jax.Array, dropout_key: jax.Array) -> TrainState:
-            variables = self._variables(k)
-            params = variables["params"]
-            return TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                batch_stats=variables.get("batch_stats"),
-                opt_state=self.optimizer.init(params),
-                rng=jax.random.key_data(dropout_key),
-            )
-
-        state: TrainState = self.dp.put_replicated(init(init_key, dropout_key))
+        state: TrainState = self.dp.put_replicated(
+            self._programs.init(init_key, dropout_key, self.optimizer_values))
         return state
 
     def warm_start(self, state: TrainState) -> TrainState:
