@@ -244,12 +244,15 @@ def _initial_variables(model: Any, workload: Workload, hparams: Mapping[str, Any
                        input_shape: Any, key: jax.Array) -> Mapping[str, Any]:
     """A model's initial variables ("params", and "batch_stats" for BN models)."""
     dummy = workload.dummy_batch(2 * max(1, hparams.get("virtual_batch_size") or 1), input_shape, hparams)
+    variables: Mapping[str, Any]
     if workload.kind == "classification":
-        return model.init(key, dummy["input"], train=False)
-    return model.init(
-        key, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
-        dummy["masked_lm_positions"], train=False,
-    )
+        variables = model.init(key, dummy["input"], train=False)
+    else:
+        variables = model.init(
+            key, dummy["input_ids"], dummy["segment_ids"], dummy["input_mask"],
+            dummy["masked_lm_positions"], train=False,
+        )
+    return variables
 
 
 class _Run:
