@@ -182,6 +182,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` (a service started in a session of its own) runs."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # not ours: nothing this stack started
+        return False
+    return True
+
+
 class Stack:
     """Starts, inspects and stops the embedded stack.
 
@@ -537,10 +548,14 @@ class Stack:
             _signal_group(info["pid"], signal.SIGTERM)
             stopped.append(name)
         deadline = time.monotonic() + timeout
+        # Until the process and what it started in its group (the controller's local Ray:
+        # GCS, raylet, agents) are gone: a stack started right after `down` returned would
+        # otherwise start its Ray beside the old one's last seconds.
         for name, info in services:
-            while _alive(info["pid"]) and time.monotonic() < deadline:
+            while ((_alive(info["pid"]) or _group_alive(info["pid"]))
+                   and time.monotonic() < deadline):
                 time.sleep(0.1)
-            if _alive(info["pid"]):
+            if _alive(info["pid"]) or _group_alive(info["pid"]):
                 log.warning("%s did not stop in %.0f s: SIGKILL", name, timeout)
                 _signal_group(info["pid"], signal.SIGKILL)
         self.record_path.unlink(missing_ok=True)
