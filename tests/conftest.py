@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 
 import pytest
@@ -66,6 +67,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "them there with the reason):\n  " + "\n  ".join(_unexpected_skips), red=True)
     if exitstatus == 0:
         session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def fresh_kept_programs():
+    """Forget the jitted programs a process keeps across runs (batchlab.train.loop) after each
+    test: one that monkeypatches code read while tracing would leave its program to later
+    tests with the same program key."""
+    yield
+    loop = sys.modules.get("batchlab.train.loop")
+    if loop is not None:
+        loop._PROGRAMS.clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -206,3 +206,23 @@ def test_optimizer_arguments_checks_values_before_tracing():
     # Traced, 1 - b2 is computed in float32: a b2 that float32 rounds to 1 is refused by name.
     with pytest.raises(ConfigError, match=r"optimizer\.b2.*float32 rounds it to 1"):
         optim.optimizer_arguments({"optimizer": "adam", "learning_rate": 0.1, "b2": 0.99999999})
+
+
+def test_optimizer_structure_ignores_argument_values_and_sees_everything_else():
+    base = {"optimizer": "nesterov", "momentum": 0.9, "weight_decay": 1e-4,
+            "learning_rate": {"schedule": "cosine", "peak_value": 0.1, "warmup_steps": 5}}
+    same = optim.optimizer_structure(base, total_steps=100)
+
+    def changed(**fields):
+        return optim.optimizer_structure({**base, **fields}, total_steps=100)
+
+    # Values passed as arguments of the jitted step: the same structure.
+    assert changed(momentum=0.5) == same
+    assert changed(learning_rate={**base["learning_rate"], "peak_value": 2.0}) == same
+    # Constants of the program: another structure.
+    assert changed(weight_decay=0.0) != same  # a zero removes its term
+    assert changed(optimizer="heavy_ball") != same
+    assert changed(learning_rate={**base["learning_rate"], "warmup_steps": 6}) != same
+    assert changed(learning_rate={"schedule": "constant", "value": 0.1}) != same
+    assert optim.optimizer_structure(base, total_steps=101) != same
+

@@ -27,6 +27,17 @@ def test_runs_differing_only_in_optimizer_values_share_programs_and_others_do_no
     assert structure._programs is not first._programs
     assert batch._programs is not first._programs  # another model (virtual batch norm)
     assert values.eval_step is first.eval_step
+    assert structure.eval_step is first.eval_step  # evaluation does not use the optimizer
+    assert batch.eval_step is not first.eval_step
+
+
+def test_a_key_shared_by_runs_whose_programs_differ_is_an_error(make_config):
+    import pytest
+
+    first = loop._Run(make_config(), None)
+    loop._PROGRAMS[first.program_key].captured = ("another model",)
+    with pytest.raises(RuntimeError, match="shared by runs whose programs differ"):
+        loop._Run(make_config(), None)
 
 
 def test_a_run_after_another_equals_the_same_run_with_no_programs_kept(make_config):

@@ -126,8 +126,8 @@ def optimizer_arguments(
     the jitted step and building the optimizer inside it with ``build(values)`` gives one
     program per optimizer *structure*: trials that differ only in real values (learning rates,
     momenta, decay coefficients, schedule powers) lower to the same program, which the
-    persistent compilation cache then serves to every trial after the first (the training loop
-    makes a new jitted step per run, so without that cache each run still compiles). What
+    persistent compilation cache then serves to every trial after the first, and a process
+    training run after run keeps (batchlab.train.loop, keyed by ``optimizer_structure``). What
     changes the structure stays a constant: the optimizer and schedule kinds, integers (step
     counts), booleans, strings, and zeros (a zero weight decay removes its term).
 

@@ -221,19 +221,33 @@ class _Programs:
     apply: Any = None
     eval_step: Any = None
     init: Any = None
+    # What the functions close over, kept to check each reuse against (see _programs_for).
+    captured: Any = None
 
 
 # Runs of a study differ in values the programs take as arguments (optimizer hyperparameters,
 # keys, data), not in the programs: the jitted functions of the latest few program keys are
 # kept, so that a process training run after run (a local runner's worker, a trainer) traces
 # and lowers each program once, not once per run (about 0.5 s of a 2 s run on mnist1d here).
-# What they close over is equal for equal keys; nothing of a run itself.
+# What they close over is equal for equal keys; nothing of a run itself. Each entry holds one
+# compiled program per batch shape it met; the limit counts keys (train and eval keys apart).
 _PROGRAMS: collections.OrderedDict[str, _Programs] = collections.OrderedDict()
-_PROGRAMS_KEPT = 8
+_PROGRAMS_KEPT = 16
 
 
-def _programs_for(key: str) -> _Programs:
-    programs = _PROGRAMS.pop(key, None) or _Programs()
+def _programs_for(key: str, captured: Any) -> _Programs:
+    """The kept functions of ``key`` (new ones to fill when none are kept).
+
+    Raises:
+      RuntimeError: the kept functions close over something else than ``captured`` (the
+        objects this run's functions would close over): the key misses what differs, and
+        reusing them would train this run with another run's program.
+    """
+    programs = _PROGRAMS.pop(key, None)
+    if programs is None:
+        programs = _Programs(captured=captured)
+    elif programs.captured != captured:
+        raise RuntimeError(f"program key {key} is shared by runs whose programs differ")
     _PROGRAMS[key] = programs
     while len(_PROGRAMS) > _PROGRAMS_KEPT:
         _PROGRAMS.popitem(last=False)
@@ -292,14 +306,22 @@ class _Run:
         # on Python scalars (multi-host runs), and jit places them itself.
         values = self.optimizer_values
         self.microbatches = self._microbatches()
-        self.program_key = json.dumps({
+        # Evaluation does not depend on the optimizer: its programs have a key of their own.
+        structure = optimizer_structure(config.optimizer, total_steps=config.total_steps)
+        model_key = {
             "workload": w.name, "hyperparameters": hp, "model": extra,
-            "optimizer": optimizer_structure(config.optimizer, total_steps=config.total_steps),
-            "devices": [[d.process_index, d.id] for d in self.dp.mesh.devices.flat],
+            "devices": [[d.platform, d.process_index, d.id] for d in self.dp.mesh.devices.flat],
+        }
+        self.program_key = json.dumps({
+            **model_key,
+            "optimizer": structure,
             "microbatches": self.microbatches,
         }, sort_keys=True, default=repr)
-        programs = self._programs = _programs_for(self.program_key)
         input_shape = self.input_shape
+        captured = (w.name, dict(hp), model, input_shape, self.dp.replicated, self.dp.batch)
+        programs = self._programs = _programs_for(self.program_key, (*captured, structure))
+        eval_programs = _programs_for(
+            "eval " + json.dumps(model_key, sort_keys=True, default=repr), captured)
         # A host batch in, (state, metrics) out: one jitted step, or with gradient accumulation
         # one jitted gradient step per microbatch and one jitted optimizer step.
         self.train_step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
@@ -355,13 +377,13 @@ class _Run:
                 return stepped
 
             self.train_step = accumulate
-        if programs.eval_step is None:
-            programs.eval_step = jax.jit(
+        if eval_programs.eval_step is None:
+            eval_programs.eval_step = jax.jit(
                 make_eval_step(w, hp, model),
                 in_shardings=(self.dp.replicated, self.dp.batch),
                 out_shardings=self.dp.replicated,
             )
-        self.eval_step = programs.eval_step
+        self.eval_step = eval_programs.eval_step
         if programs.init is None:
             # The keys are arguments, not constants: every seed then compiles the same
             # program. So are the optimizer's values, as in the train step.
