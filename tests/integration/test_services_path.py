@@ -17,12 +17,12 @@ import json
 import time
 
 import pytest
+from fake_context import FakeContext
 from google.protobuf import json_format
 from integration_helpers import WORKLOAD, example_log, gated_storage, spec
 
 from batchlab import data as bdata
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
-from batchlab.rpc.testing import FakeContext
 from services.controller.scheduler import attempt_assignment
 from services.controller.server import Controller, ControllerConfig
 from services.controller.storage import AttemptState

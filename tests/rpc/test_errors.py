@@ -7,10 +7,10 @@ import logging
 
 import grpc
 import pytest
+from fake_context import Aborted, FakeContext
 
 from batchlab.optim.schema import ConfigError
 from batchlab.rpc import errors
-from batchlab.rpc.testing import Aborted, FakeContext
 from batchlab.search import SpecError
 
 Code = grpc.StatusCode

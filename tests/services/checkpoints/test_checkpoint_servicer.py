@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 from checkpoint_helpers import TRIAL, blob, sha
+from fake_context import Aborted, FakeContext
 from prometheus_client import CollectorRegistry
 
 from batchlab.proto.v1 import checkpoints_pb2 as pb
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY
 from batchlab.rpc.metrics import make_metrics
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.checkpoints.memory_storage import InMemoryCheckpointStore
 from services.checkpoints.servicer import CheckpointServicer
 

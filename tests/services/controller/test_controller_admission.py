@@ -10,12 +10,12 @@ import json
 import grpc
 import pytest
 from controller_fakes import spec_dict
+from fake_context import Aborted, FakeContext
 from google.protobuf import json_format
 
 from batchlab import limits
 from batchlab.proto.v1 import controller_pb2, experiment_pb2
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY, MAX_MESSAGE_CHARS
-from batchlab.rpc.testing import Aborted, FakeContext
 from batchlab.search.admission import check_spec
 from batchlab.workloads import DECLARATIONS
 from services.controller.servicer import ExperimentServicer

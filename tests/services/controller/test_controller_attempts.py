@@ -17,9 +17,9 @@ import subprocess
 
 import pytest
 from controller_fakes import FakePool, LostWorker, fake_result, spec_dict
+from fake_context import FakeContext
 
 from batchlab.proto.v1 import controller_pb2
-from batchlab.rpc.testing import FakeContext
 from services.controller.pool import Dispatch, Finished, Lease, Placement, RayTrainerPool
 from services.controller.scheduler import Scheduler
 from services.controller.servicer import ExperimentServicer
@@ -503,8 +503,7 @@ class _InProcess:
 
     def __getattr__(self, method):
         import grpc
-
-        from batchlab.rpc.testing import Aborted
+        from fake_context import Aborted
 
         def call(request, timeout=None):
             error = grpc.RpcError()
@@ -640,8 +639,7 @@ def test_with_the_evaluation_service_a_trainer_cannot_report_evaluation_metrics(
     # A point not awaiting evaluation would take the (trial, attempt, step) key and stand in
     # for the evaluator's numbers (a spoofed 0.999 became a trial's final point).
     import grpc
-
-    from batchlab.rpc.testing import Aborted
+    from fake_context import Aborted
 
     storage = InMemoryStorage()
     storage.create_experiment("e1", "", spec_dict(trials_per_study=1, max_total_trials=1,

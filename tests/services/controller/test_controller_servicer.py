@@ -8,11 +8,11 @@ import math
 import grpc
 import pytest
 from controller_fakes import WORKLOAD, FakePool, spec_dict
+from fake_context import Aborted, FakeContext
 from google.protobuf import json_format
 
 from batchlab.proto.v1 import common_pb2, controller_pb2, experiment_pb2
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.controller.scheduler import Scheduler, StudyCache
 from services.controller.servicer import ExperimentServicer, PageToken
 from services.controller.storage import InMemoryStorage

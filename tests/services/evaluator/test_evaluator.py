@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from fake_context import Aborted, FakeContext
 from google.protobuf import struct_pb2
 
 from batchlab.proto.v1 import evaluation_pb2
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.evaluator.servicer import EvaluationServicer
 
 HP = {"optimizer": {"optimizer": "nesterov", "learning_rate": 0.05, "momentum": 0.9}, "workload": {}}

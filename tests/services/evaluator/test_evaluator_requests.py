@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from fake_context import Aborted, FakeContext
 from google.protobuf import json_format
 
 from batchlab.proto.v1 import evaluation_pb2
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.evaluator.servicer import EvaluationServicer
 
 OPTIMIZER = {"optimizer": "nesterov", "learning_rate": 0.1}

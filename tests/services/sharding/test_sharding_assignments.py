@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from fake_context import Aborted, FakeContext
 from test_sharding_servicer import SIZES, FakeCatalog
 
 from batchlab import data
@@ -17,7 +18,6 @@ from batchlab.proto.v1 import sharding_pb2_grpc
 from batchlab.rpc.client import channel
 from batchlab.rpc.server import Registration, build_server
 from batchlab.rpc.sharding_client import ServiceShardIterator, ShardingClient, ShardingError
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.sharding.positions import PositionStore
 from services.sharding.servicer import ShardingServicer
 

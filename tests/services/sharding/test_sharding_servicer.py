@@ -7,13 +7,13 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from fake_context import Aborted, FakeContext
 from prometheus_client import CollectorRegistry
 
 from batchlab import data
 from batchlab.proto.v1 import sharding_pb2 as pb
 from batchlab.rpc.errors import FIELD_PATH_METADATA_KEY, InvalidArgument
 from batchlab.rpc.metrics import make_metrics
-from batchlab.rpc.testing import Aborted, FakeContext
 from services.sharding.datasets import DatasetCatalog, TfdsCatalog
 from services.sharding.servicer import ShardingServicer
 

@@ -1,4 +1,5 @@
-"""Test helpers: a fake ``grpc.ServicerContext`` for calling servicer methods directly.
+"""A fake ``grpc.ServicerContext`` for calling servicer methods directly in tests (test tooling:
+it lives with the tests, not in the library).
 
 Example:
   >>> import grpc
