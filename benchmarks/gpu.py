@@ -222,6 +222,16 @@ def _init_state(
     )
 
 
+def _argument_step(workload, hp, model, build: Callable) -> Callable:
+    """``step(state, batch, values)``: the library's train step with the optimizer built from
+    ``values`` inside it, as the training loop runs it (batchlab.optim.optimizer_arguments)."""
+
+    def step(state, batch, values):
+        return make_train_step(workload, hp, model, build(dict(values)))(state, batch)
+
+    return step
+
+
 def _paper_step(workload, hp, model, optimizer_config, total_steps: int, batch, dummy,
                 mode: Mode) -> dict[str, Any]:
     """Initialise as the loop does, then compile and time the library's train step as the
@@ -232,10 +242,7 @@ def _paper_step(workload, hp, model, optimizer_config, total_steps: int, batch, 
         jax.random.key(0)
     )
     params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-
-    def step(state, batch, values):
-        return make_train_step(workload, hp, model, build(dict(values)))(state, batch)
-
+    step = _argument_step(workload, hp, model, build)
     timed = _time_step(step, state, batch, values, window_s=mode.window_s, rounds=mode.rounds)
     return {"parameters": params, **timed}
 
@@ -345,10 +352,7 @@ def _lanes(mode: Mode) -> dict[str, Any]:
     hp = workload.hyperparameters({})
     model = workload.model(hp)
     build, base_values = optimizer_arguments(LANES_OPTIMIZER, total_steps=1000)
-
-    def step(state, batch, values):
-        return make_train_step(workload, hp, model, build(dict(values)))(state, batch)
-
+    step = _argument_step(workload, hp, model, build)
     rows = []
     for k in mode.lanes:
         rng = np.random.default_rng(k)

@@ -39,9 +39,9 @@ TARGET_RATIO = 1.4
 
 # Tuning trials per study. In the reproduction each optimizer at batch 128 has 2 replicate
 # studies of 16 tuning trials and 7 seed reruns each (46 runs of one program); every run of a
-# program after the first loads it from the compilation cache. With 2 trials (6 runs), their first steps (compilation and first
-# batch) took 4.3 s of the runs' 21.3 s here at P=1,
-# far more than in the real study, where compiling is paid once per program; 8 keeps the
+# program after the first loads it from the compilation cache. With 2 trials (6 runs), their
+# first steps (compilation and first batch) took 4.3 s of the runs' 21.3 s here at P=1, far
+# more than in the real study, where compiling is paid once per program; 8 keeps the
 # benchmark to a few minutes.
 TRIALS_PER_STUDY = 8
 

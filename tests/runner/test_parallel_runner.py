@@ -114,15 +114,21 @@ def test_cli_takes_parallel_and_threads_per_run(capsys):
 # ------------------------------------------------------------------ worker pool, fake runs
 
 
-def test_runs_of_two_studies_train_at_once_in_separate_workers(tmp_path, monkeypatch):
+def _barrier_runs(tmp_path, monkeypatch, spec):
+    """``spec`` run at P=2 with barrier_train: (every stored run, the first two to start)."""
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     monkeypatch.setenv(helpers.BARRIER_ENV, str(barrier))
-    spec = helpers.fake_spec("two-studies", optimizers=2, trials=1, reruns=1)
     _run(spec, tmp_path / "out", train_fn=helpers.barrier_train, parallel=2)
     runs = helpers.stored_results(tmp_path / "out")
-    assert len(runs) == 4 and all(r["result"]["outcome"] == "SUCCEEDED" for r in runs.values())
-    first = [r for r in runs.values() if r["result"]["barrier"]["first_two"]]
+    assert all(r["result"]["outcome"] == "SUCCEEDED" for r in runs.values())
+    return runs, [r for r in runs.values() if r["result"]["barrier"]["first_two"]]
+
+
+def test_runs_of_two_studies_train_at_once_in_separate_workers(tmp_path, monkeypatch):
+    spec = helpers.fake_spec("two-studies", optimizers=2, trials=1, reruns=1)
+    runs, first = _barrier_runs(tmp_path, monkeypatch, spec)
+    assert len(runs) == 4
     # Each study has one tuning trial: while it trains, only the other study can use the slot.
     assert {r["request"]["study_id"] for r in first} == {
         s["id"] for s in ResultStore(tmp_path / "out").read_experiment()["studies"]}
@@ -137,14 +143,9 @@ def test_runs_of_two_studies_train_at_once_in_separate_workers(tmp_path, monkeyp
 def test_the_first_runs_in_flight_belong_to_different_studies(tmp_path, monkeypatch):
     # Each study could fill both slots with its own tuning trials; the first two go to two
     # studies, so two workers do not compile one study's programs at the same time.
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    monkeypatch.setenv(helpers.BARRIER_ENV, str(barrier))
     spec = helpers.fake_spec("spread", optimizers=2, trials=3, reruns=1)
-    _run(spec, tmp_path / "out", train_fn=helpers.barrier_train, parallel=2)
-    runs = helpers.stored_results(tmp_path / "out")
-    assert len(runs) == 8 and all(r["result"]["outcome"] == "SUCCEEDED" for r in runs.values())
-    first = [r for r in runs.values() if r["result"]["barrier"]["first_two"]]
+    runs, first = _barrier_runs(tmp_path, monkeypatch, spec)
+    assert len(runs) == 8
     assert len(first) == 2 and all(r["result"]["barrier"]["met"] for r in first)
     assert len({r["request"]["study_id"] for r in first}) == 2
 

@@ -182,13 +182,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` (a service started in a session of its own) runs."""
+def _running(pid: int) -> bool:
+    """Whether service ``pid`` or anything it started in its group (a service runs in a session
+    of its own; the controller's local Ray joins it) still runs."""
+    if _alive(pid):  # first: reaps the service itself when it is this process's ended child
+        return True
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # not ours: nothing this stack started
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or not ours: nothing this stack started
         return False
     return True
 
@@ -552,10 +553,9 @@ class Stack:
         # GCS, raylet, agents) are gone: a stack started right after `down` returned would
         # otherwise start its Ray beside the old one's last seconds.
         for name, info in services:
-            while ((_alive(info["pid"]) or _group_alive(info["pid"]))
-                   and time.monotonic() < deadline):
+            while _running(info["pid"]) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(info["pid"]) or _group_alive(info["pid"]):
+            if _running(info["pid"]):
                 log.warning("%s did not stop in %.0f s: SIGKILL", name, timeout)
                 _signal_group(info["pid"], signal.SIGKILL)
         self.record_path.unlink(missing_ok=True)

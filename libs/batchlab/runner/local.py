@@ -243,22 +243,27 @@ def _drive(studies: list[Study], store: ResultStore, runner: _InProcess | Worker
     planned = sum(s.trials_per_study + s.seeds_per_best for s in studies)
     while True:
         free = width - sum(len(v) for v in flying.values())
-        for spread in (True, False):
-            for study in studies:
-                if study.id in finished:
-                    continue
-                # Asked even with no free slot: whether the study is done does not wait for one.
-                decision = next_runs(study, records[study.id], in_flight=flying[study.id],
-                                     parallelism=len(flying[study.id]) + max(free, 1))
-                if decision.done:
-                    _write_study(store, study, records[study.id], decision.best_trial)
-                    finished.add(study.id)
-                    unfilled += unfilled_runs(study, decision.state)
-                    continue
-                for request in decision.launch[:max(min(free, 1) if spread else free, 0)]:
+        launchable: list[tuple[Study, list[RunRequest]]] = []
+        for study in studies:
+            if study.id in finished:
+                continue
+            # Asked even with no free slot: whether the study is done does not wait for one.
+            decision = next_runs(study, records[study.id], in_flight=flying[study.id],
+                                 parallelism=len(flying[study.id]) + max(free, 1))
+            if decision.done:
+                _write_study(store, study, records[study.id], decision.best_trial)
+                finished.add(study.id)
+                unfilled += unfilled_runs(study, decision.state)
+            else:
+                launchable.append((study, list(decision.launch)))
+        for spread in (True, False):  # one run of each study first, then the rest
+            for study, launch in launchable:
+                take = max(min(free, 1) if spread else free, 0)
+                for request in launch[:take]:
                     runner.submit(request, threads=plan.threads_for(study.workload) if plan else 0)
                     flying[study.id].append(request)
                     free -= 1
+                del launch[:take]
         done = sum(len(r) for r in records.values())
         running = sum(len(v) for v in flying.values())
         bar.update(task, completed=done, total=max(planned, done + running))

@@ -593,7 +593,9 @@ def test_a_controller_killed_mid_evaluation_loses_no_trained_step():
     assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
 
 
-def test_a_hold_not_released_before_a_crash_is_released_by_the_next_controller():
+def _stored_but_held():
+    """Step 200 evaluated and stored by a controller whose release of its hold failed (then it
+    died): (storage, studies, key, checkpoint store, checkpoint service, evaluator)."""
     import grpc
 
     from services.controller.evaluations import EvaluationDriver
@@ -603,8 +605,15 @@ def test_a_hold_not_released_before_a_crash_is_released_by_the_next_controller()
     store, checkpoints, evaluator = _evaluation_services(key.name)
     checkpoints.fail = [grpc.StatusCode.UNAVAILABLE]
     EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
-    assert storage.awaiting_points("e1") == []  # stored; its release failed (then it died)
+    assert storage.awaiting_points("e1") == []
     assert {r.step: r.held for r in store.list(key.name)}[200]
+    return storage, studies, key, store, checkpoints, evaluator
+
+
+def test_a_hold_not_released_before_a_crash_is_released_by_the_next_controller():
+    from services.controller.evaluations import EvaluationDriver
+
+    storage, studies, key, store, checkpoints, evaluator = _stored_but_held()
     EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
     assert [(r.step, r.held) for r in store.list(key.name)] == [(100, False), (300, True)]
 
@@ -616,12 +625,7 @@ def test_the_start_up_sweep_of_held_checkpoints_is_tried_again_until_it_lists_th
 
     from services.controller.evaluations import EvaluationDriver
 
-    storage = InMemoryStorage()
-    studies, key, _ = _awaiting_trial(storage, steps=(200,))
-    store, checkpoints, evaluator = _evaluation_services(key.name)
-    checkpoints.fail = [grpc.StatusCode.UNAVAILABLE]
-    EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints).dispatch()
-    assert {r.step: r.held for r in store.list(key.name)}[200]  # stored, release failed
+    storage, studies, key, store, checkpoints, evaluator = _stored_but_held()
     now = [0.0]
     restarted = EvaluationDriver(storage, evaluator, studies, checkpoints=checkpoints,
                                  clock=lambda: now[0])
