@@ -19,7 +19,14 @@ Two figures, each comparing like with like:
 
 The stack's start-up is paid once per stack, so the cold figure depends on the study's size:
 each round also runs a study four times as large (16 runs: 12 tuning trials and 4 seed
-reruns) cold on both sides, each from its own empty caches and a stack of its own.
+reruns) cold on both sides, each from its own empty caches and a stack of its own. These
+runs are tiny (150 steps of a 1,700-parameter model, about 0.2 s of training each), so they
+show the system's fixed and per-run costs at their largest share.
+
+Each round also runs one study of the work the system exists for, cold on both sides: one
+search replicate of the CPU reproduction's batch-128 studies (experiments/reproduction/
+momentum.yaml: Nesterov and LARS, 16 tuning trials and 7 seed reruns each, 46 runs of the
+1-D ResNet, 240 steps, about 1.8 s each), the study benchmarks/parallel_trials.py times.
 """
 
 from __future__ import annotations
@@ -66,6 +73,21 @@ SPEC = {
 LARGE_SPEC = {**SPEC, "name": "system-overhead-16", "trials_per_study": 12,
               "max_total_trials": 16, "seeds_per_best": 4}
 
+
+
+def _reproduction_spec() -> dict:
+    """One search replicate of the CPU reproduction's batch-128 studies (46 runs)."""
+    from benchmarks import parallel_trials
+
+    return {**parallel_trials.spec(quick=False), "name": "system-reproduction"}
+
+
+def _prepare(data_dir: Path) -> None:
+    """Build both MNIST-1D configs the benchmark's specs use (outside every timing)."""
+    bdata.prepare("mnist1d", data_dir, config="small")
+    bdata.prepare("mnist1d", data_dir)
+
+
 # Started as a fresh `python`: the cold figure counts from the parent's clock at the start.
 _LOCAL_RUN = """
 import json, sys, time
@@ -99,7 +121,7 @@ def _local(root: Path, spec: dict = SPEC, *, parallel: int | None = None,
       warm: also time a second experiment in the same process (else warm is None).
     """
     data_dir = root / "local" / "tfds"
-    bdata.prepare("mnist1d", data_dir, config="small")
+    _prepare(data_dir)
     started = time.time()
     out = subprocess.run(
         [sys.executable, "-c", _LOCAL_RUN, json.dumps(spec), str(root / "local_out"), str(data_dir),
@@ -128,7 +150,7 @@ def _experiment(client, spec: dict) -> float:
 
 @contextlib.contextmanager
 def embedded_stack(root: Path, *, num_trainers: int = 1, ray_cpus: int = 2) -> Iterator[tuple[Any, float]]:
-    """The embedded stack under ``root/stack`` (mnist1d built first), up for the ``with`` block.
+    """The embedded stack under ``root/stack`` (MNIST-1D built first), up for the ``with`` block.
 
     Yields:
       (an ExperimentClient of its controller, the seconds `batchlab up` took).
@@ -136,7 +158,7 @@ def embedded_stack(root: Path, *, num_trainers: int = 1, ray_cpus: int = 2) -> I
     from batchlab.client import ExperimentClient, Stack
 
     state = root / "stack"
-    bdata.prepare("mnist1d", state / "tfds", config="small")
+    _prepare(state / "tfds")
     grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4), strict=True))
     metric_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator", "trainer"], free_ports(5), strict=True))
     stack = Stack(state, ports=grpc_ports, metrics_ports=metric_ports, num_trainers=num_trainers,
@@ -201,6 +223,10 @@ def run(*, rounds: int = 2) -> dict:
     large_local, large_services = [], []
     local_parts: list[dict[str, float]] = []
     services_parts: list[dict[str, float]] = []
+    repro_local, repro_services = [], []
+    repro_local_parts: list[dict[str, float]] = []
+    repro_services_parts: list[dict[str, float]] = []
+    repro_spec = _reproduction_spec()
     for i in range(rounds):
         with tempfile.TemporaryDirectory(prefix=f"batchlab-system-{i}-") as tmp:
             root = Path(tmp)
@@ -219,6 +245,13 @@ def run(*, rounds: int = 2) -> dict:
             cold_large, parts = _services_cold(root / "large", LARGE_SPEC)
             large_services.append(cold_large)
             services_parts.append(parts)
+            cold_repro = _local(root / "repro", repro_spec, parallel=1, warm=False)[0]
+            repro_local.append(cold_repro)
+            repro_local_parts.append(_breakdown(
+                cold_repro, _run_results(root / "repro" / "local_out" / "cold")))
+            cold_repro, parts = _services_cold(root / "repro", repro_spec)
+            repro_services.append(cold_repro)
+            repro_services_parts.append(parts)
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -233,6 +266,12 @@ def run(*, rounds: int = 2) -> dict:
         # Per round, in the order of large_*_cold_s.
         "large_local_breakdown": local_parts,
         "large_services_breakdown": services_parts,
+        "reproduction_runs": repro_local_parts[0]["runs"] if repro_local_parts else 0,
+        "reproduction_local_cold_s": [round(x, 1) for x in repro_local],
+        "reproduction_services_cold_s": [round(x, 1) for x in repro_services],
+        "ratio_cold_reproduction": float(np.median(repro_services) / np.median(repro_local)),
+        "reproduction_local_breakdown": repro_local_parts,
+        "reproduction_services_breakdown": repro_services_parts,
     }
 
 
@@ -247,7 +286,9 @@ def to_markdown(r: dict) -> str:
         "4 runs of mnist1d_resnet1d_small (batch 64, 150 steps, 3 evaluation points each), one at a time. "
         "Services: examples from the sharding service, a checkpoint at each evaluation point, evaluation by the "
         "evaluation service while training goes on. Cold: start-up included on both sides, empty compilation "
-        "caches. Warm: a second experiment of the same spec in the same process / on the same stack.",
+        "caches. Warm: a second experiment of the same spec in the same process / on the same stack. "
+        "The reproduction's study: one search replicate of experiments/reproduction/momentum.yaml at batch 128 "
+        "(Nesterov and LARS, 16 trials and 7 seed reruns each), cold, one run at a time on both sides.",
         "",
         "| path | wall seconds (median) | per round |",
         "|---|---:|---|",
@@ -258,16 +299,33 @@ def to_markdown(r: dict) -> str:
         f"| warm: services, second experiment on the stack | {np.median(r['services_warm_s']):.1f} | {r['services_warm_s']} |",
         f"| cold, 16 runs (12 trials, 4 reruns): `batchlab local run` | {np.median(r['large_local_cold_s']):.1f} | {r['large_local_cold_s']} |",
         f"| cold, 16 runs: services, a fresh stack | {np.median(r['large_services_cold_s']):.1f} | {r['large_services_cold_s']} |",
+        *_reproduction_rows(r),
         "",
         "| ratio | value | target | met |",
         "|---|---:|---|---|",
         f"| services / local, cold (4 runs) | {r['ratio_cold']:.3f} | <= {TARGET} | {met(r['ratio_cold'])} |",
         f"| services / local, cold (16 runs) | {r['ratio_cold_large']:.3f} | <= {TARGET} | {met(r['ratio_cold_large'])} |",
         f"| services / local, warm | {r['ratio_warm']:.3f} | <= {TARGET} | {met(r['ratio_warm'])} |",
+        *([f"| services / local, cold, the reproduction's study ({r['reproduction_runs']} runs) | "
+           f"{r['ratio_cold_reproduction']:.3f} | <= {TARGET} | {met(r['ratio_cold_reproduction'])} |"]
+          if r.get("reproduction_local_cold_s") else []),
         "",
         *_fixed_and_per_run(r),
-        *_breakdown_table(r),
+        *_breakdown_table(r, "large", "16-run"),
+        *_breakdown_table(r, "reproduction", f"reproduction study's ({r.get('reproduction_runs')}-run)"),
     ])
+
+
+def _reproduction_rows(r: dict) -> list[str]:
+    if not r.get("reproduction_local_cold_s"):
+        return []
+    n = r["reproduction_runs"]
+    return [
+        f"| cold, the reproduction's study ({n} runs of mnist1d_resnet1d, batch 128, 240 steps): "
+        f"`batchlab local run` | {np.median(r['reproduction_local_cold_s']):.1f} | {r['reproduction_local_cold_s']} |",
+        f"| cold, the reproduction's study: services, a fresh stack | "
+        f"{np.median(r['reproduction_services_cold_s']):.1f} | {r['reproduction_services_cold_s']} |",
+    ]
 
 
 def _fixed_and_per_run(r: dict) -> list[str]:
@@ -300,17 +358,23 @@ _PARTS = (
 )
 
 
-def _breakdown_table(r: dict) -> list[str]:
-    """Where the 16-run cold figures' seconds went, summed over runs (median over rounds)."""
-    if not r.get("large_local_breakdown"):
+def _breakdown_table(r: dict, study: str, label: str) -> list[str]:
+    """Where a study's cold figures' seconds went, summed over runs (median over rounds).
+
+    Args:
+      r: the result.
+      study: its keys' prefix ("large": the 16-run study, "reproduction").
+      label: the study, as the text names it ("16-run").
+    """
+    if not r.get(f"{study}_local_breakdown"):
         return []
     rows = []
-    for key, label in _PARTS:
-        local = float(np.median([b[key] for b in r["large_local_breakdown"]]))
-        services = float(np.median([b[key] for b in r["large_services_breakdown"]]))
-        rows.append(f"| {label} | {local:.1f} | {services:.1f} | {services - local:+.1f} |")
+    for key, part in _PARTS:
+        local = float(np.median([b[key] for b in r[f"{study}_local_breakdown"]]))
+        services = float(np.median([b[key] for b in r[f"{study}_services_breakdown"]]))
+        rows.append(f"| {part} | {local:.1f} | {services:.1f} | {services - local:+.1f} |")
     return [
-        "Where the 16-run cold seconds go, summed over the runs from their stored results "
+        f"Where the {label} cold seconds go, summed over the runs from their stored results "
         "(median over rounds; each part's median is taken on its own, so the parts need not add "
         "up to the medians above):",
         "",

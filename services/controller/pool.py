@@ -52,6 +52,7 @@ and reconnects Ray from its own thread, so every method holds the pool's lock.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -81,6 +82,8 @@ _SLICE_ENTRY = re.compile(r"^(?P<pod_type>v\w+-\d+):(?P<hosts>\d+)x(?P<per_host>
 TPU_SLICE_TYPES_ENV = "BATCHLAB_TPU_SLICE_TYPES"
 # How long `start` waits for a multi-host run's actors to answer (placed and started).
 START_TIMEOUT_S = 120.0
+# How long closing the pool waits for the trainers' own shutdown before killing them.
+SHUTDOWN_WAIT_S = 5.0
 
 
 def resource_shape(resources: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -757,6 +760,20 @@ class RayTrainerPool(TrainerPool):
             ray.get([m.actor.warm_up.remote() for m in started], timeout=timeout)
         return len(started)
 
+    def _shut_down_members(self) -> None:
+        """Ask every started trainer to close its metrics endpoint and remove its scratch
+        folder, waiting at most SHUTDOWN_WAIT_S for all of them (a dead one is skipped)."""
+        import ray
+
+        refs = []
+        for member in self._members:
+            if member.actor is not None:
+                with contextlib.suppress(Exception):  # it may be dead already
+                    refs.append(member.actor.shutdown.remote())
+        if refs:
+            with contextlib.suppress(Exception):
+                ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_WAIT_S)
+
     def _retire(self, member: _Member) -> None:
         import ray
 
@@ -989,6 +1006,7 @@ class RayTrainerPool(TrainerPool):
     def close(self) -> None:
         with self._lock:
             if self._connected:
+                self._shut_down_members()
                 for member in list(self._members):
                     self._retire(member)
             self._members.clear()

@@ -358,6 +358,8 @@ class TrainerWorker:
         self._metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
         self._metrics_writer: TextfileWriter | None = None
+        # A temporary scratch folder is this worker's own: shutdown() removes it.
+        self._own_work_dir = not self.settings.work_dir
         self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
         # XLA:CPU threads, fixed when JAX starts here: on the first run, never earlier, because
         # a multi-host run must call jax.distributed.initialize before JAX's backend starts.
@@ -795,6 +797,8 @@ class TrainerWorker:
                 if chan is not None:
                     chan.close()
             shutil.rmtree(local_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the trial's folder, once no attempt uses it
+                local_dir.parent.rmdir()
 
     @staticmethod
     def _index_stream(sharding: Any, info: Any, assignment: controller_pb2.TrialAssignment,
@@ -857,7 +861,13 @@ class TrainerWorker:
                             if k.startswith(("validation/", "train/")) and k != "train/batch_loss"})
 
     def shutdown(self) -> None:
-        """Stop the metrics endpoint (the controller calls this before killing the actor)."""
+        """Stop the metrics endpoint and remove the temporary scratch folder (the controller
+        calls this before killing the actor). A folder a run still uses is left alone."""
+        if self._own_work_dir and self._busy.acquire(blocking=False):
+            try:
+                shutil.rmtree(self._work_dir, ignore_errors=True)
+            finally:
+                self._busy.release()
         if self._metrics_writer is not None:
             with contextlib.suppress(Exception):
                 self._metrics_writer.close()

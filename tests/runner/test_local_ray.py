@@ -23,6 +23,7 @@ def fake_ray(monkeypatch):
     def init(**kwargs):
         calls["init"] += 1
         calls["kwargs"] = kwargs
+        calls.setdefault("gcs_wait", []).append(os.environ.get("RAY_gcs_server_port_wait_time_s"))
         if calls["errors"]:
             raise calls["errors"].pop(0)
 
@@ -40,6 +41,22 @@ def test_a_gcs_timeout_is_tried_again(fake_ray):
                                                             "during startup")]
     assert ensure_local_ray(attempts=3) == "127.0.0.1:6379"
     assert fake_ray["init"] == 3 and fake_ray["shutdown"] == 2
+
+
+@pytest.mark.parametrize("operator_wait", [None, "300"])
+def test_each_attempt_bounds_its_wait_for_the_gcs_and_an_operators_setting_wins(
+        fake_ray, monkeypatch, operator_wait):
+    """A start that stalls gives up after 15 s, not Ray's 30 s or 120 s: the next try is
+    the one that works (later tries wait longer, for a machine that is only busy)."""
+    if operator_wait is None:
+        monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
+    else:
+        monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", operator_wait)
+    fake_ray["errors"] = [Exception(GCS_TIMEOUT)] * 3
+    ensure_local_ray(attempts=4)
+    expected = ["15", "60", "120", "120"] if operator_wait is None else [operator_wait] * 4
+    assert fake_ray["gcs_wait"] == expected
+    assert os.environ.get("RAY_gcs_server_port_wait_time_s") == operator_wait  # as it was
 
 
 def test_running_out_of_attempts_says_so(fake_ray):

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_RAY_ENV", "RayStartTimeout", "ensure_local_ray"]
+__all__ = ["GCS_PORT_WAITS_S", "LOCAL_RAY_ENV", "RayStartTimeout", "ensure_local_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,20 @@ log = logging.getLogger(__name__)
 # ("session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" adds about 70 characters).
 _MAX_TEMP_DIR_CHARS = 36
 
+_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+
 class RayStartTimeout(RuntimeError):
     """Ray's node did not start in time, on every attempt: a passing condition (a loaded
     machine), worth retrying later."""
 
+
+# Ray's wait for its GCS to publish its port, per attempt (RAY_gcs_server_port_wait_time_s,
+# 30 s by default, 120 s with RocksDB storage). Here the GCS is up in 1-2 s, and a start that
+# stalls (seen in about 1 of 9 stack starts on 2026-12-01: no GCS log was ever written, and
+# the retry started in 2 s) would otherwise wait the whole default: the first attempt gives
+# up sooner, later ones wait longer for a machine that is merely busy. An operator's own
+# RAY_gcs_server_port_wait_time_s wins.
+GCS_PORT_WAITS_S = (15, 60, 120)
 
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -45,7 +55,8 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
       attempts: tries to start it: on a busy or freshly installed machine Ray's node start
         now and then times out ("The current node timed out during startup", "Timed out
         waiting for file .../gcs_server_port"), and a second try succeeds. Ray's wait for
-        its GCS is RAY_gcs_server_port_wait_time_s (30 s by default).
+        its GCS is GCS_PORT_WAITS_S[attempt - 1] (the last for later attempts), unless
+        RAY_gcs_server_port_wait_time_s is set.
 
     Raises:
       RayStartTimeout: every attempt timed out.
@@ -67,7 +78,10 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
         if temp_dir is not None:
             Path(temp_dir).mkdir(parents=True, exist_ok=True)
             kwargs["_temp_dir"] = str(Path(temp_dir).absolute())
+        operator_wait = os.environ.get(_GCS_WAIT_ENV)
         for attempt in range(1, attempts + 1):
+            if operator_wait is None:
+                os.environ[_GCS_WAIT_ENV] = str(GCS_PORT_WAITS_S[min(attempt, len(GCS_PORT_WAITS_S)) - 1])
             try:
                 ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
                 break
@@ -81,6 +95,9 @@ def ensure_local_ray(temp_dir: str | os.PathLike[str] | None = None, *,
                 log.warning("Ray did not start (%s); trying again (%d of %d)", error, attempt + 1,
                             attempts)
                 ray.shutdown()
+            finally:
+                if operator_wait is None:
+                    os.environ.pop(_GCS_WAIT_ENV, None)
         log.info("started a local Ray (%s CPUs)", num_cpus or "all")
     address: str = ray.get_runtime_context().gcs_address
     return address

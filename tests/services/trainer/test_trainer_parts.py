@@ -4,6 +4,7 @@ settings and metrics. (Training on Ray actors is tested in tests/integration.)""
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -236,3 +237,33 @@ def test_a_tpu_host_says_its_slice_and_worker_id_and_runs_only_as_that_process(
     with pytest.raises(ValueError, match="TPU_WORKER_ID 5"):
         worker.run_distributed(_assignment().SerializeToString(), 4, 32, "127.0.0.1:1")
     assert not worker._distributed  # refused before joining any distributed system
+
+
+def test_a_run_leaves_no_scratch_and_shutdown_removes_only_a_temporary_idle_folder(
+        tmp_path, monkeypatch):
+    import batchlab.train
+
+    def train_and_fail(config, **kwargs):
+        # A run writes its checkpoints under <work dir>/<trial>/attempt-<n>, then fails.
+        (Path(config.checkpoint_dir) / "0").mkdir(parents=True)
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(batchlab.train, "train_and_evaluate", train_and_fail)
+    settings = {"checkpoint_root": str(tmp_path / "shared"), "jax_cache_dir": str(tmp_path / "cache")}
+    worker = TrainerWorker({"name": "t", **settings})
+    scratch = worker._work_dir
+    assert scratch.is_dir() and scratch.name.startswith("batchlab-trainer-")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        worker.run(_assignment().SerializeToString())
+    assert list(scratch.iterdir()) == []  # neither the attempt's folder nor the trial's
+    worker._busy.acquire()  # a run in flight: its folder stays
+    worker.shutdown()
+    assert scratch.is_dir()
+    worker._busy.release()
+    worker.shutdown()
+    assert not scratch.exists()
+
+    (tmp_path / "work").mkdir()
+    configured = TrainerWorker({"name": "t", "work_dir": str(tmp_path / "work"), **settings})
+    configured.shutdown()
+    assert (tmp_path / "work").is_dir()  # a folder the settings name is not the worker's
