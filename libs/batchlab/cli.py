@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -198,6 +200,7 @@ def _stack(args: argparse.Namespace, **kwargs: Any) -> Stack:
     from batchlab.client.stack import SERVICES, Stack
 
     ports = {s.name: getattr(args, f"{s.name}_port", None) for s in SERVICES}
+    args.timeout = _up_timeout(args)  # checked before anything starts
     return Stack(args.state_dir, host=getattr(args, "host", None),
                  ports={k: v for k, v in ports.items() if v}, **kwargs)
 
@@ -220,7 +223,6 @@ def _start_stack(stack: Stack, args: argparse.Namespace) -> bool:
 
 def _up(args: argparse.Namespace) -> int:
     """Start the embedded stack (every service and a local Ray cluster; loopback by default)."""
-    import os
     import shlex
 
     from batchlab.client.experiments import DEFAULT_CONTROLLER_ADDR, default_controller_address
@@ -387,6 +389,40 @@ def _demo(args: argparse.Namespace) -> int:
         stack.down()
 
 
+UP_TIMEOUT_ENV = "BATCHLAB_UP_TIMEOUT"
+DEFAULT_UP_TIMEOUT_S = 180.0
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text[:40]!r}")
+    return value
+
+
+def _up_timeout(args: argparse.Namespace) -> float:
+    """--timeout, else $BATCHLAB_UP_TIMEOUT, else 180 s.
+
+    Raises:
+      StackError: the variable is not a positive number of seconds (named in the message).
+    """
+    from batchlab.client.stack import StackError
+
+    if args.timeout is not None:
+        return float(args.timeout)
+    raw = os.environ.get(UP_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_UP_TIMEOUT_S
+    try:
+        return _seconds(raw)
+    except argparse.ArgumentTypeError as err:
+        raise StackError(f"{UP_TIMEOUT_ENV}: {err}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -416,8 +452,6 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
 
 def _add_start_args(p: argparse.ArgumentParser) -> None:
     """Where the embedded stack listens and how long its start may take."""
-    import os
-
     from batchlab.client.stack import SERVICES
 
     p.add_argument("--host", default=None,
@@ -427,10 +461,9 @@ def _add_start_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{service.name}-port", type=int, default=None, metavar="PORT",
                        help=f"{service.name} port (default: from BATCHLAB_{service.name.upper()}"
                             f"_ADDR, else {service.port})")
-    p.add_argument("--timeout", type=float,
-                   default=float(os.environ.get("BATCHLAB_UP_TIMEOUT", "") or 180.0),
+    p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds each service may take to report SERVING (default "
-                        "$BATCHLAB_UP_TIMEOUT or 180)")
+                        f"${UP_TIMEOUT_ENV} or {DEFAULT_UP_TIMEOUT_S:g})")
     p.add_argument("--retries", type=int, default=2,
                    help="restarts of a service whose start failed for a passing reason "
                         "(e.g. Ray timing out on a loaded machine)")

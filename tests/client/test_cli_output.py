@@ -13,6 +13,7 @@ from batchlab import cli
 from batchlab.client import stack as stack_module
 from batchlab.client.watch import render
 from batchlab.proto.v1 import controller_pb2
+from batchlab.rpc.client import free_ports
 
 # What the controller's scheduler writes when no node can hold a run (services/controller).
 REASON = ("needs 1 host with CPU 1, GPU 99 each; the Ray cluster's 1 node cannot hold that "
@@ -156,3 +157,63 @@ def test_watch_lines_show_the_best_target_metric_so_far_per_study():
     assert "best so far" not in lines[0]
     assert lines[1].endswith("; best so far: w.nesterov.b128 0.5")
     assert lines[2].endswith("; best so far: w.nesterov.b128 0.75")
+
+
+@pytest.fixture
+def recorded_up(started_stack, monkeypatch):
+    """`batchlab up` with Stack.up recording its timeout and the addresses it would bind."""
+    from batchlab.client.stack import SERVICES
+
+    seen: dict = {}
+    up = stack_module.Stack.up
+
+    def record(self, **kwargs):
+        seen.update(timeout=kwargs["timeout"],
+                    addresses={s.name: self.address(s.name) for s in SERVICES})
+        return up(self, **kwargs)  # the fixture's stand-in
+
+    monkeypatch.setattr(stack_module.Stack, "up", record)
+    monkeypatch.delenv("BATCHLAB_UP_TIMEOUT", raising=False)
+    return started_stack, seen
+
+
+def test_up_takes_the_host_ports_and_timeout_from_its_flags(recorded_up, monkeypatch):
+    command, seen = recorded_up
+    port, other = free_ports(2)
+    monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", "42")  # the flag wins
+    assert cli.main([*command, "--host", "127.0.0.1", "--controller-port", str(port),
+                     "--evaluator-port", str(other), "--timeout", "7.5"]) == 0
+    assert seen["timeout"] == 7.5
+    assert seen["addresses"]["controller"] == f"127.0.0.1:{port}"
+    assert seen["addresses"]["evaluator"] == f"127.0.0.1:{other}"
+
+
+@pytest.mark.parametrize("value, expected", [(None, 180.0), ("42", 42.0), (" 0.5 ", 0.5)])
+def test_up_takes_its_timeout_from_the_environment(recorded_up, monkeypatch, value, expected):
+    command, seen = recorded_up
+    if value is not None:
+        monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", value)
+    assert cli.main(command) == 0
+    assert seen["timeout"] == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "nan", "inf"])
+def test_a_bad_timeout_is_refused_naming_where_it_came_from(recorded_up, monkeypatch, capsys,
+                                                              value):
+    command, seen = recorded_up
+    monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", value)
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert f"BATCHLAB_UP_TIMEOUT: expected a number of seconds > 0, got '{value}'" in err
+    assert not seen  # nothing started
+    monkeypatch.delenv("BATCHLAB_UP_TIMEOUT")
+    with pytest.raises(SystemExit) as info:
+        cli.main([*command, "--timeout", value])
+    assert info.value.code == 2
+    assert "--timeout: expected a number of seconds > 0" in capsys.readouterr().err
+    assert not seen
+    # Every command builds the same parser: the variable must not break the others.
+    monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", value)
+    (port,) = free_ports(1)
+    assert cli.main(["status", "--controller", f"127.0.0.1:{port}"]) == 1
+    assert "cannot reach the controller" in capsys.readouterr().err
