@@ -43,10 +43,11 @@ def spec(*, quick: bool) -> dict[str, Any]:
     all), the reproduction's two replicates being two such studies each. Quick: one trial and
     one seed each.
 
-    The study's size matters to the ratio: each process compiles its programs once, and a
-    study's seed reruns wait for its trials, so the start and the barrier leave cores idle for
-    about a run each. With 8 trials and 1 rerun per study (18 runs) they were a larger share
-    (1.31x on 2026-12-01, where 46 runs measured 1.60-1.67x).
+    The study's size matters to the ratio. Measured at P=2 on 2026-12-01 (run start and end
+    times from the stored runs): about 5.6 s of each measurement had fewer than 2 runs in
+    flight (2-2.5 s none, while the workers started; 3.3 s one), both with 8 trials and 1
+    rerun per study (18 runs) and at this size. That was 18-20% of the 18-run wall time and
+    10% of the 46-run one; the 18-run study measured 1.31x, this one 1.55x.
     """
     full = yaml.safe_load(SPEC_FILE.read_text())
     point = next(p for p in full["workloads"][0]["points"] if p["batch_size"] == 128)

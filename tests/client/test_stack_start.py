@@ -164,6 +164,22 @@ def test_addresses_come_from_flags_then_the_clients_variables_then_defaults(tmp_
     assert env["BATCHLAB_CONTROLLER_PORT"] == "6051"
 
 
+def test_services_run_with_grpc_fork_support_off_unless_the_environment_sets_it(
+        tmp_path, monkeypatch):
+    """The controller forks Ray's processes while its gRPC server runs (see FORK_SAFE_ENV);
+    each start attempt bounds its own wait for Ray's GCS (local_ray.GCS_PORT_WAITS_S), so the
+    stack sets no wait of its own."""
+    monkeypatch.delenv("GRPC_ENABLE_FORK_SUPPORT", raising=False)
+    monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
+    stack = Stack(tmp_path, environ={})
+    for service in stack_module.SERVICES:
+        env = stack._env(service)
+        assert env["GRPC_ENABLE_FORK_SUPPORT"] == "0"
+        assert "RAY_gcs_server_port_wait_time_s" not in env
+    monkeypatch.setenv("GRPC_ENABLE_FORK_SUPPORT", "1")
+    assert stack._env(stack_module.SERVICES[0])["GRPC_ENABLE_FORK_SUPPORT"] == "1"
+
+
 @pytest.mark.parametrize("value", ["localhost", "host:port", ":50051", "h:70000"])
 def test_a_malformed_address_variable_is_named(tmp_path, value):
     with pytest.raises(StackError) as info:

@@ -16,8 +16,9 @@ Start-up is bounded: each service gets ``timeout`` seconds from its start to rep
 health name it is ready under (the controller also under ``batchlab.trainers``: Ray is
 connected and trainers can run; the controller retries a local Ray start that timed out, as
 happened with both cores busy), and progress messages say what is awaited, its last health
-status and what the service last logged. Ray's own wait for its GCS is raised to
-:data:`RAY_GCS_WAIT_S`. A service that exits during its start is started again, up to
+status and what the service last logged (each attempt's wait for Ray's GCS:
+batchlab.runner.local_ray.GCS_PORT_WAITS_S). The services run with gRPC's fork support off
+(:data:`FORK_SAFE_ENV`). A service that exits during its start is started again, up to
 ``retries`` times, unless it exited with
 :data:`~batchlab.rpc.server.EXIT_CONFIGURATION` (a bad setting, which a restart cannot fix).
 """
@@ -50,9 +51,14 @@ __all__ = ["SERVICES", "Stack", "StackError", "default_state_dir", "listen_addre
 log = logging.getLogger(__name__)
 
 STATE_DIR_ENV = "BATCHLAB_DATA_DIR"
-#: How long Ray's node start waits for its GCS (Ray's own default is 30 s, which a machine
-#: with both cores busy exceeded); overridable with RAY_gcs_server_port_wait_time_s.
-RAY_GCS_WAIT_S = 120
+#: gRPC's fork support off in every service (unless the environment sets it). The controller
+#: starts its local Ray (GCS, raylet, dashboard: fork and exec) while its gRPC server runs;
+#: with fork support on, gRPC logs "Other threads are currently calling into gRPC, skipping
+#: fork() handlers" at each such fork. In a start that stalled on 2026-12-01 the dashboard
+#: process died of SIGABRT and the raylet never registered (Ray gave up after 30 s); starts
+#: that stalled for 30-120 s this way were about 1 in 10 that day (1 in 25 in a loop of 25
+#: starts), and none in 40 starts with this setting.
+FORK_SAFE_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0"}
 DEFAULT_HOST = "127.0.0.1"
 _PROGRESS_EVERY_S = 5.0
 
@@ -275,7 +281,8 @@ class Stack:
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             }
         )
-        env.setdefault("RAY_gcs_server_port_wait_time_s", str(RAY_GCS_WAIT_S))
+        for key, value in FORK_SAFE_ENV.items():
+            env.setdefault(key, value)
         # The controller dials its peers (and tells trainers where it is) at these addresses;
         # the service's own address variable would otherwise be the user's, not the stack's.
         env.pop(peer_env_var(service.name), None)

@@ -31,11 +31,12 @@ class RayStartTimeout(RuntimeError):
 
 
 # Ray's wait for its GCS to publish its port, per attempt (RAY_gcs_server_port_wait_time_s,
-# 30 s by default, 120 s with RocksDB storage). Here the GCS is up in 1-2 s, and a start that
-# stalls (seen in about 1 of 9 stack starts on 2026-12-01: no GCS log was ever written, and
-# the retry started in 2 s) would otherwise wait the whole default: the first attempt gives
-# up sooner, later ones wait longer for a machine that is merely busy. An operator's own
-# RAY_gcs_server_port_wait_time_s wins.
+# 30 s by default, 120 s with RocksDB storage). Here the GCS is up in 1-2 s; a start whose GCS
+# never came up (stack starts on 2026-12-01: no GCS log was written; the retry started in
+# 2 s) would otherwise wait the whole default. The first attempt gives up sooner, later ones
+# wait longer for a machine that is merely busy. An operator's own
+# RAY_gcs_server_port_wait_time_s wins. (The stack also turns gRPC's fork support off, after
+# which no start stalled: batchlab.client.stack.FORK_SAFE_ENV.)
 GCS_PORT_WAITS_S = (15, 60, 120)
 
 LOCAL_RAY_ENV = {

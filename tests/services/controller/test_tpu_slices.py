@@ -117,6 +117,8 @@ class FakeActor:
         self.coordinator_address = Method(lambda: f"{self.name}:8476")
         self.run_distributed = Method(self._run_distributed)
         self.run = Method(lambda data: self.runs.append((data,)))
+        self.shut_down_on: list = []  # the node it ran on when asked to shut down
+        self.shutdown = Method(lambda: self.shut_down_on.append(self.node))
 
     def _tpu_host(self, slice_name=False):
         # What TrainerWorker.tpu_host answers on this node (TPU_NAME is what Ray's
@@ -140,6 +142,7 @@ def cluster(monkeypatch):
         monkeypatch.setattr(ray, "nodes", fake.ray_nodes)
         monkeypatch.setattr(ray, "get", fake.get)
         monkeypatch.setattr(ray, "kill", fake.kill)
+        monkeypatch.setattr(ray, "wait", lambda refs, num_returns=1, timeout=None: (refs, []))
         monkeypatch.setattr(actor_module, "TrainerActor", fake)
         return fake
 
@@ -429,3 +432,18 @@ def test_the_controller_reads_the_slice_types_from_its_environment():
     assert ControllerConfig.from_env({"BATCHLAB_EVALUATION": "in-process"}).tpu_slice_types == ()
     with pytest.raises(ValueError, match="BATCHLAB_TPU_SLICE_TYPES: 'v5p-256:32x8'"):
         ControllerConfig.from_env({**env, "BATCHLAB_TPU_SLICE_TYPES": "v5p-256:32x8"})
+
+
+def test_closing_the_pool_shuts_every_trainer_down_before_killing_it(cluster):
+    """TrainerWorker.shutdown closes the trainer's metrics endpoint and removes its scratch
+    folder; a killed actor never runs it."""
+    fake = cluster([v5e_host(0), v5e_host(1)])
+    pool = RayTrainerPool(2, connected=True, nodes_ttl_s=0.0)
+    for n in range(2):
+        lease = pool.acquire({"tpus": 4}, 1)
+        pool.start(lease, n, "e", assignment(f"trial-{n}"))
+    pool.close()
+    assert len(fake.actors) == 2
+    for actor in fake.actors:
+        assert len(actor.shut_down_on) == 1 and actor.shut_down_on[0] is not None  # alive then
+        assert actor.node is None  # and killed after
