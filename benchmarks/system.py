@@ -310,10 +310,26 @@ def to_markdown(r: dict) -> str:
            f"{r['ratio_cold_reproduction']:.3f} | <= {TARGET} | {met(r['ratio_cold_reproduction'])} |"]
           if r.get("reproduction_local_cold_s") else []),
         "",
+        *_per_round_ratios(r),
         *_fixed_and_per_run(r),
         *_breakdown_table(r, "large", "16-run"),
         *_breakdown_table(r, "reproduction", f"reproduction study's ({r.get('reproduction_runs')}-run)"),
     ])
+
+
+def _per_round_ratios(r: dict) -> list[str]:
+    """Each round's services / local ratio of each cold study: the ratios above are of
+    medians, which a noisy round on either side can hide."""
+    rows = []
+    for label, local, services in (
+            ("4 runs", "local_cold_s", "services_cold_s"),
+            ("16 runs", "large_local_cold_s", "large_services_cold_s"),
+            ("the reproduction's study", "reproduction_local_cold_s", "reproduction_services_cold_s")):
+        if r.get(local):
+            ratios = [round(b / a, 3) for a, b in zip(r[local], r[services], strict=True)]
+            rows.append(f"| {label} | {ratios} | {sum(x <= TARGET for x in ratios)} of {len(ratios)} |")
+    return ["Cold ratios round by round (each round's services figure over its local one):", "",
+            f"| study | per round | rounds <= {TARGET} |", "|---|---|---|", *rows, ""]
 
 
 def _reproduction_rows(r: dict) -> list[str]:
