@@ -550,6 +550,47 @@ def test_every_listener_is_on_the_configured_host(stack):
     assert not elsewhere, elsewhere
 
 
+# One cheap, valid request per service: without the token each must be UNAUTHENTICATED.
+_NEEDS_TOKEN = {
+    "controller": ("ListExperiments", controller_pb2.ListExperimentsRequest()),
+    "checkpoints": ("ListCheckpoints", checkpoints_pb2.ListCheckpointsRequest(trial="t")),
+    "sharding": ("GetShard", sharding_pb2.GetShardRequest()),
+    "evaluator": ("Evaluate", evaluation_pb2.EvaluateRequest()),
+}
+
+
+@pytest.mark.parametrize("role", sorted(_NEEDS_TOKEN))
+def test_what_is_reachable_without_the_token_is_what_the_readme_says(stack, role):
+    """README: without the token only grpc.health.v1.Health and the Prometheus endpoints
+    answer; everything else needs `authorization: Bearer <token>`, the scheme name in any case."""
+    import urllib.request
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    name, request = _NEEDS_TOKEN[role]
+    method = SERVICES[role].methods_by_name[name]
+    path = f"/{SERVICES[role].full_name}/{name}"
+    with channel(stack.address(role)) as chan:
+        health = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        call = chan.unary_unary(path, request_serializer=lambda m: m.SerializeToString(),
+                                response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=30, metadata=[("authorization", "Bearer wrong-token")])
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        try:  # the right token in another case of the scheme name gets past authentication
+            call(request, timeout=30, metadata=[("authorization", f"bEaReR {TOKEN}")])
+        except grpc.RpcError as error:
+            assert error.code() not in (grpc.StatusCode.UNAUTHENTICATED, *FORBIDDEN), error.details()
+    assert method.input_type.full_name == request.DESCRIPTOR.full_name
+    url = f"http://127.0.0.1:{stack.metrics_ports[role]}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        assert answer.status == 200 and b"# TYPE" in answer.read()
+
+
 def test_the_controller_starts_ray_with_grpc_fork_support_off(stack):
     """With gRPC's fork support on, each fork of Ray's processes while the server runs logs
     "... skipping fork() handlers" (5 such lines in a start here); starts made that way
