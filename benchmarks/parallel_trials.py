@@ -83,6 +83,24 @@ def _comparable(out: Path) -> str:
     return json.dumps(runs, sort_keys=True)
 
 
+def _in_flight(out: Path, start: float, end: float) -> dict[int, float]:
+    """Seconds of [start, end] (wall clock) with k runs in flight, by k: each run from its
+    stored file's modification time (when it was written, at the run's end) back by its
+    wall_time_s."""
+    events: list[tuple[float, int]] = []
+    for path in (out / "runs").rglob("*.json"):
+        finished = path.stat().st_mtime
+        wall = float(json.loads(path.read_text())["result"]["wall_time_s"])
+        events += [(finished - wall, 1), (finished, -1)]
+    seconds: dict[int, float] = {}
+    running, last = 0, start
+    for at, change in sorted(events):
+        seconds[running] = seconds.get(running, 0.0) + max(at - last, 0.0)
+        running, last = running + change, max(at, last)
+    seconds[running] = seconds.get(running, 0.0) + max(end - last, 0.0)
+    return seconds
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its ended children (the workers, once the pool joined them)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -98,6 +116,7 @@ def _measure(parallel: int, the_spec: dict[str, Any], root: Path, data_dir: str)
     jax.config.update("jax_compilation_cache_dir", str(root / f"cache-p{parallel}"))
     load_before = os.getloadavg()[0]
     cpu_before = _cpu_seconds()
+    wall_start = time.time()
     start = time.perf_counter()
     try:
         run_experiment(the_spec, out, data_dir=data_dir, progress=False, write_report=False,
@@ -106,6 +125,7 @@ def _measure(parallel: int, the_spec: dict[str, Any], root: Path, data_dir: str)
         jax.config.update("jax_compilation_cache_dir", saved)
     wall = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu_before
+    in_flight = _in_flight(out, wall_start, wall_start + wall)
     results = [json.loads(p.read_text())["result"] for p in (out / "runs").rglob("*.json")]
     return {
         "parallel": parallel,
@@ -113,6 +133,9 @@ def _measure(parallel: int, the_spec: dict[str, Any], root: Path, data_dir: str)
         "wall_s": wall,
         "runs_per_hour": len(results) * 3600.0 / wall,
         "cores_used": cpu / wall,
+        # Seconds with fewer than P runs in flight, and with none.
+        "under_p_s": sum(v for k, v in in_flight.items() if k < parallel),
+        "none_in_flight_s": in_flight.get(0, 0.0),
         "examples_per_s_per_run": float(np.median([r["examples_per_second"] for r in results])),
         "load_1min_before": round(load_before, 2),
         "load_1min_after": round(os.getloadavg()[0], 2),
@@ -146,6 +169,8 @@ def run(*, rounds: int = 2, quick: bool = False) -> dict[str, Any]:
             "examples_per_s_per_run": float(np.median([m["examples_per_s_per_run"] for m in ms])),
             "load_1min": [m["load_1min_before"] for m in ms],
             "cores_used": float(np.median([m["cores_used"] for m in ms])),
+            "under_p_s": [round(m["under_p_s"], 1) for m in ms],
+            "none_in_flight_s": [round(m["none_in_flight_s"], 1) for m in ms],
         }
     base = by_p[1]["runs_per_hour"]
     for p in PARALLEL:
@@ -175,7 +200,8 @@ def to_markdown(r: dict[str, Any]) -> str:
                               if m["parallel"] == p])
         rows.append(f"| {p}{mark} | {v['runs_per_hour']:,.0f} | {v['ratio']:.2f}x `{bar}` | "
                     f"{v['wall_s']} | {v['examples_per_s_per_run']:,.0f} | {v['cores_used']:.2f} | "
-                    f"{per_core:,.0f} | {v['load_1min']} |")
+                    f"{per_core:,.0f} | {v.get('under_p_s', '')} | {v.get('none_in_flight_s', '')} | "
+                    f"{v['load_1min']} |")
     ratio = by_p[default]["ratio"] if default in by_p else max(v["ratio"] for v in by_p.values())
     met = "yes" if ratio >= TARGET_RATIO else "NO"
     return "\n".join([
@@ -184,14 +210,16 @@ def to_markdown(r: dict[str, Any]) -> str:
         r["setup"] + f". Each run: {r['threads_per_run']} XLA:CPU thread(s) at every P ({r['plan']}).",
         "",
         "| P (runs at once) | runs/hour (median) | vs P=1 | wall s per round | examples/s per run "
-        "| cores used | runs per core-hour | load avg (1 min) before |",
-        "|---|---:|---|---|---:|---:|---:|---|",
+        "| cores used | runs per core-hour | s with < P runs in flight | s with none | load avg (1 min) before |",
+        "|---|---:|---|---|---:|---:|---:|---|---|---|",
         *rows,
         "",
         "Cores used: CPU seconds of the runner and its workers per wall second; runs per core-hour: "
         "runs per CPU-hour they used. On a shared machine Linux's autogroup scheduling gives each "
         "session an equal share of the CPUs while others are busy, so P runs at once can use no "
-        "more than that share: compare cores used with the CPUs before reading the ratio.",
+        "more than that share: compare cores used with the CPUs before reading the ratio. "
+        "Runs in flight: each run from its stored result's end back by its wall time; the seconds of "
+        "each round with fewer than P of them, and with none.",
         "",
         "| check | value | target | met |",
         "|---|---:|---|---|",

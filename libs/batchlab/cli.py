@@ -398,9 +398,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text[:40]!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text[:40]!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text[:40]!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text[:40]!r}")
     return value
 
 

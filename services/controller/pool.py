@@ -460,6 +460,7 @@ class RayTrainerPool(TrainerPool):
         self._dispatches: dict[Any, Dispatch] = {}  # first ref -> dispatch
         self._lock = threading.RLock()
         self._connected = connected
+        self._closed = False  # close() ran: nothing is placed or started again
         self._lost_reason = "" if connected else "not connected yet"
         self._lost: list[Finished] = []
         self._nodes: tuple[float, list[dict[str, float]]] = (-math.inf, [])
@@ -480,8 +481,10 @@ class RayTrainerPool(TrainerPool):
         return self._connected
 
     def connected(self) -> None:
-        """Ray is (again) connected: placing resumes."""
+        """Ray is (again) connected: placing resumes (unless the pool was closed)."""
         with self._lock:
+            if self._closed:
+                return
             self._connected = True
             self._lost_reason = ""
             self._nodes = (-math.inf, [])
@@ -1011,3 +1014,6 @@ class RayTrainerPool(TrainerPool):
                     self._retire(member)
             self._members.clear()
             self._dispatches.clear()
+            # The Ray link's thread may still connect or warm trainers up: none may start.
+            self._closed = True
+            self._connected = False

@@ -861,8 +861,10 @@ class TrainerWorker:
                             if k.startswith(("validation/", "train/")) and k != "train/batch_loss"})
 
     def shutdown(self) -> None:
-        """Stop the metrics endpoint and remove the temporary scratch folder (the controller
-        calls this before killing the actor). A folder a run still uses is left alone."""
+        """Stop the metrics endpoint and remove the temporary scratch folder. A folder a run
+        still uses is left alone. Closing the controller's pool calls this before killing the
+        actor; a trainer retired otherwise (its resources no longer fit the next run, its
+        multi-host lease ended, it failed) is killed without it, leaving its scratch folder."""
         if self._own_work_dir and self._busy.acquire(blocking=False):
             try:
                 shutil.rmtree(self._work_dir, ignore_errors=True)

@@ -204,13 +204,13 @@ def test_a_bad_timeout_is_refused_naming_where_it_came_from(recorded_up, monkeyp
     monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", value)
     assert cli.main(command) == 2
     err = capsys.readouterr().err
-    assert f"BATCHLAB_UP_TIMEOUT: expected a number of seconds > 0, got '{value}'" in err
+    assert f"BATCHLAB_UP_TIMEOUT: expected a finite number of seconds > 0, got '{value}'" in err
     assert not seen  # nothing started
     monkeypatch.delenv("BATCHLAB_UP_TIMEOUT")
     with pytest.raises(SystemExit) as info:
         cli.main([*command, "--timeout", value])
     assert info.value.code == 2
-    assert "--timeout: expected a number of seconds > 0" in capsys.readouterr().err
+    assert "--timeout: expected a finite number of seconds > 0" in capsys.readouterr().err
     assert not seen
     # Every command builds the same parser: the variable must not break the others.
     monkeypatch.setenv("BATCHLAB_UP_TIMEOUT", value)

@@ -46,15 +46,15 @@ def test_a_gcs_timeout_is_tried_again(fake_ray):
 @pytest.mark.parametrize("operator_wait", [None, "300"])
 def test_each_attempt_bounds_its_wait_for_the_gcs_and_an_operators_setting_wins(
         fake_ray, monkeypatch, operator_wait):
-    """A start that stalls gives up after 15 s, not Ray's 30 s or 120 s: the next try is
-    the one that works (later tries wait longer, for a machine that is only busy)."""
+    """A start whose GCS stalls gives up after 20 s, not Ray's 30 s or 120 s: the next try
+    is the one that works (later tries wait longer, for a machine that is only busy)."""
     if operator_wait is None:
         monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
     else:
         monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", operator_wait)
     fake_ray["errors"] = [Exception(GCS_TIMEOUT)] * 3
     ensure_local_ray(attempts=4)
-    expected = ["15", "60", "120", "120"] if operator_wait is None else [operator_wait] * 4
+    expected = ["20", "60", "120", "120"] if operator_wait is None else [operator_wait] * 4
     assert fake_ray["gcs_wait"] == expected
     assert os.environ.get("RAY_gcs_server_port_wait_time_s") == operator_wait  # as it was
 

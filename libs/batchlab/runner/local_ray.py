@@ -34,10 +34,13 @@ class RayStartTimeout(RuntimeError):
 # 30 s by default, 120 s with RocksDB storage). Here the GCS is up in 1-2 s; a start whose GCS
 # never came up (stack starts on 2026-12-01: no GCS log was written; the retry started in
 # 2 s) would otherwise wait the whole default. The first attempt gives up sooner, later ones
-# wait longer for a machine that is merely busy. An operator's own
-# RAY_gcs_server_port_wait_time_s wins. (The stack also turns gRPC's fork support off, after
-# which no start stalled: batchlab.client.stack.FORK_SAFE_ENV.)
-GCS_PORT_WAITS_S = (15, 60, 120)
+# wait longer for a machine that is merely busy (with 6 busy loops on the 2 cores here the
+# first attempt started in 15.8 s). This bounds only that wait: Ray's 30 s wait for the raylet
+# to register is fixed in its code. The variable is set in this process's environment while
+# ray.init runs, so the processes Ray starts inherit the successful attempt's value; Ray also
+# reads it there as the number of tries (about 1 s apart) to connect to the GCS, 20 by default,
+# hence no wait under 20. An operator's own RAY_gcs_server_port_wait_time_s wins.
+GCS_PORT_WAITS_S = (20, 60, 120)
 
 LOCAL_RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -447,3 +447,8 @@ def test_closing_the_pool_shuts_every_trainer_down_before_killing_it(cluster):
     for actor in fake.actors:
         assert len(actor.shut_down_on) == 1 and actor.shut_down_on[0] is not None  # alive then
         assert actor.node is None  # and killed after
+    # The Ray link's thread may (re)connect and warm trainers after a stop closed the pool:
+    # nothing starts any more (such trainers were never shut down, and left their folders).
+    pool.connected()
+    assert pool.warm() == 0 and pool.acquire({"tpus": 4}, 1) is None
+    assert len(fake.actors) == 2
