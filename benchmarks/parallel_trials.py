@@ -47,7 +47,8 @@ def spec(*, quick: bool) -> dict[str, Any]:
     times from the stored runs): about 5.6 s of each measurement had fewer than 2 runs in
     flight (2-2.5 s none, while the workers started; 3.3 s one), both with 8 trials and 1
     rerun per study (18 runs) and at this size. That was 18-20% of the 18-run wall time and
-    10% of the 46-run one; the 18-run study measured 1.31x, this one 1.55x.
+    10% of the 46-run one; the 18-run study measured 1.31x, this one 1.55x and 1.45x
+    (two runs that day).
     """
     full = yaml.safe_load(SPEC_FILE.read_text())
     point = next(p for p in full["workloads"][0]["points"] if p["batch_size"] == 128)
