@@ -74,7 +74,6 @@ LARGE_SPEC = {**SPEC, "name": "system-overhead-16", "trials_per_study": 12,
               "max_total_trials": 16, "seeds_per_best": 4}
 
 
-
 def _reproduction_spec() -> dict:
     """One search replicate of the CPU reproduction's batch-128 studies (46 runs)."""
     from benchmarks import parallel_trials
@@ -82,10 +81,13 @@ def _reproduction_spec() -> dict:
     return {**parallel_trials.spec(quick=False), "name": "system-reproduction"}
 
 
-def _prepare(data_dir: Path) -> None:
-    """Build both MNIST-1D configs the benchmark's specs use (outside every timing)."""
-    bdata.prepare("mnist1d", data_dir, config="small")
-    bdata.prepare("mnist1d", data_dir)
+def _prepare(data_dir: Path, spec: dict) -> None:
+    """Build the datasets of ``spec``'s workloads (outside every timing), as local run does."""
+    from batchlab.train.workloads import get_workload
+
+    for name in sorted({w["workload"] for w in spec["workloads"]}):
+        workload = get_workload(name)
+        bdata.prepare(workload.dataset, data_dir, config=workload.dataset_config)
 
 
 # Started as a fresh `python`: the cold figure counts from the parent's clock at the start.
@@ -121,7 +123,7 @@ def _local(root: Path, spec: dict = SPEC, *, parallel: int | None = None,
       warm: also time a second experiment in the same process (else warm is None).
     """
     data_dir = root / "local" / "tfds"
-    _prepare(data_dir)
+    _prepare(data_dir, spec)
     started = time.time()
     out = subprocess.run(
         [sys.executable, "-c", _LOCAL_RUN, json.dumps(spec), str(root / "local_out"), str(data_dir),
@@ -149,8 +151,10 @@ def _experiment(client, spec: dict) -> float:
 
 
 @contextlib.contextmanager
-def embedded_stack(root: Path, *, num_trainers: int = 1, ray_cpus: int = 2) -> Iterator[tuple[Any, float]]:
-    """The embedded stack under ``root/stack`` (MNIST-1D built first), up for the ``with`` block.
+def embedded_stack(root: Path, spec: dict = SPEC, *, num_trainers: int = 1,
+                   ray_cpus: int = 2) -> Iterator[tuple[Any, float]]:
+    """The embedded stack under ``root/stack`` (``spec``'s datasets built first), up for the
+    ``with`` block.
 
     Yields:
       (an ExperimentClient of its controller, the seconds `batchlab up` took).
@@ -158,7 +162,7 @@ def embedded_stack(root: Path, *, num_trainers: int = 1, ray_cpus: int = 2) -> I
     from batchlab.client import ExperimentClient, Stack
 
     state = root / "stack"
-    _prepare(state / "tfds")
+    _prepare(state / "tfds", spec)
     grpc_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator"], free_ports(4), strict=True))
     metric_ports = dict(zip(["controller", "sharding", "checkpoints", "evaluator", "trainer"], free_ports(5), strict=True))
     stack = Stack(state, ports=grpc_ports, metrics_ports=metric_ports, num_trainers=num_trainers,
@@ -186,7 +190,7 @@ def _services_cold(root: Path, spec: dict) -> tuple[float, dict[str, float]]:
     they went (see _breakdown)."""
     from services.controller.storage import SQLiteStorage
 
-    with embedded_stack(root) as (client, startup):
+    with embedded_stack(root, spec) as (client, startup):
         total = startup + _experiment(client, spec)
     storage = SQLiteStorage(root / "stack" / "controller")
     try:

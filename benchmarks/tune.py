@@ -265,7 +265,7 @@ def _services(root: Path, the_spec: dict[str, Any], execution: Mapping[str, Any]
     from benchmarks import system
 
     warm_spec = {**the_spec, "name": the_spec["name"] + "-warm"}
-    with system.embedded_stack(root, num_trainers=execution["parallel"], ray_cpus=execution["cpus"]) as (
+    with system.embedded_stack(root, the_spec, num_trainers=execution["parallel"], ray_cpus=execution["cpus"]) as (
             client, startup):
         cold = startup + system._experiment(client, the_spec)
         warm = system._experiment(client, warm_spec)
