@@ -98,11 +98,17 @@ class RayLink:
         self._thread = threading.Thread(target=self._loop, name="ray-link", daemon=True)
         self._thread.start()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop watching; shut a local Ray this process started down."""
+    def stop_watching(self, timeout: float = 30.0) -> None:
+        """Stop the link's thread (waiting up to ``timeout`` s for it): from then on it tells
+        the pool nothing, and a connection it was making when asked is not handed to the pool
+        (no trainers are warmed for a pool about to close)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop watching; shut a local Ray this process started down."""
+        self.stop_watching(timeout)
         if self._started_local:
             import ray
 
@@ -133,6 +139,9 @@ class RayLink:
             self.last_error = f"{type(error).__name__}: {error}"
             log.warning("cannot connect to Ray (%s); trying again", self.last_error)
             return False
+        if self._stop.is_set():
+            log.info("connected to Ray while stopping: the pool is not told")
+            return True
         self.connections += 1
         self.last_error = ""
         self._pool.connected()

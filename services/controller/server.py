@@ -482,6 +482,9 @@ class Controller:
         self.server.stop(grace)
         if self.evaluations is not None:
             self.evaluations.stop()
+        if self.link is not None:
+            # Before the pool closes: the link would otherwise warm trainers for it.
+            self.link.stop_watching()
         self.scheduler.stop()
         if self.link is not None:
             self.link.close()
