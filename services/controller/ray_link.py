@@ -98,17 +98,18 @@ class RayLink:
         self._thread = threading.Thread(target=self._loop, name="ray-link", daemon=True)
         self._thread.start()
 
-    def stop_watching(self, timeout: float = 30.0) -> None:
-        """Stop the link's thread (waiting up to ``timeout`` s for it): from then on it tells
-        the pool nothing, and a connection it was making when asked is not handed to the pool
-        (no trainers are warmed for a pool about to close)."""
+    def request_stop(self) -> None:
+        """Tell the link's thread to stop, without waiting for it: a connection it completes
+        from then on is not handed to the pool (no trainers are warmed for a pool about to
+        close). ``close`` waits for the thread."""
+        self._stop.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop watching (waiting up to ``timeout`` s for the thread); shut a local Ray this
+        process started down."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop watching; shut a local Ray this process started down."""
-        self.stop_watching(timeout)
         if self._started_local:
             import ray
 

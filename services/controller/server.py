@@ -483,8 +483,10 @@ class Controller:
         if self.evaluations is not None:
             self.evaluations.stop()
         if self.link is not None:
-            # Before the pool closes: the link would otherwise warm trainers for it.
-            self.link.stop_watching()
+            # Before the pool closes, and without waiting (a warm in progress ends when the
+            # pool kills its trainers; close() below waits): a connection the link completes
+            # from now on warms no trainers for the closing pool.
+            self.link.request_stop()
         self.scheduler.stop()
         if self.link is not None:
             self.link.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 from services.controller.ray_link import RayLink
 
@@ -22,9 +24,9 @@ class _Pool:
         self.calls.append("lost")
 
 
-def test_a_connection_made_while_stopping_is_not_handed_to_the_pool():
-    # ray.init can take tens of seconds; a controller stopping meanwhile closes the pool, and
-    # the link must not then tell it of the connection and start (warm) trainers for it.
+def _blocking_connect() -> tuple[threading.Event, threading.Event, Callable[[], bool]]:
+    """(entered, release, connect): connect() sets entered, then waits for release (as a
+    ray.init under way), and returns False (no local Ray started)."""
     entered, release = threading.Event(), threading.Event()
 
     def connect() -> bool:
@@ -32,17 +34,39 @@ def test_a_connection_made_while_stopping_is_not_handed_to_the_pool():
         release.wait(10)
         return False
 
+    return entered, release, connect
+
+
+def test_a_connection_made_while_stopping_is_not_handed_to_the_pool():
+    # ray.init can take tens of seconds; a controller stopping meanwhile closes the pool, and
+    # the link must not then tell it of the connection and start (warm) trainers for it.
+    entered, release, connect = _blocking_connect()
+
     pool = _Pool()
     link = RayLink(connect, pool, warm=True)
     link.start()
     assert entered.wait(10)
-    stopper = threading.Thread(target=link.stop_watching, kwargs={"timeout": 10})
-    stopper.start()
+    link.request_stop()  # returns at once, while ray.init is still under way
     release.set()
-    stopper.join(15)
-    assert not stopper.is_alive()
+    link.close(timeout=10)
+    assert link._thread is not None and not link._thread.is_alive()
     assert pool.calls == []
     assert not link.connected.is_set()
+
+
+def test_asking_the_link_to_stop_does_not_wait_for_a_connection_under_way():
+    # The controller asks before closing the pool; the pool's close ends a warm in progress,
+    # and close() waits for the thread afterwards: the stop must not wait twice.
+    entered, release, connect = _blocking_connect()
+
+    link = RayLink(connect, _Pool(), warm=True)
+    link.start()
+    assert entered.wait(10)
+    started = time.monotonic()
+    link.request_stop()
+    assert time.monotonic() - started < 1.0
+    release.set()
+    link.close(timeout=10)
 
 
 def test_a_connection_is_handed_to_the_pool_and_its_trainers_warmed():
@@ -52,5 +76,5 @@ def test_a_connection_is_handed_to_the_pool_and_its_trainers_warmed():
     try:
         assert link.connected.wait(10)
     finally:
-        link.stop_watching(timeout=10)
+        link.close(timeout=10)
     assert pool.calls == ["connected", "warm"]
