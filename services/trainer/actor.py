@@ -358,9 +358,12 @@ class TrainerWorker:
         self._metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
         self._metrics_writer: TextfileWriter | None = None
-        # A temporary scratch folder is this worker's own: shutdown() removes it.
+        # A temporary scratch folder is this worker's own: shutdown() removes it. It is made on
+        # a run's first use (see _work_dir): a trainer that never runs leaves none, however it
+        # ends (the pool kills spares it warmed, or whose resources no longer fit, unannounced).
         self._own_work_dir = not self.settings.work_dir
-        self._work_dir = Path(self.settings.work_dir or tempfile.mkdtemp(prefix="batchlab-trainer-"))
+        self._work_dir_path: Path | None = (Path(self.settings.work_dir) if self.settings.work_dir
+                                            else None)
         # XLA:CPU threads, fixed when JAX starts here: on the first run, never earlier, because
         # a multi-host run must call jax.distributed.initialize before JAX's backend starts.
         self._threads: int | None = None
@@ -378,6 +381,14 @@ class TrainerWorker:
         log.info("trainer %s ready (pid %d)", self.name, os.getpid())
 
     # -- setup ------------------------------------------------------------------------------
+    @property
+    def _work_dir(self) -> Path:
+        """The scratch folder: the settings' work_dir, else a temporary folder made now."""
+        with self._lock:
+            if self._work_dir_path is None:
+                self._work_dir_path = Path(tempfile.mkdtemp(prefix="batchlab-trainer-"))
+            return self._work_dir_path
+
     def _start_jax(self, threads: int) -> None:
         """Start JAX here with `threads` XLA:CPU threads, and its compilation cache for that
         count; a trainer whose JAX already runs with another count refuses (results differ
@@ -864,10 +875,12 @@ class TrainerWorker:
         """Stop the metrics endpoint and remove the temporary scratch folder. A folder a run
         still uses is left alone. Closing the controller's pool calls this before killing the
         actor; a trainer retired otherwise (its resources no longer fit the next run, its
-        multi-host lease ended, it failed) is killed without it, leaving its scratch folder."""
-        if self._own_work_dir and self._busy.acquire(blocking=False):
+        multi-host lease ended, it failed) is killed without it, leaving its scratch folder if
+        it ever ran (empty: each run removes its own)."""
+        if (self._own_work_dir and self._work_dir_path is not None
+                and self._busy.acquire(blocking=False)):
             try:
-                shutil.rmtree(self._work_dir, ignore_errors=True)
+                shutil.rmtree(self._work_dir_path, ignore_errors=True)
             finally:
                 self._busy.release()
         if self._metrics_writer is not None:

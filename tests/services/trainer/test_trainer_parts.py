@@ -250,11 +250,16 @@ def test_a_run_leaves_no_scratch_and_shutdown_removes_only_a_temporary_idle_fold
 
     monkeypatch.setattr(batchlab.train, "train_and_evaluate", train_and_fail)
     settings = {"checkpoint_root": str(tmp_path / "shared"), "jax_cache_dir": str(tmp_path / "cache")}
+    idle = TrainerWorker({"name": "t", **settings})
+    assert idle._work_dir_path is None  # a trainer that never runs makes no folder
+    idle.shutdown()
+    assert idle._work_dir_path is None
     worker = TrainerWorker({"name": "t", **settings})
-    scratch = worker._work_dir
-    assert scratch.is_dir() and scratch.name.startswith("batchlab-trainer-")
     with pytest.raises(RuntimeError, match="the run failed"):
         worker.run(_assignment().SerializeToString())
+    scratch = worker._work_dir_path
+    assert scratch is not None and scratch.is_dir()
+    assert scratch.name.startswith("batchlab-trainer-")
     assert list(scratch.iterdir()) == []  # neither the attempt's folder nor the trial's
     worker._busy.acquire()  # a run in flight: its folder stays
     worker.shutdown()
