@@ -383,7 +383,8 @@ class TrainerWorker:
     # -- setup ------------------------------------------------------------------------------
     @property
     def _work_dir(self) -> Path:
-        """The scratch folder: the settings' work_dir, else a temporary folder made now."""
+        """The scratch folder: the settings' work_dir, else a temporary folder made now.
+        Takes ``self._lock`` (not reentrant): never read it while holding that lock."""
         with self._lock:
             if self._work_dir_path is None:
                 self._work_dir_path = Path(tempfile.mkdtemp(prefix="batchlab-trainer-"))
@@ -876,11 +877,12 @@ class TrainerWorker:
         still uses is left alone. Closing the controller's pool calls this before killing the
         actor; a trainer retired otherwise (its resources no longer fit the next run, its
         multi-host lease ended, it failed) is killed without it, leaving its scratch folder if
-        it ever ran (empty: each run removes its own)."""
+        it ever ran (with the checkpoints of a run it was killed in)."""
         if (self._own_work_dir and self._work_dir_path is not None
                 and self._busy.acquire(blocking=False)):
             try:
                 shutil.rmtree(self._work_dir_path, ignore_errors=True)
+                self._work_dir_path = None  # a later run makes a fresh one
             finally:
                 self._busy.release()
         if self._metrics_writer is not None:

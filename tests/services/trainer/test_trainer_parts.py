@@ -3,6 +3,7 @@ settings and metrics. (Training on Ray actors is tested in tests/integration.)""
 
 from __future__ import annotations
 
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -250,16 +251,19 @@ def test_a_run_leaves_no_scratch_and_shutdown_removes_only_a_temporary_idle_fold
 
     monkeypatch.setattr(batchlab.train, "train_and_evaluate", train_and_fail)
     settings = {"checkpoint_root": str(tmp_path / "shared"), "jax_cache_dir": str(tmp_path / "cache")}
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     idle = TrainerWorker({"name": "t", **settings})
-    assert idle._work_dir_path is None  # a trainer that never runs makes no folder
+    # A trainer that never runs makes no folder: killed without shutdown, it leaves none.
+    assert list(temp.iterdir()) == []
     idle.shutdown()
-    assert idle._work_dir_path is None
+    assert list(temp.iterdir()) == []
     worker = TrainerWorker({"name": "t", **settings})
     with pytest.raises(RuntimeError, match="the run failed"):
         worker.run(_assignment().SerializeToString())
-    scratch = worker._work_dir_path
-    assert scratch is not None and scratch.is_dir()
-    assert scratch.name.startswith("batchlab-trainer-")
+    [scratch] = temp.iterdir()
+    assert scratch.is_dir() and scratch.name.startswith("batchlab-trainer-")
     assert list(scratch.iterdir()) == []  # neither the attempt's folder nor the trial's
     worker._busy.acquire()  # a run in flight: its folder stays
     worker.shutdown()
