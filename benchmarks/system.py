@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 
-from batchlab import data as bdata
 from batchlab.rpc.client import free_ports
 
 __all__ = ["run", "to_markdown"]
@@ -83,11 +82,9 @@ def _reproduction_spec() -> dict:
 
 def _prepare(data_dir: Path, spec: dict) -> None:
     """Build the datasets of ``spec``'s workloads (outside every timing), as local run does."""
-    from batchlab.train.workloads import get_workload
+    from batchlab.runner.local import prepare_datasets
 
-    for name in sorted({w["workload"] for w in spec["workloads"]}):
-        workload = get_workload(name)
-        bdata.prepare(workload.dataset, data_dir, config=workload.dataset_config)
+    prepare_datasets((w["workload"] for w in spec["workloads"]), data_dir)
 
 
 # Started as a fresh `python`: the cold figure counts from the parent's clock at the start.

@@ -10,7 +10,7 @@ from benchmarks import system
 
 
 def _result(local: list[float], services: list[float]) -> dict:
-    r = {
+    return {
         "local_cold_s": [round(x, 1) for x in local],
         "services_cold_s": [round(x, 1) for x in services],
         "local_warm_s": [3.0] * 3, "services_warm_s": [2.9] * 3, "startup_s": [4.2] * 3,
@@ -22,7 +22,6 @@ def _result(local: list[float], services: list[float]) -> dict:
         "ratio_cold_large": system._paired(local, services),
         "ratio_cold_large_rounds": system._round_ratios(local, services),
     }
-    return r
 
 
 def test_the_per_round_ratios_shown_have_the_median_shown():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from batchlab.search import (
 from batchlab.search.protocol import RunRecord, RunRequest, holds_runs
 from batchlab.search.study import Study
 
-__all__ = ["run_experiment", "study_summary"]
+__all__ = ["prepare_datasets", "run_experiment", "study_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def run_experiment(
     session = {k: experiment["sessions"][-1][k] for k in ("started_at", "code")}
     store.write_experiment(experiment)
     if train_fn is None:
-        _prepare_datasets(studies, data_dir)
+        prepare_datasets((s.workload for s in studies), data_dir)
     if plan is None:
         if train_fn is None:
             from batchlab.train.compilation_cache import enable_compilation_cache
@@ -337,12 +338,13 @@ def _stored_threads(store: ResultStore, studies: list[Study],
     return {w: int(t) for w, t in stored.items()}
 
 
-def _prepare_datasets(studies: list[Study], data_dir: str | None) -> None:
-    """Build the offline datasets once here, before workers would race to build them."""
+def prepare_datasets(workloads: Iterable[str], data_dir: str | os.PathLike[str] | None) -> None:
+    """Build the offline datasets of ``workloads`` (names) once here, before workers would race
+    to build them."""
     from batchlab import data as bdata
     from batchlab.train.workloads import get_workload
 
-    for name in sorted({s.workload for s in studies}):
+    for name in sorted(set(workloads)):
         workload = get_workload(name)
         if bdata.dataset_info(workload.dataset).offline:
             bdata.prepare(workload.dataset, data_dir, config=workload.dataset_config)
