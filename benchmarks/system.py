@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.rpc.client import free_ports
+from benchmarks.cpu_use import CpuUse
 
 __all__ = ["run", "to_markdown"]
 
@@ -238,6 +239,7 @@ def run(*, rounds: int = 2) -> dict:
     repro_local, repro_services = [], []
     repro_local_parts: list[dict[str, float]] = []
     repro_services_parts: list[dict[str, float]] = []
+    repro_cpu: dict[str, list[dict]] = {"local": [], "services": []}
     repro_spec = _reproduction_spec()
     for i in range(rounds):
         # Which side goes first alternates by round, so drift on a shared machine hits both.
@@ -260,15 +262,19 @@ def run(*, rounds: int = 2) -> dict:
                                            repro_services_parts))):
                 local_totals, services_totals, local_breakdowns, services_breakdowns = figures
                 for side in order:
-                    if side == "local":
-                        total = _local(root / folder, spec, parallel=1, warm=False)[0]
-                        local_totals.append(total)
-                        local_breakdowns.append(_breakdown(
-                            total, _run_results(root / folder / "local_out" / "cold")))
-                    else:
-                        total, parts = _services_cold(root / folder, spec)
-                        services_totals.append(total)
-                        services_breakdowns.append(parts)
+                    # Where the machine's CPU went, for the study the system exists for.
+                    with (CpuUse() if folder == "repro" else contextlib.nullcontext()) as use:
+                        if side == "local":
+                            total = _local(root / folder, spec, parallel=1, warm=False)[0]
+                            local_totals.append(total)
+                            local_breakdowns.append(_breakdown(
+                                total, _run_results(root / folder / "local_out" / "cold")))
+                        else:
+                            total, parts = _services_cold(root / folder, spec)
+                            services_totals.append(total)
+                            services_breakdowns.append(parts)
+                    if use is not None:
+                        repro_cpu[side].append(use.result())
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -292,6 +298,9 @@ def run(*, rounds: int = 2) -> dict:
         "ratio_cold_reproduction_rounds": _round_ratios(repro_local, repro_services),
         "reproduction_local_breakdown": repro_local_parts,
         "reproduction_services_breakdown": repro_services_parts,
+        # Per round (in the order of reproduction_*_cold_s): benchmarks.cpu_use's figures.
+        "reproduction_local_cpu": repro_cpu["local"],
+        "reproduction_services_cpu": repro_cpu["services"],
     }
 
 
@@ -334,6 +343,7 @@ def to_markdown(r: dict) -> str:
         *_fixed_and_per_run(r),
         *_breakdown_table(r, "large", "16-run"),
         *_breakdown_table(r, "reproduction", f"reproduction study's ({r.get('reproduction_runs')}-run)"),
+        *_cpu_table(r),
     ])
 
 
@@ -420,6 +430,42 @@ def _breakdown_table(r: dict, study: str, label: str) -> list[str]:
         "",
         "| part | local s | services s | services - local |",
         "|---|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+_CPU_ROLES = ("training process", "evaluator", "controller", "sharding, checkpoints",
+              "Ray's own processes", "local run's driver")
+
+
+def _cpu_table(r: dict) -> list[str]:
+    """Where the machine's CPU went during the reproduction study (benchmarks.cpu_use): CPU
+    seconds and run-queue waits by role, median over rounds."""
+    local, services = r.get("reproduction_local_cpu"), r.get("reproduction_services_cpu")
+    if not local or not services or not any(local + services):
+        return []
+
+    def median(rounds: list[dict], role: str, key: str) -> str:
+        values = [x.get(role, {}).get(key, 0.0) for x in rounds]
+        return f"{float(np.median(values)):.1f}" if any(role in x for x in rounds) else "-"
+
+    rows = []
+    for role in _CPU_ROLES:
+        rows.append(f"| {role} | {median(local, role, 'cpu_s')} | {median(local, role, 'wait_s')} "
+                    f"| {median(services, role, 'cpu_s')} | {median(services, role, 'wait_s')} |")
+        if role == "training process":
+            rows.append(f"| (its XLA:CPU threads) | {median(local, role, 'xla_cpu_s')} | "
+                        f"{median(local, role, 'xla_wait_s')} | {median(services, role, 'xla_cpu_s')} | "
+                        f"{median(services, role, 'xla_wait_s')} |")
+    return [
+        "Where the machine's CPU went during the reproduction study, by process (benchmarks/"
+        "cpu_use.py: CPU seconds from /proc/<pid>/stat; run-queue wait: seconds the process's "
+        "threads were ready to run but waited for a CPU, from each thread's schedstat, sampled "
+        "every 0.5 s, a lower bound; median over rounds; '-': no such process on that path):",
+        "",
+        "| process | local CPU s | local wait s | services CPU s | services wait s |",
+        "|---|---:|---:|---:|---:|",
         *rows,
         "",
     ]

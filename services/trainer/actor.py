@@ -878,11 +878,14 @@ class TrainerWorker:
         actor; a trainer retired otherwise (its resources no longer fit the next run, its
         multi-host lease ended, it failed) is killed without it, leaving its scratch folder if
         it ever ran (with the checkpoints of a run it was killed in)."""
-        if (self._own_work_dir and self._work_dir_path is not None
-                and self._busy.acquire(blocking=False)):
+        if self._own_work_dir and self._busy.acquire(blocking=False):
             try:
-                shutil.rmtree(self._work_dir_path, ignore_errors=True)
-                self._work_dir_path = None  # a later run makes a fresh one
+                # Taken under the lock while no run can start (one asked for meanwhile finds
+                # the trainer busy): no run makes a folder between the check and the removal.
+                with self._lock:
+                    path, self._work_dir_path = self._work_dir_path, None
+                if path is not None:
+                    shutil.rmtree(path, ignore_errors=True)
             finally:
                 self._busy.release()
         if self._metrics_writer is not None:

@@ -42,3 +42,20 @@ def test_results_stored_before_the_rounds_were_kept_still_render():
     r = _result([6.84, 7.36, 6.96], [11.56, 14.04, 12.04])
     del r["ratio_cold_rounds"], r["ratio_cold_large_rounds"]
     assert "| 4 runs | [" in system.to_markdown(r)
+
+
+def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
+    r = _result([6.84, 7.36, 6.96], [11.56, 14.04, 12.04])
+    train = {"processes": 1, "cpu_s": 80.0, "wait_s": 10.0, "xla_cpu_s": 60.0, "xla_wait_s": 4.0}
+    r["reproduction_local_cpu"] = [{"training process": train},
+                                   {"training process": {**train, "wait_s": 20.0}}]
+    r["reproduction_services_cpu"] = [
+        {"training process": {**train, "xla_wait_s": 18.0}, "evaluator": {**train, "cpu_s": 30.0}},
+        {"training process": {**train, "xla_wait_s": 22.0}, "evaluator": {**train, "cpu_s": 34.0}}]
+    text = system.to_markdown(r)
+    assert "| training process | 80.0 | 15.0 | 80.0 | 10.0 |" in text
+    assert "| (its XLA:CPU threads) | 60.0 | 4.0 | 60.0 | 20.0 |" in text
+    assert "| evaluator | - | - | 32.0 | 10.0 |" in text
+    # Stored before the table existed, or measured where /proc has no schedstat: no table.
+    del r["reproduction_local_cpu"]
+    assert "run-queue wait" not in system.to_markdown(r)

@@ -78,3 +78,34 @@ def test_a_connection_is_handed_to_the_pool_and_its_trainers_warmed():
     finally:
         link.close(timeout=10)
     assert pool.calls == ["connected", "warm"]
+
+
+def test_the_controller_asks_its_link_to_stop_before_closing_the_pool_and_joins_it_after(
+        tmp_path):
+    # The order that keeps a stop quick and warms nothing for a closing pool: request_stop
+    # (no wait), then the scheduler's stop closes the pool (ending a warm under way), then
+    # the link's close joins its thread.
+    from controller_fakes import WORKLOAD, FakePool
+
+    from services.controller.server import Controller, ControllerConfig
+    from services.controller.storage import InMemoryStorage
+
+    calls: list[str] = []
+
+    class Link:
+        def request_stop(self) -> None:
+            calls.append("link.request_stop")
+
+        def close(self, timeout: float = 30.0) -> None:
+            calls.append("link.close")
+
+    pool = FakePool(size=1)
+    close_pool = pool.close
+    pool.close = lambda: (calls.append("pool.close"), close_pool())[1]
+    config = ControllerConfig(port=0, metrics_port=None, state_dir=str(tmp_path / "state"),
+                              workloads=(WORKLOAD,))
+    controller = Controller(config, storage=InMemoryStorage(), pool=pool)
+    controller.link = Link()
+    controller.server.start()
+    controller.stop(grace=0)
+    assert calls == ["link.request_stop", "pool.close", "link.close"]
