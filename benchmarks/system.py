@@ -27,6 +27,9 @@ Each round also runs one study of the work the system exists for, cold on both s
 search replicate of the CPU reproduction's batch-128 studies (experiments/reproduction/
 momentum.yaml: Nesterov and LARS, 16 tuning trials and 7 seed reruns each, 46 runs of the
 1-D ResNet, 240 steps, about 1.8 s each), the study benchmarks/parallel_trials.py times.
+While it runs, benchmarks.cpu_use records where the machine's CPU went, by process (the
+training process, each service, Ray's own processes): CPU seconds and the seconds their
+threads waited for a CPU.
 """
 
 from __future__ import annotations
