@@ -1,23 +1,27 @@
 """Where a machine's CPU went while a study ran: CPU seconds and run-queue waits by process role.
 
-`CpuUse` samples /proc in a background thread while a ``with`` block runs. For every process
-of a known role, by its command line at the last sample (the training process, each service, Ray's own processes, the study's driver)
-it records the CPU seconds the process used (/proc/<pid>/stat: user + system, threads that
-ended included) and the seconds its threads spent runnable but waiting for a CPU
-(/proc/<pid>/task/<tid>/schedstat, second field: summed over the threads seen, each at its
-last sample). A thread's wait is what the scheduler made it lose to other threads: on a
-machine with fewer cores than runnable threads, the training process's waits are the training
-time the rest of the system costs it.
+`CpuUse` samples /proc in a background thread while a ``with`` block runs. It measures the
+processes this process starts during the block and their descendants (the stack's services,
+Ray's processes, local run's workers), never other processes on the machine. For each one of
+a known role, by its command line at its last sample (the training process, each service,
+Ray's own processes, the study's driver), it records the CPU seconds the process used
+(/proc/<pid>/stat: user + system, its ended threads included) and the seconds its threads
+spent runnable but waiting for a CPU (/proc/<pid>/task/<tid>/schedstat, second field, summed
+over the threads seen, each at its last sample). A thread's wait says that it lost time to
+other threads, not to which: the scheduler does not record who ran instead.
 
-Linux only; elsewhere (no /proc/self/schedstat) it records nothing. A thread that lives less
-than the sampling interval may be missed, and one that ends loses its wait since its last
-sample: the waits are lower bounds; CPU seconds are exact for processes seen at the end.
+Linux only; elsewhere (no /proc/self/schedstat) it records nothing. Both figures are read at
+each sample, so both are lower bounds: a process or thread that ends loses what it used or
+waited since its last sample, and one that lives less than the interval may not be seen.
+Processes and threads are told apart by their start times as well as their ids, so a reused
+process id starts from zero.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,17 +54,22 @@ def role_of(cmdline: str) -> str | None:
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text()
+        # Command lines are bytes, not always UTF-8 (any program's arguments).
+        return path.read_bytes().decode(errors="replace")
     except OSError:  # the process or thread ended
         return None
 
 
-def _cpu_s(pid: int) -> float | None:
-    stat = _read(_PROC / str(pid) / "stat")
-    if stat is None:
+def _stat(path: Path) -> tuple[int, int, float] | None:
+    """(parent pid, start time in ticks, CPU seconds) from a /proc stat file."""
+    text = _read(path)
+    if not text:
         return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+    try:
+        fields = text[text.rfind(")") + 2:].split()
+        return int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / _TICK
+    except (IndexError, ValueError):  # not a stat line this parses: skip the process
+        return None
 
 
 class CpuUse:
@@ -71,19 +80,24 @@ class CpuUse:
       role: how a process's command line maps to a role (default `role_of`).
 
     After the block, `result()` gives {role: {"processes", "cpu_s", "wait_s", "xla_cpu_s",
-    "xla_wait_s"}}; the xla_ figures are the threads XLA:CPU runs its computations on.
+    "xla_wait_s"}}; the xla_ figures are those of the threads named as XLA:CPU names its
+    computation threads. `own_cpu_s` is the CPU the sampling itself used (not in the result).
     """
 
     def __init__(self, interval_s: float = 0.5, role: Callable[[str], str | None] = role_of):
         self.interval_s = interval_s
         self._role = role
         self.available = Path("/proc/self/schedstat").exists()
-        self._roles: dict[int, str | None] = {}
-        self._start_cpu: dict[int, float] = {}
-        self._cpu: dict[int, float] = {}
-        # (pid, tid): (name, seconds on a CPU, seconds waiting for one), at the last sample
-        self._threads: dict[tuple[int, int], tuple[str, float, float]] = {}
-        self._start_threads: dict[tuple[int, int], tuple[float, float]] = {}
+        self.own_cpu_s = 0.0
+        self._me = os.getpid()
+        # A process is (pid, start ticks); a thread is (process, tid, start ticks).
+        self._mine: set[tuple[int, int]] = set()  # this process's descendants
+        self._roles: dict[tuple[int, int], str | None] = {}
+        self._cpu: dict[tuple[int, int], float] = {}
+        self._start_cpu: dict[tuple[int, int], float] = {}
+        # thread: (name, seconds on a CPU, seconds waiting for one), at its last sample
+        self._threads: dict[tuple[tuple[int, int], int, int], tuple[str, float, float]] = {}
+        self._start_threads: dict[tuple[tuple[int, int], int, int], tuple[float, float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -105,41 +119,60 @@ class CpuUse:
             self._sample()
 
     def _sample(self, baseline: bool = False) -> None:
-        for entry in os.listdir(_PROC):
-            if not entry.isdigit():
+        started = time.thread_time()
+        live: dict[int, tuple[int, int]] = {}  # pid -> process, of this sample
+        try:
+            pids = sorted(int(entry) for entry in os.listdir(_PROC) if entry.isdigit())
+        except OSError:
+            return
+        for pid in pids:
+            stat = _stat(_PROC / str(pid) / "stat")
+            if stat is None:
                 continue
-            pid = int(entry)
-            if pid == os.getpid():
-                continue
-            # Read every time: a Ray worker starts as ray::IDLE and becomes a trainer.
-            cmdline = _read(_PROC / entry / "cmdline")
-            if cmdline:  # empty for a process that ended (a zombie): keep what it was
-                self._roles[pid] = self._role(cmdline.replace("\0", " "))
-            if self._roles.get(pid) is None:
-                continue
-            cpu = _cpu_s(pid)
-            if cpu is None:
-                continue
+            ppid, start, cpu = stat
+            proc = (pid, start)
+            live[pid] = proc
             if baseline:
-                self._start_cpu[pid] = cpu
-            self._cpu[pid] = cpu
-            try:
-                tids = os.listdir(_PROC / entry / "task")
-            except OSError:
+                # Every process, whatever it is now: one that becomes ours or takes a role
+                # later is measured from here, not from its start.
+                self._start_cpu[proc] = cpu
+                self._read_threads(proc, baseline=True)
                 continue
-            for tid in tids:
-                task = _PROC / entry / "task" / tid
-                key = (pid, int(tid))
-                schedstat = _read(task / "schedstat")
-                if schedstat is None:
+            if proc not in self._mine:
+                parent = live.get(ppid)
+                if ppid != self._me and (parent is None or parent not in self._mine):
                     continue
-                fields = schedstat.split()
-                run, wait = int(fields[0]) / 1e9, int(fields[1]) / 1e9
-                name = (self._threads[key][0] if key in self._threads
-                        else (_read(task / "comm") or "").strip())
-                if baseline:
-                    self._start_threads[key] = (run, wait)
-                self._threads[key] = (name, run, wait)
+                self._mine.add(proc)
+            cmdline = _read(_PROC / str(pid) / "cmdline")
+            if cmdline:  # empty for a process that ended (a zombie): keep what it was
+                self._roles[proc] = self._role(cmdline.replace("\0", " "))
+            if self._roles.get(proc) is None:
+                continue
+            self._cpu[proc] = cpu
+            self._read_threads(proc)
+        self.own_cpu_s += time.thread_time() - started
+
+    def _read_threads(self, proc: tuple[int, int], baseline: bool = False) -> None:
+        task_dir = _PROC / str(proc[0]) / "task"
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            return
+        for tid in tids:
+            task = task_dir / tid
+            schedstat, stat = _read(task / "schedstat"), _stat(task / "stat")
+            if not schedstat or stat is None:
+                continue
+            try:
+                run, wait = (int(x) / 1e9 for x in schedstat.split()[:2])
+            except ValueError:
+                continue
+            key = (proc, int(tid), stat[1])
+            if baseline:
+                self._start_threads[key] = (run, wait)
+            else:
+                # The name is read every time: a thread may name itself after it starts.
+                self._threads[key] = ((_read(task / "comm") or "").strip(), run, wait)
 
     def result(self) -> dict[str, dict[str, float]]:
         """{role: figures} over the block (see the class docstring); empty if unavailable."""
@@ -149,13 +182,13 @@ class CpuUse:
             return out.setdefault(role, {"processes": 0, "cpu_s": 0.0, "wait_s": 0.0,
                                          "xla_cpu_s": 0.0, "xla_wait_s": 0.0})
 
-        for pid, cpu in self._cpu.items():
-            role = self._roles.get(pid)
+        for proc, cpu in self._cpu.items():
+            role = self._roles.get(proc)
             if role is None:
                 continue
             f = figures(role)
             f["processes"] += 1
-            f["cpu_s"] += cpu - self._start_cpu.get(pid, 0.0)
+            f["cpu_s"] += cpu - self._start_cpu.get(proc, 0.0)
         for key, (name, run, wait) in self._threads.items():
             role = self._roles.get(key[0])
             if role is None:
@@ -167,3 +200,4 @@ class CpuUse:
                 f["xla_cpu_s"] += run - run0
                 f["xla_wait_s"] += wait - wait0
         return {role: {k: round(v, 2) for k, v in f.items()} for role, f in out.items()}
+

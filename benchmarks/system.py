@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.rpc.client import free_ports
-from benchmarks.cpu_use import CpuUse
+from benchmarks.cpu_use import XLA_THREAD, CpuUse
 
 __all__ = ["run", "to_markdown"]
 
@@ -243,6 +243,7 @@ def run(*, rounds: int = 2) -> dict:
     repro_local_parts: list[dict[str, float]] = []
     repro_services_parts: list[dict[str, float]] = []
     repro_cpu: dict[str, list[dict]] = {"local": [], "services": []}
+    repro_sampler: dict[str, list[float]] = {"local": [], "services": []}
     repro_spec = _reproduction_spec()
     for i in range(rounds):
         # Which side goes first alternates by round, so drift on a shared machine hits both.
@@ -278,6 +279,7 @@ def run(*, rounds: int = 2) -> dict:
                             services_breakdowns.append(parts)
                     if use is not None:
                         repro_cpu[side].append(use.result())
+                        repro_sampler[side].append(round(use.own_cpu_s, 2))
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -304,6 +306,8 @@ def run(*, rounds: int = 2) -> dict:
         # Per round (in the order of reproduction_*_cold_s): benchmarks.cpu_use's figures.
         "reproduction_local_cpu": repro_cpu["local"],
         "reproduction_services_cpu": repro_cpu["services"],
+        # Per round: the CPU seconds the sampling itself used, in the benchmark's process.
+        "reproduction_cpu_sampler_s": repro_sampler,
     }
 
 
@@ -444,31 +448,41 @@ _CPU_ROLES = ("training process", "evaluator", "controller", "sharding, checkpoi
 
 def _cpu_table(r: dict) -> list[str]:
     """Where the machine's CPU went during the reproduction study (benchmarks.cpu_use): CPU
-    seconds and run-queue waits by role, median over rounds."""
+    seconds and run-queue waits by role, median over rounds (a role absent from a round
+    counts 0 there)."""
     local, services = r.get("reproduction_local_cpu"), r.get("reproduction_services_cpu")
     if not local or not services or not any(local + services):
         return []
 
-    def median(rounds: list[dict], role: str, key: str) -> str:
+    def median(rounds: list[dict], role: str, key: str, digits: int = 1) -> str:
         values = [x.get(role, {}).get(key, 0.0) for x in rounds]
-        return f"{float(np.median(values)):.1f}" if any(role in x for x in rounds) else "-"
+        return f"{float(np.median(values)):.{digits}f}" if any(role in x for x in rounds) else "-"
 
     rows = []
     for role in _CPU_ROLES:
-        rows.append(f"| {role} | {median(local, role, 'cpu_s')} | {median(local, role, 'wait_s')} "
-                    f"| {median(services, role, 'cpu_s')} | {median(services, role, 'wait_s')} |")
+        rows.append(f"| {role} | {median(local, role, 'processes', 0)} | "
+                    f"{median(local, role, 'cpu_s')} | {median(local, role, 'wait_s')} | "
+                    f"{median(services, role, 'processes', 0)} | {median(services, role, 'cpu_s')} "
+                    f"| {median(services, role, 'wait_s')} |")
         if role == "training process":
-            rows.append(f"| (its XLA:CPU threads) | {median(local, role, 'xla_cpu_s')} | "
-                        f"{median(local, role, 'xla_wait_s')} | {median(services, role, 'xla_cpu_s')} | "
+            rows.append(f"| (its threads named {XLA_THREAD}, XLA:CPU's) | | "
+                        f"{median(local, role, 'xla_cpu_s')} | {median(local, role, 'xla_wait_s')} "
+                        f"| | {median(services, role, 'xla_cpu_s')} | "
                         f"{median(services, role, 'xla_wait_s')} |")
+    sampler = r.get("reproduction_cpu_sampler_s")
+    own = (f" The sampling itself used {np.median(sampler['local']):.1f} s (local) and "
+           f"{np.median(sampler['services']):.1f} s (services) of CPU in the benchmark's process, "
+           "which the table leaves out." if sampler and sampler.get("local") else "")
     return [
         "Where the machine's CPU went during the reproduction study, by process (benchmarks/"
-        "cpu_use.py: CPU seconds from /proc/<pid>/stat; run-queue wait: seconds the process's "
-        "threads were ready to run but waited for a CPU, from each thread's schedstat, sampled "
-        "every 0.5 s, a lower bound; median over rounds; '-': no such process on that path):",
+        "cpu_use.py: the processes the benchmark started and their descendants; CPU seconds "
+        "from /proc/<pid>/stat; run-queue wait: seconds the process's threads were ready to run "
+        "but waited for a CPU, from each thread's schedstat; both sampled every 0.5 s, so lower "
+        "bounds; median over rounds, a process absent from a round counting 0 there; '-': no "
+        f"such process on that path).{own}",
         "",
-        "| process | local CPU s | local wait s | services CPU s | services wait s |",
-        "|---|---:|---:|---:|---:|",
+        "| process | local: processes | CPU s | wait s | services: processes | CPU s | wait s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]

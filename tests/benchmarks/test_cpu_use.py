@@ -5,39 +5,80 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 
 from benchmarks.cpu_use import CpuUse, role_of
 
-# Spins until it has used `seconds` of CPU, pinned to the first CPU this process may use.
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or not os.path.exists("/proc/self/schedstat"),
+    reason="Linux only (the benchmark records nothing elsewhere)")
+
+# Spins until it has used argv[1] s of CPU, pinned to CPU argv[2], then sleeps argv[3] s;
+# argv[4] is a token that tells this test's processes from any other on the machine.
 _SPIN = """
 import os, sys, time
 os.sched_setaffinity(0, {int(sys.argv[2])})
 while time.process_time() < float(sys.argv[1]):
     pass
+time.sleep(float(sys.argv[3]))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.exists(
-    "/proc/self/schedstat"), reason="Linux only (the benchmark records nothing elsewhere)")
+def _spinner(seconds: float, cpu: int, sleep: float, token: str) -> list[str]:
+    return [sys.executable, "-c", _SPIN, str(seconds), str(cpu), str(sleep), token]
+
+
+def _role(token: str):
+    return lambda cmdline: "spinners" if token in cmdline else None
+
+
 def test_three_processes_sharing_one_cpu_use_their_cpu_and_wait_for_each_other():
-    cpu = min(os.sched_getaffinity(0))
-    with CpuUse(interval_s=0.1, role=lambda c: "spinners" if "sched_setaffinity" in c
-                else None) as use:
-        procs = [subprocess.Popen([sys.executable, "-c", _SPIN, "0.4", str(cpu)])
-                 for _ in range(3)]
+    cpu, token = min(os.sched_getaffinity(0)), uuid.uuid4().hex
+    with CpuUse(interval_s=0.1, role=_role(token)) as use:
+        procs = [subprocess.Popen(_spinner(0.4, cpu, 0.3, token)) for _ in range(3)]
         for proc in procs:
             assert proc.wait() == 0
     spinners = use.result()["spinners"]
     assert spinners["processes"] == 3
-    # 1.2 s of spinning (plus the interpreters' start; less what each used after its last
-    # sample, up to 0.1 s: they end before the block does) ...
-    assert 0.9 <= spinners["cpu_s"] < 2.5
-    # ... on one CPU: while one spins the other two wait, about 2 x 1.2 s in all (a lower
-    # bound: waits after a process's last sample are not seen).
-    assert spinners["wait_s"] > 0.8
+    # 1.2 s of CPU, their start included (all seen: they sleep before ending) ...
+    assert 1.0 <= spinners["cpu_s"] < 2.0
+    # ... on one CPU: while one spins the other two wait, about 2 x 1.2 s in all. Their
+    # time on the CPU (schedstat's first field) would be about 1.2 s.
+    assert spinners["wait_s"] > 1.6
     assert spinners["xla_cpu_s"] == 0.0
+    assert use.own_cpu_s > 0.0
+
+
+def test_what_a_process_used_before_the_block_is_not_counted():
+    cpu, token = min(os.sched_getaffinity(0)), uuid.uuid4().hex
+    proc = subprocess.Popen(_spinner(0.6, cpu, 3.0, token))
+    try:
+        time.sleep(1.5)  # it spins (0.6 s of CPU, and its start), then sleeps
+        with CpuUse(interval_s=0.1, role=_role(token)) as use:
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    # Started before the block by this process: measured from the block's start only.
+    assert use.result()["spinners"]["cpu_s"] < 0.1
+
+
+def test_processes_this_one_did_not_start_are_not_counted():
+    cpu, token = min(os.sched_getaffinity(0)), uuid.uuid4().hex
+    # An orphan: its parent (the shell) exits at once, so it belongs to no process here.
+    script = " ".join(f"'{arg}'" for arg in _spinner(0.8, cpu, 0.5, token))
+    subprocess.run(["sh", "-c", f"{script} >/dev/null 2>&1 &"], check=True)
+    time.sleep(0.3)
+    with CpuUse(interval_s=0.1, role=_role(token)) as use:
+        with CpuUse(interval_s=0.1, role=_role(token)) as inner:
+            mine = subprocess.Popen(_spinner(0.2, cpu, 0.2, token))
+            mine.wait()
+        time.sleep(1.0)
+    assert inner.result()["spinners"]["processes"] == 1  # its own, not the orphan
+    assert use.result()["spinners"]["processes"] == 1
 
 
 def test_processes_are_told_apart_by_their_command_lines():
@@ -53,3 +94,17 @@ def test_processes_are_told_apart_by_their_command_lines():
         "Ray's own processes")
     assert role_of("python -c import json ... run_experiment(spec)") == "local run's driver"
     assert role_of("bash") is None
+
+
+def test_a_command_line_that_is_not_utf8_is_read():
+    token = uuid.uuid4().hex
+    # Anywhere among this process's children: a program's arguments are bytes.
+    proc = subprocess.Popen([sys.executable.encode(), b"-c", b"import time; time.sleep(2)",
+                             b"caf\xe9-" + token.encode()])
+    try:
+        with CpuUse(interval_s=0.1, role=_role(token)) as use:
+            time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert use.result()["spinners"]["processes"] == 1

@@ -53,9 +53,12 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
         {"training process": {**train, "xla_wait_s": 18.0}, "evaluator": {**train, "cpu_s": 30.0}},
         {"training process": {**train, "xla_wait_s": 22.0}, "evaluator": {**train, "cpu_s": 34.0}}]
     text = system.to_markdown(r)
-    assert "| training process | 80.0 | 15.0 | 80.0 | 10.0 |" in text
-    assert "| (its XLA:CPU threads) | 60.0 | 4.0 | 60.0 | 20.0 |" in text
-    assert "| evaluator | - | - | 32.0 | 10.0 |" in text
+    assert "| training process | 1 | 80.0 | 15.0 | 1 | 80.0 | 10.0 |" in text
+    assert "| (its threads named tf_XLAEigen, XLA:CPU's) | | 60.0 | 4.0 | | 60.0 | 20.0 |" in text
+    assert "| evaluator | - | - | - | 1 | 32.0 | 10.0 |" in text
+    assert "The sampling itself" not in text  # not stored before it was measured
+    r["reproduction_cpu_sampler_s"] = {"local": [0.5, 0.7], "services": [1.5, 1.9]}
+    assert "The sampling itself used 0.6 s (local) and 1.7 s (services)" in system.to_markdown(r)
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
     del r["reproduction_local_cpu"]
     assert "run-queue wait" not in system.to_markdown(r)
