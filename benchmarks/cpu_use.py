@@ -1,8 +1,9 @@
 """Where a machine's CPU went while a study ran: CPU seconds and run-queue waits by process role.
 
 `CpuUse` samples /proc in a background thread while a ``with`` block runs. It measures the
-processes this process starts during the block and their descendants (the stack's services,
-Ray's processes, local run's workers), never other processes on the machine. For each one of
+children of this process and their descendants (the stack's services, Ray's processes, local
+run's workers), never other processes on the machine; a process whose parent ended before it
+was first seen (a daemon's double fork) is missed. For each one of
 a known role, by its command line at its last sample (the training process, each service,
 Ray's own processes, the study's driver), it records the CPU seconds the process used
 (/proc/<pid>/stat: user + system, its ended threads included) and the seconds its threads
@@ -89,6 +90,7 @@ class CpuUse:
         self._role = role
         self.available = Path("/proc/self/schedstat").exists()
         self.own_cpu_s = 0.0
+        self.failed_samples = 0  # samples that raised (e.g. in a role function): skipped
         self._me = os.getpid()
         # A process is (pid, start ticks); a thread is (process, tid, start ticks).
         self._mine: set[tuple[int, int]] = set()  # this process's descendants
@@ -116,33 +118,46 @@ class CpuUse:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._sample()
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - a sample lost, not the measurement
+                self.failed_samples += 1
 
     def _sample(self, baseline: bool = False) -> None:
         started = time.thread_time()
-        live: dict[int, tuple[int, int]] = {}  # pid -> process, of this sample
         try:
-            pids = sorted(int(entry) for entry in os.listdir(_PROC) if entry.isdigit())
+            pids = [int(entry) for entry in os.listdir(_PROC) if entry.isdigit()]
         except OSError:
             return
+        stats: dict[int, tuple[int, int, float]] = {}
         for pid in pids:
             stat = _stat(_PROC / str(pid) / "stat")
-            if stat is None:
-                continue
-            ppid, start, cpu = stat
-            proc = (pid, start)
-            live[pid] = proc
-            if baseline:
+            if stat is not None:
+                stats[pid] = stat
+        if baseline:
+            for pid, (_, start, cpu) in stats.items():
                 # Every process, whatever it is now: one that becomes ours or takes a role
                 # later is measured from here, not from its start.
-                self._start_cpu[proc] = cpu
-                self._read_threads(proc, baseline=True)
-                continue
-            if proc not in self._mine:
-                parent = live.get(ppid)
-                if ppid != self._me and (parent is None or parent not in self._mine):
+                self._start_cpu[(pid, start)] = cpu
+                self._read_threads((pid, start), baseline=True)
+            self.own_cpu_s += time.thread_time() - started
+            return
+        # Ours: this process's children, their children, and so on; to a fixed point, since
+        # after the pids wrap around a child can have a lower pid than its parent.
+        grown = True
+        while grown:
+            grown = False
+            for pid, (ppid, start, _) in stats.items():
+                if (pid, start) in self._mine:
                     continue
-                self._mine.add(proc)
+                parent = stats.get(ppid)
+                if ppid == self._me or (parent is not None and (ppid, parent[1]) in self._mine):
+                    self._mine.add((pid, start))
+                    grown = True
+        for pid, (_, start, cpu) in stats.items():
+            proc = (pid, start)
+            if proc not in self._mine:
+                continue
             cmdline = _read(_PROC / str(pid) / "cmdline")
             if cmdline:  # empty for a process that ended (a zombie): keep what it was
                 self._roles[proc] = self._role(cmdline.replace("\0", " "))
@@ -200,4 +215,3 @@ class CpuUse:
                 f["xla_cpu_s"] += run - run0
                 f["xla_wait_s"] += wait - wait0
         return {role: {k: round(v, 2) for k, v in f.items()} for role, f in out.items()}
-

@@ -454,15 +454,19 @@ def _cpu_table(r: dict) -> list[str]:
     if not local or not services or not any(local + services):
         return []
 
-    def median(rounds: list[dict], role: str, key: str, digits: int = 1) -> str:
+    def median(rounds: list[dict], role: str, key: str) -> str:
         values = [x.get(role, {}).get(key, 0.0) for x in rounds]
-        return f"{float(np.median(values)):.{digits}f}" if any(role in x for x in rounds) else "-"
+        return f"{float(np.median(values)):.1f}" if any(role in x for x in rounds) else "-"
+
+    def most(rounds: list[dict], role: str) -> str:
+        counts = [int(x.get(role, {}).get("processes", 0)) for x in rounds]
+        return str(max(counts)) if any(role in x for x in rounds) else "-"
 
     rows = []
     for role in _CPU_ROLES:
-        rows.append(f"| {role} | {median(local, role, 'processes', 0)} | "
+        rows.append(f"| {role} | {most(local, role)} | "
                     f"{median(local, role, 'cpu_s')} | {median(local, role, 'wait_s')} | "
-                    f"{median(services, role, 'processes', 0)} | {median(services, role, 'cpu_s')} "
+                    f"{most(services, role)} | {median(services, role, 'cpu_s')} "
                     f"| {median(services, role, 'wait_s')} |")
         if role == "training process":
             rows.append(f"| (its threads named {XLA_THREAD}, XLA:CPU's) | | "
@@ -472,14 +476,14 @@ def _cpu_table(r: dict) -> list[str]:
     sampler = r.get("reproduction_cpu_sampler_s")
     own = (f" The sampling itself used {np.median(sampler['local']):.1f} s (local) and "
            f"{np.median(sampler['services']):.1f} s (services) of CPU in the benchmark's process, "
-           "which the table leaves out." if sampler and sampler.get("local") else "")
+           "which the table leaves out." if sampler and sampler.get("local") and sampler.get("services") else "")
     return [
         "Where the machine's CPU went during the reproduction study, by process (benchmarks/"
         "cpu_use.py: the processes the benchmark started and their descendants; CPU seconds "
         "from /proc/<pid>/stat; run-queue wait: seconds the process's threads were ready to run "
         "but waited for a CPU, from each thread's schedstat; both sampled every 0.5 s, so lower "
-        "bounds; median over rounds, a process absent from a round counting 0 there; '-': no "
-        f"such process on that path).{own}",
+        "bounds; median over rounds, a process absent from a round counting 0 there; processes: "
+        f"the most in any round; '-': no such process on that path).{own}",
         "",
         "| process | local: processes | CPU s | wait s | services: processes | CPU s | wait s |",
         "|---|---:|---:|---:|---:|---:|---:|",

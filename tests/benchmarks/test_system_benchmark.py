@@ -57,6 +57,10 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     assert "| (its threads named tf_XLAEigen, XLA:CPU's) | | 60.0 | 4.0 | | 60.0 | 20.0 |" in text
     assert "| evaluator | - | - | - | 1 | 32.0 | 10.0 |" in text
     assert "The sampling itself" not in text  # not stored before it was measured
+    # A role absent from a round counts 0 in the CPU median; its processes: the most seen.
+    r["reproduction_services_cpu"][1]["controller"] = {**train, "processes": 2, "cpu_s": 4.0}
+    text = system.to_markdown(r)
+    assert "| controller | - | - | - | 2 | 2.0 | 5.0 |" in text
     r["reproduction_cpu_sampler_s"] = {"local": [0.5, 0.7], "services": [1.5, 1.9]}
     assert "The sampling itself used 0.6 s (local) and 1.7 s (services)" in system.to_markdown(r)
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
