@@ -20,6 +20,7 @@ process id starts from zero.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CpuUse", "role_of"]
+
+log = logging.getLogger(__name__)
 
 _PROC = Path("/proc")
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -115,6 +118,9 @@ class CpuUse:
             self._stop.set()
             self._thread.join()
             self._sample()
+            if self.failed_samples:
+                log.warning("%d of the CPU samples failed and were skipped: the figures miss "
+                            "what those samples would have added", self.failed_samples)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -122,6 +128,7 @@ class CpuUse:
                 self._sample()
             except Exception:  # noqa: BLE001 - a sample lost, not the measurement
                 self.failed_samples += 1
+                log.debug("a CPU sample failed", exc_info=True)
 
     def _sample(self, baseline: bool = False) -> None:
         started = time.thread_time()

@@ -176,3 +176,24 @@ def test_a_command_line_that_is_not_utf8_is_read():
         proc.kill()
         proc.wait()
     assert use.result()["spinners"]["processes"] == 1
+
+
+def test_a_sample_that_fails_is_skipped_and_said_at_the_end(caplog):
+    token = uuid.uuid4().hex
+    calls = {"n": 0}
+
+    def role(cmdline: str) -> str | None:
+        if token in cmdline:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second sample that sees the process
+                raise RuntimeError("a role function's bug")
+            return "spinners"
+        return None
+
+    with caplog.at_level("WARNING", logger="benchmarks.cpu_use"):
+        with CpuUse(interval_s=0.1, role=role) as use:
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)", token])
+            assert proc.wait() == 0
+    assert use.failed_samples == 1
+    assert use.result()["spinners"]["processes"] == 1
+    assert "1 of the CPU samples failed" in caplog.text
