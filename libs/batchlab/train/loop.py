@@ -401,6 +401,7 @@ class _Run:
 
             programs.init = init
         self._eval_sources: dict[str, Any] = {}
+        self._abstract: dict[str, Any] | None = None
         self.init_step: int | None = None
         if config.init_checkpoint is not None:
             # A source of another architecture is the caller's mistake: refuse it before training.
@@ -443,9 +444,16 @@ class _Run:
         return _initial_variables(self.model, self.workload, self.hparams, self.input_shape, key)
 
     def abstract_variables(self) -> dict[str, Any]:
-        """{"params", "batch_stats"} as shape/dtype leaves (batch_stats None without BN)."""
-        variables = jax.eval_shape(self._variables, jax.random.key(0))
-        return {"params": variables["params"], "batch_stats": variables.get("batch_stats")}
+        """{"params", "batch_stats"} as shape/dtype leaves (batch_stats None without BN).
+
+        Traced once per run object (the evaluation service asks at every checkpoint it
+        evaluates, and tracing the model's initialisation cost about as much as evaluating
+        a small model's point)."""
+        if self._abstract is None:
+            variables = jax.eval_shape(self._variables, jax.random.key(0))
+            self._abstract = {"params": variables["params"],
+                              "batch_stats": variables.get("batch_stats")}
+        return dict(self._abstract)
 
     def init_state(self) -> TrainState:
         key = jax.random.key(self.config.seed)

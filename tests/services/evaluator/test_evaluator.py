@@ -77,7 +77,14 @@ def test_evaluates_a_real_checkpoint_like_the_training_loop(tmp_path, monkeypatc
     assert response.metrics["validation/accuracy"] == pytest.approx(result.curve[-1]["validation/accuracy"], abs=1e-6)
     assert response.metrics["validation/loss"] == pytest.approx(result.curve[-1]["validation/loss"], rel=1e-5)
     # Every split of every point, exactly; a second trial with other hyperparameters reuses
-    # the compiled evaluation (only parameters and batch statistics are read).
+    # the compiled evaluation (only parameters and batch statistics are read), and the
+    # model's initialisation is not traced again for each checkpoint.
+    from batchlab.train import loop
+
+    traced = []
+    real_variables = loop._Run._variables
+    monkeypatch.setattr(loop._Run, "_variables",
+                        lambda self, *args: traced.append(1) or real_variables(self, *args))
     for step in (10, 20):
         response = servicer.Evaluate(_request(step=step, splits=["train", "validation"]),
                                      FakeContext())
@@ -85,6 +92,7 @@ def test_evaluates_a_real_checkpoint_like_the_training_loop(tmp_path, monkeypatc
         assert dict(response.metrics) == {k: v for k, v in point.items()
                                           if k.startswith(("train/", "validation/"))
                                           and k != "train/batch_loss"}
+    assert traced == []
 
 
 def _load_at(step):
