@@ -180,6 +180,18 @@ def test_services_run_with_grpc_fork_support_off_unless_the_environment_sets_it(
     assert stack._env(stack_module.SERVICES[0])["GRPC_ENABLE_FORK_SUPPORT"] == "1"
 
 
+def test_the_evaluator_alone_yields_the_cpus_unless_the_environment_sets_it(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.delenv("BATCHLAB_EVALUATOR_NICE", raising=False)
+    stack = Stack(tmp_path, environ={})
+    nice = {s.name: stack._env(s).get("BATCHLAB_EVALUATOR_NICE") for s in stack_module.SERVICES}
+    assert nice == {s.name: "19" if s.name == "evaluator" else None
+                    for s in stack_module.SERVICES}
+    monkeypatch.setenv("BATCHLAB_EVALUATOR_NICE", "0")
+    evaluator = next(s for s in stack_module.SERVICES if s.name == "evaluator")
+    assert stack._env(evaluator)["BATCHLAB_EVALUATOR_NICE"] == "0"
+
+
 @pytest.mark.parametrize("value", ["localhost", "host:port", ":50051", "h:70000"])
 def test_a_malformed_address_variable_is_named(tmp_path, value):
     with pytest.raises(StackError) as info:

@@ -63,6 +63,8 @@ STATE_DIR_ENV = "BATCHLAB_DATA_DIR"
 #: matters when its handlers are skipped is not known.
 FORK_SAFE_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0"}
 DEFAULT_HOST = "127.0.0.1"
+#: The evaluator's nice value on the embedded stack (BATCHLAB_EVALUATOR_NICE).
+EVALUATOR_NICE = 19
 _PROGRESS_EVERY_S = 5.0
 
 
@@ -286,6 +288,10 @@ class Stack:
         )
         for key, value in FORK_SAFE_ENV.items():
             env.setdefault(key, value)
+        if service.name == "evaluator":
+            # Evaluation overlaps training on the same CPUs: it yields them to the trainers
+            # (services.evaluator.server.lower_priority), unless the environment says otherwise.
+            env.setdefault("BATCHLAB_EVALUATOR_NICE", str(EVALUATOR_NICE))
         # The controller dials its peers (and tells trainers where it is) at these addresses;
         # the service's own address variable would otherwise be the user's, not the stack's.
         env.pop(peer_env_var(service.name), None)
