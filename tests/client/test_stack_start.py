@@ -185,7 +185,7 @@ def test_the_evaluator_alone_yields_the_cpus_unless_the_environment_sets_it(tmp_
     monkeypatch.delenv("BATCHLAB_EVALUATOR_NICE", raising=False)
     stack = Stack(tmp_path, environ={})
     nice = {s.name: stack._env(s).get("BATCHLAB_EVALUATOR_NICE") for s in stack_module.SERVICES}
-    assert nice == {s.name: "19" if s.name == "evaluator" else None
+    assert nice == {s.name: "10" if s.name == "evaluator" else None
                     for s in stack_module.SERVICES}
     monkeypatch.setenv("BATCHLAB_EVALUATOR_NICE", "0")
     evaluator = next(s for s in stack_module.SERVICES if s.name == "evaluator")

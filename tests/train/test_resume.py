@@ -110,3 +110,53 @@ def test_a_finished_run_resumed_does_nothing_more(baseline, make_config):
     assert rec.batches == []
     assert result.curve == baseline.result.curve
     assert_trees_equal(result.final_state, baseline.result.final_state)
+
+
+# Writes a replicated state the way RunCheckpointer did before 2026-12-01 (orbax, jax.Arrays
+# on every device of this process), or restores it with RunCheckpointer; prints the result.
+_DEVICES_SCRIPT = """
+import json, sys
+import jax, numpy as np
+import orbax.checkpoint as ocp
+from batchlab.train.checkpoint import RunCheckpointer
+from batchlab.train.parallel import DataParallel
+mode, folder = sys.argv[1], sys.argv[2]
+dp = DataParallel()
+state = dp.put_replicated({"step": np.int32(5), "rng": np.array([1, 2], np.uint32),
+                           "params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}})
+if mode == "save":
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave({"step": 7})))
+    manager.wait_until_finished()
+    manager.close()
+    print(json.dumps({"devices": jax.device_count()}))
+else:
+    checkpointer = RunCheckpointer(folder)
+    restored, meta = checkpointer.restore(state)
+    checkpointer.close()
+    restored = dp.put_replicated(restored)
+    print(json.dumps({"devices": jax.device_count(), "meta": meta,
+                      "w": np.asarray(restored["params"]["w"]).tolist(),
+                      "rng": np.asarray(restored["rng"]).tolist()}))
+"""
+
+
+def test_a_checkpoint_of_jax_arrays_from_two_devices_restores_on_one(tmp_path):
+    """Checkpoints written as jax.Arrays name the devices that wrote them: a trial resumed
+    on a trainer with another device count must still read them (as numpy, then placed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def child(mode, devices):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, mode, str(tmp_path / "c")],
+                             env=env, check=True, capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert child("save", 2)["devices"] == 2
+    got = child("restore", 1)
+    assert got == {"devices": 1, "meta": {"step": 7}, "w": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]],
+                   "rng": [1, 2]}

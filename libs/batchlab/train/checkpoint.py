@@ -12,6 +12,7 @@ before anything trains, so a source of another architecture is a ValueError nami
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -69,6 +70,7 @@ class RunCheckpointer:
                 max_to_keep=max_to_keep, create=False,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(
                     primary_host=index, active_processes={index}))
+        self._options = options
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -98,15 +100,27 @@ class RunCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        # Host numpy arrays back (as saved); the caller replicates them over its devices.
-        abstract_state = jax.tree.map(_host_copy, abstract_state)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
+        # Host numpy arrays back, whatever devices wrote the checkpoint (one saved as
+        # jax.Arrays, as before 2026-12-01, names its devices, and orbax refuses to place it
+        # on others); the caller replicates them over its own devices.
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype),  # type: ignore[no-untyped-call]
+            abstract_state)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+        # A manager of its own: the saving one binds the item to StandardSave's handler, and
+        # a later save after a restore through PyTreeRestore would be refused.
+        reader = ocp.CheckpointManager(self.directory, options=dataclasses.replace(
+            self._options, read_only=True, create=False))
+        try:
+            restored = reader.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        finally:
+            reader.close()
         return restored["state"], dict(restored["meta"])
 
     def variables_metadata(self, step: int | None = None) -> dict[str, Any]:

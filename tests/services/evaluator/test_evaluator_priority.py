@@ -37,7 +37,7 @@ def _child(value: str, *, new_session: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("value", ["-1", "20", "nice", "1.5"])
+@pytest.mark.parametrize("value", ["-1", "20", "nice", "1.5", "\u00b2", "007"])
 def test_a_bad_value_is_refused_naming_the_variable(value):
     with pytest.raises(ValueError, match=NICE_ENV):
         lower_priority({NICE_ENV: value})
@@ -56,12 +56,27 @@ def test_a_session_leader_lowers_every_thread_and_its_sessions_group():
         assert got["group"].endswith("nice 7")
 
 
-def test_a_process_in_another_session_leaves_that_sessions_group_alone():
-    group = Path("/proc/self/autogroup")
-    before = group.read_text().strip() if group.exists() else None
-    got = _child("5", new_session=False)
-    assert set(got["nices"]) == {5}
-    # The child shares this test's session: its group (a person's terminal, say) keeps its
-    # priority.
-    assert got["group"] == before
-    assert (group.read_text().strip() if group.exists() else None) == before
+# Leads a session of its own (a stand-in for a person's terminal, so that a regression
+# cannot lower the priority of the session running the tests) and starts the child in it.
+_SESSION = """
+import json, subprocess, sys
+from pathlib import Path
+group = Path("/proc/self/autogroup")
+before = group.read_text().strip() if group.exists() else None
+out = subprocess.run([sys.executable, "-c", sys.argv[1], "5"], check=True,
+                     capture_output=True, text=True).stdout
+after = group.read_text().strip() if group.exists() else None
+print(json.dumps({"child": json.loads(out.strip().splitlines()[-1]), "before": before,
+                  "after": after}))
+"""
+
+
+def test_a_process_that_does_not_lead_its_session_leaves_the_sessions_group_alone():
+    out = subprocess.run([sys.executable, "-c", _SESSION, _CHILD], check=True,
+                         capture_output=True, text=True, start_new_session=True, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(got["child"]["nices"]) == {5}
+    # The child shares the session's group, which keeps its priority.
+    assert got["child"]["group"] == got["before"] == got["after"]
+    if got["before"] is not None:
+        assert got["before"].endswith("nice 0")
