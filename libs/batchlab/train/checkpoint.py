@@ -61,9 +61,9 @@ class RunCheckpointer:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
-        self._process_local = jax.process_count() > 1
+        process_local = jax.process_count() > 1
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        if self._process_local:
+        if process_local:
             index = jax.process_index()
             self.directory.mkdir(parents=True, exist_ok=True)  # orbax: no create= with a subset
             options = ocp.CheckpointManagerOptions(
