@@ -63,6 +63,10 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     assert "| controller | - | - | - | 2 | 2.0 | 5.0 |" in text
     r["reproduction_cpu_sampler_s"] = {"local": [0.5, 0.7], "services": [1.5, 1.9]}
     assert "The sampling itself used 0.6 s (local) and 1.7 s (services)" in system.to_markdown(r)
+    # The interval the figures were sampled at: as stored, 0.5 s for results stored before it was.
+    assert "sampled every 0.5 s, so lower bounds" in system.to_markdown(r)
+    r["reproduction_cpu_sample_interval_s"] = 2.0
+    assert "sampled every 2 s, so lower bounds" in system.to_markdown(r)
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
     del r["reproduction_local_cpu"]
     assert "run-queue wait" not in system.to_markdown(r)
