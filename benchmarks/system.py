@@ -251,6 +251,7 @@ def run(*, rounds: int = 2) -> dict:
     repro_services_parts: list[dict[str, float]] = []
     repro_cpu: dict[str, list[dict]] = {"local": [], "services": []}
     repro_sampler: dict[str, list[float]] = {"local": [], "services": []}
+    repro_intervals: set[float] = set()  # the intervals the sampling actually used
     repro_spec = _reproduction_spec()
     for i in range(rounds):
         # Which side goes first alternates by round, so drift on a shared machine hits both.
@@ -274,7 +275,8 @@ def run(*, rounds: int = 2) -> dict:
                 local_totals, services_totals, local_breakdowns, services_breakdowns = figures
                 for side in order:
                     # Where the machine's CPU went, for the study the system exists for.
-                    with (CpuUse(interval_s=CPU_SAMPLE_S) if folder == "repro" else contextlib.nullcontext()) as use:
+                    sampler = CpuUse(interval_s=CPU_SAMPLE_S) if folder == "repro" else None
+                    with sampler or contextlib.nullcontext() as use:
                         if side == "local":
                             total = _local(root / folder, spec, parallel=1, warm=False)[0]
                             local_totals.append(total)
@@ -287,6 +289,7 @@ def run(*, rounds: int = 2) -> dict:
                     if use is not None:
                         repro_cpu[side].append(use.result())
                         repro_sampler[side].append(round(use.own_cpu_s, 2))
+                        repro_intervals.add(use.interval_s)
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -315,7 +318,9 @@ def run(*, rounds: int = 2) -> dict:
         "reproduction_services_cpu": repro_cpu["services"],
         # Per round: the CPU seconds the sampling itself used, in the benchmark's process.
         "reproduction_cpu_sampler_s": repro_sampler,
-        "reproduction_cpu_sample_interval_s": CPU_SAMPLE_S,
+        # The interval the sampling used (a list if rounds differed; none differ today).
+        "reproduction_cpu_sample_interval_s": (next(iter(repro_intervals)) if len(repro_intervals) == 1
+                                               else sorted(repro_intervals)),
     }
 
 
@@ -454,6 +459,11 @@ _CPU_ROLES = ("training process", "evaluator", "controller", "sharding, checkpoi
               "Ray's own processes", "local run's driver")
 
 
+def _seconds(value: float | list[float]) -> str:
+    """A stored interval, or the intervals of rounds that differed, for the text."""
+    return " and ".join(f"{x:g}" for x in value) if isinstance(value, list) else f"{value:g}"
+
+
 def _cpu_table(r: dict) -> list[str]:
     """Where the machine's CPU went during the reproduction study (benchmarks.cpu_use): CPU
     seconds and run-queue waits by role, median over rounds (a role absent from a round
@@ -490,7 +500,7 @@ def _cpu_table(r: dict) -> list[str]:
         "cpu_use.py: the processes the benchmark started and their descendants; CPU seconds "
         "from /proc/<pid>/stat; run-queue wait: seconds the process's threads were ready to run "
         "but waited for a CPU, from each thread's schedstat; both sampled every "
-        f"{r.get('reproduction_cpu_sample_interval_s', 0.5):g} s, so lower "
+        f"{_seconds(r.get('reproduction_cpu_sample_interval_s', 0.5))} s, so lower "
         "bounds; median over rounds, a process absent from a round counting 0 there; processes: "
         f"the most in any round; '-': no such process on that path).{own}",
         "",

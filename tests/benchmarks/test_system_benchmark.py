@@ -67,6 +67,8 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     assert "sampled every 0.5 s, so lower bounds" in system.to_markdown(r)
     r["reproduction_cpu_sample_interval_s"] = 2.0
     assert "sampled every 2 s, so lower bounds" in system.to_markdown(r)
+    r["reproduction_cpu_sample_interval_s"] = [0.5, 2.0]
+    assert "sampled every 0.5 and 2 s, so lower bounds" in system.to_markdown(r)
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
     del r["reproduction_local_cpu"]
     assert "run-queue wait" not in system.to_markdown(r)
