@@ -29,7 +29,9 @@ momentum.yaml: Nesterov and LARS, 16 tuning trials and 7 seed reruns each, 46 ru
 1-D ResNet, 240 steps, about 1.8 s each), the study benchmarks/parallel_trials.py times.
 While it runs, benchmarks.cpu_use records where the machine's CPU went, by process (the
 training process, each service, Ray's own processes): CPU seconds and the seconds their
-threads waited for a CPU, sampled every CPU_SAMPLE_S.
+threads waited for a CPU. It does so in one extra round of that study on each side, after the
+timed rounds and not timed itself, so that the sampling (in the benchmark's own process, on the
+same cores) weighs on no timed figure.
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ __all__ = ["run", "to_markdown"]
 
 TARGET = 1.10
 
-# The CPU sampling interval during the reproduction study. Each sample reads three /proc files
-# per thread of every process measured, and the stack has far more threads than local run
-# (Ray's processes and workers): sampled every 0.5 s it used 8.1-9.1 s of CPU beside the
-# services and 2.2-2.5 s beside local run (system benchmark, 2026-12-01 23:16 and 23:50 UTC),
-# in the benchmark's own process, which competes for the two cores here with what it times.
-CPU_SAMPLE_S = 2.0
+# The CPU sampling interval of the untimed CPU round. Each sample reads three /proc files per
+# thread of every process measured, and the stack has far more threads than local run (Ray's
+# processes and workers): sampled every 0.5 s during timed rounds it used 8.1-9.1 s of CPU
+# beside the services and 2.2-2.5 s beside local run (system benchmark, 2026-12-01 23:16 and
+# 23:50 UTC), every 2 s 1.7-2.5 s and 0.6 s (2026-12-02 00:55 and 01:14 UTC), in the
+# benchmark's own process, which competes for the two cores with what it runs. Hence a round
+# of its own, untimed.
+CPU_SAMPLE_S = 0.5
 
 SPEC = {
     "name": "system-overhead",
@@ -239,9 +243,15 @@ def _paired(local: list, services: list) -> float:
     return float(np.median([b / a for a, b in zip(local, services, strict=True)]))
 
 
-def run(*, rounds: int = 2) -> dict:
+def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
     """Run each study on both paths ``rounds`` times (which goes first alternates by round);
-    report medians and, as each ratio, the median of the rounds' services / local ratios."""
+    report medians and, as each ratio, the median of the rounds' services / local ratios.
+
+    Args:
+      rounds: timed rounds.
+      cpu_round: then run the reproduction study once more on each side, untimed, under
+        benchmarks.cpu_use (where the machine's CPU went).
+    """
     local_cold, local_warm, services_cold, services_warm, startups = [], [], [], [], []
     large_local, large_services = [], []
     local_parts: list[dict[str, float]] = []
@@ -274,22 +284,26 @@ def run(*, rounds: int = 2) -> dict:
                                            repro_services_parts))):
                 local_totals, services_totals, local_breakdowns, services_breakdowns = figures
                 for side in order:
-                    # Where the machine's CPU went, for the study the system exists for.
-                    sampler = CpuUse(interval_s=CPU_SAMPLE_S) if folder == "repro" else None
-                    with sampler or contextlib.nullcontext() as use:
-                        if side == "local":
-                            total = _local(root / folder, spec, parallel=1, warm=False)[0]
-                            local_totals.append(total)
-                            local_breakdowns.append(_breakdown(
-                                total, _run_results(root / folder / "local_out" / "cold")))
-                        else:
-                            total, parts = _services_cold(root / folder, spec)
-                            services_totals.append(total)
-                            services_breakdowns.append(parts)
-                    if use is not None:
-                        repro_cpu[side].append(use.result())
-                        repro_sampler[side].append(round(use.own_cpu_s, 2))
-                        repro_intervals.add(use.interval_s)
+                    if side == "local":
+                        total = _local(root / folder, spec, parallel=1, warm=False)[0]
+                        local_totals.append(total)
+                        local_breakdowns.append(_breakdown(
+                            total, _run_results(root / folder / "local_out" / "cold")))
+                    else:
+                        total, parts = _services_cold(root / folder, spec)
+                        services_totals.append(total)
+                        services_breakdowns.append(parts)
+    # Where the machine's CPU went, for the study the system exists for: a round of its own.
+    for side in ("local", "services") if cpu_round else ():
+        with tempfile.TemporaryDirectory(prefix="batchlab-system-cpu-") as tmp, \
+                CpuUse(interval_s=CPU_SAMPLE_S) as use:
+            if side == "local":
+                _local(Path(tmp), repro_spec, parallel=1, warm=False)
+            else:
+                _services_cold(Path(tmp), repro_spec)
+        repro_cpu[side].append(use.result())
+        repro_sampler[side].append(round(use.own_cpu_s, 2))
+        repro_intervals.add(use.interval_s)
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -313,14 +327,15 @@ def run(*, rounds: int = 2) -> dict:
         "ratio_cold_reproduction_rounds": _round_ratios(repro_local, repro_services),
         "reproduction_local_breakdown": repro_local_parts,
         "reproduction_services_breakdown": repro_services_parts,
-        # Per round (in the order of reproduction_*_cold_s): benchmarks.cpu_use's figures.
+        # benchmarks.cpu_use's figures, from the untimed CPU round (one entry per side).
         "reproduction_local_cpu": repro_cpu["local"],
         "reproduction_services_cpu": repro_cpu["services"],
-        # Per round: the CPU seconds the sampling itself used, in the benchmark's process.
+        # The CPU seconds the sampling itself used, in the benchmark's process.
         "reproduction_cpu_sampler_s": repro_sampler,
         # The interval the sampling used (a list if rounds differed; none differ today).
         "reproduction_cpu_sample_interval_s": (next(iter(repro_intervals)) if len(repro_intervals) == 1
                                                else sorted(repro_intervals)),
+        "reproduction_cpu_untimed": cpu_round,
     }
 
 
@@ -491,6 +506,10 @@ def _cpu_table(r: dict) -> list[str]:
                         f"{median(local, role, 'xla_cpu_s')} | {median(local, role, 'xla_wait_s')} "
                         f"| | {median(services, role, 'xla_cpu_s')} | "
                         f"{median(services, role, 'xla_wait_s')} |")
+    where = ("from one more run of the study on each side after the timed rounds, itself untimed "
+             "(the sampling weighs on no timed figure)" if r.get("reproduction_cpu_untimed") else
+             "median over the timed rounds, which the sampling ran beside, a process absent from "
+             "a round counting 0 there; processes: the most in any round")
     sampler = r.get("reproduction_cpu_sampler_s")
     own = (f" The sampling itself used {np.median(sampler['local']):.1f} s (local) and "
            f"{np.median(sampler['services']):.1f} s (services) of CPU in the benchmark's process, "
@@ -501,8 +520,7 @@ def _cpu_table(r: dict) -> list[str]:
         "from /proc/<pid>/stat; run-queue wait: seconds the process's threads were ready to run "
         "but waited for a CPU, from each thread's schedstat; both sampled every "
         f"{_seconds(r.get('reproduction_cpu_sample_interval_s', 0.5))} s, so lower "
-        "bounds; median over rounds, a process absent from a round counting 0 there; processes: "
-        f"the most in any round; '-': no such process on that path).{own}",
+        f"bounds; {where}; '-': no such process on that path).{own}",
         "",
         "| process | local: processes | CPU s | wait s | services: processes | CPU s | wait s |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -69,6 +69,13 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     assert "sampled every 2 s, so lower bounds" in system.to_markdown(r)
     r["reproduction_cpu_sample_interval_s"] = [0.5, 2.0]
     assert "sampled every 0.5 and 2 s, so lower bounds" in system.to_markdown(r)
+    # Where the figures come from: the timed rounds (results stored before 2026-12-02 02:00 UTC)
+    # or a round of their own that nothing times.
+    assert "median over the timed rounds, which the sampling ran beside" in system.to_markdown(r)
+    r["reproduction_cpu_untimed"] = True
+    text = system.to_markdown(r)
+    assert "from one more run of the study on each side after the timed rounds" in text
+    assert "median over the timed rounds" not in text
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
     del r["reproduction_local_cpu"]
     assert "run-queue wait" not in system.to_markdown(r)
