@@ -27,11 +27,11 @@ Each round also runs one study of the work the system exists for, cold on both s
 search replicate of the CPU reproduction's batch-128 studies (experiments/reproduction/
 momentum.yaml: Nesterov and LARS, 16 tuning trials and 7 seed reruns each, 46 runs of the
 1-D ResNet, 240 steps, about 1.8 s each), the study benchmarks/parallel_trials.py times.
-While it runs, benchmarks.cpu_use records where the machine's CPU went, by process (the
-training process, each service, Ray's own processes): CPU seconds and the seconds their
-threads waited for a CPU. It does so in one extra round of that study on each side, after the
-timed rounds and not timed itself, so that the sampling (in the benchmark's own process, on the
-same cores) weighs on no timed figure.
+After the timed rounds, that study runs once more on each side, untimed, while
+benchmarks.cpu_use records where the machine's CPU went, by process (the training process,
+each service, Ray's own processes): CPU seconds and the seconds their threads waited for a
+CPU. The sampling runs in the benchmark's own process, on the same cores, so it weighs on no
+timed figure.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
     repro_services_parts: list[dict[str, float]] = []
     repro_cpu: dict[str, list[dict]] = {"local": [], "services": []}
     repro_sampler: dict[str, list[float]] = {"local": [], "services": []}
-    repro_intervals: set[float] = set()  # the intervals the sampling actually used
+    repro_intervals: set[float] = set()  # the interval the sampling actually used
     repro_spec = _reproduction_spec()
     for i in range(rounds):
         # Which side goes first alternates by round, so drift on a shared machine hits both.
@@ -332,9 +332,9 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
         "reproduction_services_cpu": repro_cpu["services"],
         # The CPU seconds the sampling itself used, in the benchmark's process.
         "reproduction_cpu_sampler_s": repro_sampler,
-        # The interval the sampling used (a list if rounds differed; none differ today).
-        "reproduction_cpu_sample_interval_s": (next(iter(repro_intervals)) if len(repro_intervals) == 1
-                                               else sorted(repro_intervals)),
+        # The interval the sampling used (None: no CPU round).
+        "reproduction_cpu_sample_interval_s": (next(iter(repro_intervals))
+                                               if repro_intervals else None),
         "reproduction_cpu_untimed": cpu_round,
     }
 
@@ -475,14 +475,15 @@ _CPU_ROLES = ("training process", "evaluator", "controller", "sharding, checkpoi
 
 
 def _seconds(value: float | list[float]) -> str:
-    """A stored interval, or the intervals of rounds that differed, for the text."""
+    """A stored sampling interval (or a list of them) for the text."""
     return " and ".join(f"{x:g}" for x in value) if isinstance(value, list) else f"{value:g}"
 
 
 def _cpu_table(r: dict) -> list[str]:
     """Where the machine's CPU went during the reproduction study (benchmarks.cpu_use): CPU
-    seconds and run-queue waits by role, median over rounds (a role absent from a round
-    counts 0 there)."""
+    seconds and run-queue waits by role, from the untimed CPU round (results stored before
+    2026-12-02 02:00 UTC: median over the timed rounds, a role absent from a round counting
+    0 there)."""
     local, services = r.get("reproduction_local_cpu"), r.get("reproduction_services_cpu")
     if not local or not services or not any(local + services):
         return []

@@ -79,3 +79,61 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     # Stored before the table existed, or measured where /proc has no schedstat: no table.
     del r["reproduction_local_cpu"]
     assert "run-queue wait" not in system.to_markdown(r)
+
+
+def test_no_timed_figure_is_taken_while_cpu_is_sampled(monkeypatch, tmp_path):
+    """run() with the studies stubbed: the timed rounds run without the sampler; the CPU round
+    runs the reproduction study once per side, after them, each in a folder of its own."""
+    sampling: list[bool] = []  # True while a sampler is active
+    calls: list[tuple[str, str, bool, str]] = []  # (side, spec name, sampled, folder)
+
+    class FakeCpuUse:
+        def __init__(self, interval_s: float = 0.5, **_: object):
+            self.interval_s, self.own_cpu_s = interval_s, 0.1
+
+        def __enter__(self) -> FakeCpuUse:
+            sampling.append(True)
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            sampling.pop()
+
+        def result(self) -> dict:
+            return {"training process": {"processes": 1, "cpu_s": 1.0, "wait_s": 0.0,
+                                         "xla_cpu_s": 0.0, "xla_wait_s": 0.0}}
+
+    def fake_local(root, spec=system.SPEC, *, parallel=None, warm=True):
+        calls.append(("local", spec["name"], bool(sampling), str(root)))
+        return 10.0, (5.0 if warm else None)
+
+    def fake_services(root):
+        calls.append(("services", system.SPEC["name"], bool(sampling), str(root)))
+        return 11.0, 4.0, 6.0
+
+    def fake_services_cold(root, spec):
+        calls.append(("services", spec["name"], bool(sampling), str(root)))
+        return 11.0, {"runs": 1, "first_step_s": 1.0, "train_s": 5.0, "rest_of_run_s": 1.0,
+                      "outside_runs_s": 4.0}
+
+    monkeypatch.setattr(system, "CpuUse", FakeCpuUse)
+    monkeypatch.setattr(system, "_local", fake_local)
+    monkeypatch.setattr(system, "_services", fake_services)
+    monkeypatch.setattr(system, "_services_cold", fake_services_cold)
+    monkeypatch.setattr(system, "_run_results", lambda folder: [])
+    monkeypatch.setattr(system, "_reproduction_spec", lambda: {**system.SPEC, "name": "repro"})
+    r = system.run(rounds=2)
+    timed, sampled = calls[:-2], calls[-2:]
+    assert len(timed) == 2 * 2 * 3 and not any(c[2] for c in timed)
+    assert [(c[0], c[1], c[2]) for c in sampled] == [("local", "repro", True),
+                                                     ("services", "repro", True)]
+    # Each side of the CPU round in a folder of its own, none of the timed rounds'.
+    assert len({c[3] for c in sampled}) == 2 and not {c[3] for c in sampled} & {c[3] for c in timed}
+    assert r["reproduction_cpu_untimed"] is True
+    assert r["reproduction_cpu_sample_interval_s"] == system.CPU_SAMPLE_S
+    assert len(r["reproduction_local_cpu"]) == len(r["reproduction_services_cpu"]) == 1
+    assert len(r["ratio_cold_reproduction_rounds"]) == 2
+    assert "from one more run of the study on each side" in system.to_markdown(r)
+    calls.clear()
+    r = system.run(rounds=1, cpu_round=False)
+    assert not any(c[2] for c in calls) and r["reproduction_cpu_sample_interval_s"] is None
+    assert "run-queue wait" not in system.to_markdown(r)
