@@ -261,7 +261,7 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
     repro_services_parts: list[dict[str, float]] = []
     repro_cpu: dict[str, list[dict]] = {"local": [], "services": []}
     repro_sampler: dict[str, list[float]] = {"local": [], "services": []}
-    repro_intervals: set[float] = set()  # the interval the sampling actually used
+    sample_interval: float | None = None  # the interval the sampling used (None: no CPU round)
     repro_spec = _reproduction_spec()
     for i in range(rounds):
         # Which side goes first alternates by round, so drift on a shared machine hits both.
@@ -303,7 +303,7 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
                 _services_cold(Path(tmp), repro_spec)
         repro_cpu[side].append(use.result())
         repro_sampler[side].append(round(use.own_cpu_s, 2))
-        repro_intervals.add(use.interval_s)
+        sample_interval = use.interval_s
     return {
         "local_cold_s": [round(x, 1) for x in local_cold],
         "services_cold_s": [round(x, 1) for x in services_cold],
@@ -332,9 +332,7 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
         "reproduction_services_cpu": repro_cpu["services"],
         # The CPU seconds the sampling itself used, in the benchmark's process.
         "reproduction_cpu_sampler_s": repro_sampler,
-        # The interval the sampling used (None: no CPU round).
-        "reproduction_cpu_sample_interval_s": (next(iter(repro_intervals))
-                                               if repro_intervals else None),
+        "reproduction_cpu_sample_interval_s": sample_interval,
         "reproduction_cpu_untimed": cpu_round,
     }
 
@@ -474,11 +472,6 @@ _CPU_ROLES = ("training process", "evaluator", "controller", "sharding, checkpoi
               "Ray's own processes", "local run's driver")
 
 
-def _seconds(value: float | list[float]) -> str:
-    """A stored sampling interval (or a list of them) for the text."""
-    return " and ".join(f"{x:g}" for x in value) if isinstance(value, list) else f"{value:g}"
-
-
 def _cpu_table(r: dict) -> list[str]:
     """Where the machine's CPU went during the reproduction study (benchmarks.cpu_use): CPU
     seconds and run-queue waits by role, from the untimed CPU round (results stored before
@@ -520,7 +513,7 @@ def _cpu_table(r: dict) -> list[str]:
         "cpu_use.py: the processes the benchmark started and their descendants; CPU seconds "
         "from /proc/<pid>/stat; run-queue wait: seconds the process's threads were ready to run "
         "but waited for a CPU, from each thread's schedstat; both sampled every "
-        f"{_seconds(r.get('reproduction_cpu_sample_interval_s', 0.5))} s, so lower "
+        f"{r.get('reproduction_cpu_sample_interval_s', 0.5):g} s, so lower "
         f"bounds; {where}; '-': no such process on that path).{own}",
         "",
         "| process | local: processes | CPU s | wait s | services: processes | CPU s | wait s |",

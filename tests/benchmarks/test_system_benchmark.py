@@ -67,8 +67,6 @@ def test_the_cpu_table_shows_each_roles_median_and_marks_roles_a_path_lacks():
     assert "sampled every 0.5 s, so lower bounds" in system.to_markdown(r)
     r["reproduction_cpu_sample_interval_s"] = 2.0
     assert "sampled every 2 s, so lower bounds" in system.to_markdown(r)
-    r["reproduction_cpu_sample_interval_s"] = [0.5, 2.0]
-    assert "sampled every 0.5 and 2 s, so lower bounds" in system.to_markdown(r)
     # Where the figures come from: the timed rounds (results stored before 2026-12-02 02:00 UTC)
     # or a round of their own that nothing times.
     assert "median over the timed rounds, which the sampling ran beside" in system.to_markdown(r)
