@@ -87,7 +87,8 @@ def lower_priority(environ: Mapping[str, str] | None = None) -> int:
             except BlockingIOError:
                 # EAGAIN: without CAP_SYS_ADMIN the kernel takes one such write on the
                 # machine per 100 ms.
-                time.sleep(0.15 * (attempt + 1))
+                if attempt + 1 < _AUTOGROUP_TRIES:
+                    time.sleep(0.15 * (attempt + 1))
             except OSError as error:
                 log.warning("could not lower the priority of this session's scheduling "
                             "group (%s): %s", autogroup, error)
