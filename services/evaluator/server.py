@@ -101,9 +101,7 @@ def lower_priority(environ: Mapping[str, str] | None = None) -> int:
 
 
 def make_registrations(metrics: Metrics) -> list[Registration]:
-    """Lowers the CPU priority if asked, connects to the checkpoint service and builds the
-    servicer."""
-    lower_priority()
+    """Connects to the checkpoint service and builds the servicer."""
     address = peer_address("checkpoints")
     client = CheckpointClient(channel(address, token=os.environ.get("BATCHLAB_AUTH_TOKEN") or None))
 
@@ -124,8 +122,11 @@ def make_registrations(metrics: Metrics) -> list[Registration]:
 def main() -> int:
     """Serves until SIGTERM or SIGINT; returns the exit status."""
     # Imported before serving: see run_service's preload (the evaluation loads datasets).
+    # The priority is lowered first: on the embedded stack these imports (JAX, about 1.7 s
+    # of CPU) overlap the controller's start of Ray, which `batchlab up` waits for.
     return run_service("evaluator", default_port=DEFAULT_PORT, make_registrations=make_registrations,
-                       preload=("batchlab.data.builders", "batchlab.train.evaluate"))
+                       preload=("batchlab.data.builders", "batchlab.train.evaluate"),
+                       prepare=lower_priority)
 
 
 if __name__ == "__main__":

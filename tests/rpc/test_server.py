@@ -249,6 +249,48 @@ def test_preloaded_modules_are_imported_before_any_servicer_exists(tmp_path, mon
     assert seen == [True]
 
 
+def test_prepare_runs_before_the_preload_and_a_bad_setting_there_ends_with_status_2(
+        tmp_path, monkeypatch, caplog):
+    """The evaluator lowers its priority in ``prepare`` so that its imports yield to the
+    controller's start: it must run before the preload, and its errors are configuration
+    errors (one log line, status 2), as in make_registrations."""
+    import sys
+
+    from batchlab.rpc.server import run_service
+
+    (tmp_path / "prepare_probe_module.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "prepare_probe_module", raising=False)
+    seen = []
+
+    def prepare():
+        seen.append("prepare_probe_module" in sys.modules)
+        raise ValueError("BATCHLAB_EVALUATOR_NICE must be an integer from 0 to 19; got 'x'")
+
+    def make_registrations(metrics):  # pragma: no cover - must not be reached
+        seen.append("registrations")
+        return []
+
+    environ = {"BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_SHARDING_PORT": "0"}
+    with caplog.at_level("ERROR"):
+        assert run_service("sharding", default_port=0, make_registrations=make_registrations,
+                           environ=environ, preload=("prepare_probe_module",),
+                           prepare=prepare) == 2
+    assert seen == [False]  # before the preload, and nothing after the error
+    assert "prepare_probe_module" not in sys.modules
+    assert "BATCHLAB_EVALUATOR_NICE must be an integer" in caplog.text
+
+
+def test_the_evaluator_lowers_its_priority_before_its_preload(monkeypatch):
+    from services.evaluator import server
+
+    calls = []
+    monkeypatch.setattr(server, "run_service", lambda *args, **kwargs: calls.append(kwargs) or 0)
+    assert server.main() == 0
+    assert calls[0]["prepare"] is server.lower_priority
+    assert calls[0]["preload"]
+
+
 @pytest.mark.parametrize("service", ["evaluator", "sharding"])
 def test_services_that_load_datasets_preload_tensorflow_datasets(service, monkeypatch):
     import importlib

@@ -749,6 +749,7 @@ def run_service(
     make_registrations: Callable[[Any], Iterable[Registration]],
     environ: Mapping[str, str] | None = None,
     preload: Sequence[str] = (),
+    prepare: Callable[[], Any] | None = None,
 ) -> int:
     """The whole main of a service: settings, metrics endpoint, server, serve until a signal.
 
@@ -768,6 +769,9 @@ def run_service(
         thread meanwhile failed in gRPC itself ("'LazyModule' object is not callable") and was
         never answered, so its caller waited out its deadline (seen in the evaluator: a
         30-minute hang of a 16-run benchmark).
+      prepare: called once logging is set up, before the preload (the evaluator lowers its
+        CPU priority there, so that its imports yield to the controller's start); errors as
+        for ``make_registrations``.
 
     Returns:
       The process exit status: 0 after a signalled stop, 2 for a configuration error.
@@ -777,6 +781,12 @@ def run_service(
     from batchlab.rpc.metrics import make_metrics, start_metrics_server
 
     configure_logging(environ)
+    try:
+        if prepare is not None:
+            prepare()
+    except (RuntimeError, ValueError, OSError) as exc:
+        logger.error("%s cannot start: %s", name, exc)
+        return EXIT_CONFIGURATION
     for module in preload:
         importlib.import_module(module)
     try:

@@ -163,3 +163,17 @@ def test_the_controller_reads_the_common_server_settings_as_every_server_does():
     for value in ("0", "-5", "later", "inf", "nan", "1e10"):
         with pytest.raises(ValueError, match="BATCHLAB_EVALUATE_TIMEOUT_SECONDS must be"):
             ControllerConfig.from_env({**base, "BATCHLAB_EVALUATE_TIMEOUT_SECONDS": value})
+
+
+def test_the_controllers_module_does_not_import_scipy():
+    """`batchlab up` waits for the controller's start of Ray, which follows its imports;
+    scipy.stats (used by the bootstrap verdicts' t interval, batchlab.search.compare) cost
+    that start about 0.7 s of CPU when imported with the module."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, services.controller.server; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"],
+        check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
