@@ -262,8 +262,10 @@ def test_prepare_runs_before_the_preload_and_a_bad_setting_there_ends_with_statu
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "prepare_probe_module", raising=False)
     seen = []
+    environ = {"BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_SHARDING_PORT": "0"}
 
-    def prepare():
+    def prepare(given):
+        assert given is environ
         seen.append("prepare_probe_module" in sys.modules)
         raise ValueError("BATCHLAB_EVALUATOR_NICE must be an integer from 0 to 19; got 'x'")
 
@@ -271,7 +273,6 @@ def test_prepare_runs_before_the_preload_and_a_bad_setting_there_ends_with_statu
         seen.append("registrations")
         return []
 
-    environ = {"BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_SHARDING_PORT": "0"}
     with caplog.at_level("ERROR"):
         assert run_service("sharding", default_port=0, make_registrations=make_registrations,
                            environ=environ, preload=("prepare_probe_module",),
@@ -281,7 +282,8 @@ def test_prepare_runs_before_the_preload_and_a_bad_setting_there_ends_with_statu
     assert "BATCHLAB_EVALUATOR_NICE must be an integer" in caplog.text
 
 
-def test_the_evaluator_lowers_its_priority_before_its_preload(monkeypatch):
+def test_the_evaluator_lowers_its_priority_before_its_preload_and_only_there(monkeypatch):
+    from batchlab.rpc.metrics import make_metrics
     from services.evaluator import server
 
     calls = []
@@ -289,6 +291,37 @@ def test_the_evaluator_lowers_its_priority_before_its_preload(monkeypatch):
     assert server.main() == 0
     assert calls[0]["prepare"] is server.lower_priority
     assert calls[0]["preload"]
+    # Not again when the servicer is built: a second write of the session's scheduling group
+    # could meet the kernel's rate limit (EAGAIN) and wait.
+    lowered = []
+    monkeypatch.setattr(server, "lower_priority", lambda *args: lowered.append(args))
+    monkeypatch.setenv("BATCHLAB_CHECKPOINTS_ADDR", "127.0.0.1:1")
+    assert server.make_registrations(make_metrics(roles=["evaluator"]))
+    assert lowered == []
+
+
+def test_a_bad_nice_value_ends_the_evaluator_with_status_2_and_one_line_before_its_preload(
+        tmp_path):
+    """End to end, as the stack starts it: the setting is refused before JAX is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BATCHLAB_EVALUATOR_NICE": "x", "BATCHLAB_EVALUATOR_PORT": "0",
+           "BATCHLAB_BIND_HOST": "127.0.0.1", "BATCHLAB_CHECKPOINTS_ADDR": "127.0.0.1:1",
+           "BATCHLAB_METRICS_PORT": "0"}
+    script = ("import runpy, sys\n"
+              "try:\n"
+              "    runpy.run_module('services.evaluator.server', run_name='__main__')\n"
+              "except SystemExit as stop:\n"
+              "    print('jax imported:', 'jax' in sys.modules)\n"
+              "    raise\n")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "BATCHLAB_EVALUATOR_NICE must be an integer" in errors[0], errors
+    assert "jax imported: False" in out.stdout
 
 
 @pytest.mark.parametrize("service", ["evaluator", "sharding"])

@@ -749,7 +749,7 @@ def run_service(
     make_registrations: Callable[[Any], Iterable[Registration]],
     environ: Mapping[str, str] | None = None,
     preload: Sequence[str] = (),
-    prepare: Callable[[], Any] | None = None,
+    prepare: Callable[[Mapping[str, str] | None], Any] | None = None,
 ) -> int:
     """The whole main of a service: settings, metrics endpoint, server, serve until a signal.
 
@@ -769,9 +769,9 @@ def run_service(
         thread meanwhile failed in gRPC itself ("'LazyModule' object is not callable") and was
         never answered, so its caller waited out its deadline (seen in the evaluator: a
         30-minute hang of a 16-run benchmark).
-      prepare: called once logging is set up, before the preload (the evaluator lowers its
-        CPU priority there, so that its imports yield to the controller's start); errors as
-        for ``make_registrations``.
+      prepare: called with ``environ`` once logging is set up, before the preload (the
+        evaluator lowers its CPU priority there, so that its imports yield to the
+        controller's start); errors as for ``make_registrations``.
 
     Returns:
       The process exit status: 0 after a signalled stop, 2 for a configuration error.
@@ -783,7 +783,7 @@ def run_service(
     configure_logging(environ)
     try:
         if prepare is not None:
-            prepare()
+            prepare(environ)
     except (RuntimeError, ValueError, OSError) as exc:
         logger.error("%s cannot start: %s", name, exc)
         return EXIT_CONFIGURATION
