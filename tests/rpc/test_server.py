@@ -300,8 +300,7 @@ def test_the_evaluator_lowers_its_priority_before_its_preload_and_only_there(mon
     assert lowered == []
 
 
-def test_a_bad_nice_value_ends_the_evaluator_with_status_2_and_one_line_before_its_preload(
-        tmp_path):
+def test_a_bad_nice_value_ends_the_evaluator_with_status_2_and_one_line_before_its_preload():
     """End to end, as the stack starts it: the setting is refused before JAX is imported."""
     import os
     import subprocess
@@ -313,7 +312,7 @@ def test_a_bad_nice_value_ends_the_evaluator_with_status_2_and_one_line_before_i
     script = ("import runpy, sys\n"
               "try:\n"
               "    runpy.run_module('services.evaluator.server', run_name='__main__')\n"
-              "except SystemExit as stop:\n"
+              "except SystemExit:\n"
               "    print('jax imported:', 'jax' in sys.modules)\n"
               "    raise\n")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
