@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 
 import numpy as np
+import pytest
 
 from benchmarks import system
 
@@ -135,3 +139,115 @@ def test_no_timed_figure_is_taken_while_cpu_is_sampled(monkeypatch, tmp_path):
     r = system.run(rounds=1, cpu_round=False)
     assert not any(c[2] for c in calls) and r["reproduction_cpu_sample_interval_s"] is None
     assert "run-queue wait" not in system.to_markdown(r)
+
+
+def test_the_ratio_interval_is_the_t_interval_of_the_logs():
+    # Logs -0.1, 0, 0.1: mean 0, sd 0.1, n 3; t(0.975, 2 df) = 4.3027 (the textbook table), so
+    # the half-width is 4.3027 * 0.1 / sqrt(3) = 0.24841 and the interval exp(-+0.24841).
+    mean, low, high = system.ratio_interval([np.exp(-0.1), 1.0, np.exp(0.1)])
+    assert abs(mean - 1.0) < 1e-12
+    assert abs(low - 0.78003) < 1e-4 and abs(high - 1.28199) < 1e-4
+    # Ten rounds of the same spread: t(0.975, 9 df) = 2.2622, sd of the logs 0.1054.
+    ratios = list(np.exp([-0.1, 0.1] * 5))
+    _, low, high = system.ratio_interval(ratios)
+    assert abs(np.log(high) - 2.2622 * np.std(np.log(ratios), ddof=1) / np.sqrt(10)) < 1e-4
+    for bad in ([1.0], [], [1.0, 0.0], [1.0, float("nan")], [1.0, -1.2]):
+        with pytest.raises(ValueError):
+            system.ratio_interval(bad)
+
+
+def test_the_target_is_met_only_when_the_whole_interval_is_under_it():
+    assert system.verdict(0.95, 1.10) == "yes"
+    assert system.verdict(0.95, 1.11) == "not decided"
+    assert system.verdict(1.10, 1.30) == "not decided"
+    assert system.verdict(1.101, 1.30) == "NO"
+
+
+def test_the_ratio_table_decides_by_the_interval_not_by_the_median():
+    # Medians under the target, but three rounds this spread leave it undecided; a tight set
+    # of rounds under it meets it; rounds all far over it miss it.
+    r = _result([10.0, 10.0, 10.0], [9.0, 10.5, 12.0])
+    r["local_warm_s"], r["services_warm_s"] = [3.0, 3.0, 3.0], [2.9, 2.95, 3.0]
+    r["ratio_warm_rounds"] = system._round_ratios(r["local_warm_s"], r["services_warm_s"])
+    r["large_services_cold_s"] = [20.0, 21.0, 22.0]
+    r["ratio_cold_large_rounds"] = system._round_ratios(r["large_local_cold_s"],
+                                                        r["large_services_cold_s"])
+    r["ratio_cold_large"] = 2.1
+    text = system.to_markdown(r)
+    assert re.search(r"^\| services / local, cold \(4 runs\) \| 1\.050 \| [0-9.]+ \[0\.[0-9]+, "
+                     r"1\.[0-9]+\] \| <= 1\.1 \| not decided \|$", text, re.M)
+    assert re.search(r"^\| services / local, warm \| 0\.970 \| .* \| yes \|$", text, re.M)
+    assert re.search(r"^\| services / local, cold \(16 runs\) \| 2\.100 \| .* \| NO \|$", text, re.M)
+
+
+def _git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
+    for path, text in (("services/a.py", "a = 1\n"), ("libs/b.py", "b = 2\n"),
+                       ("protos/c.proto", "syntax = 'proto3';\n"), ("benchmarks/d.py", "d\n")):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "one")
+    first = system.code_fingerprint(root=tmp_path)
+    assert first is not None and first == system.code_fingerprint("HEAD", root=tmp_path)
+    # A benchmark's or an untracked file's change is not the system's.
+    (tmp_path / "benchmarks/d.py").write_text("changed\n")
+    (tmp_path / "services/untracked.py").write_text("x = 1\n")
+    assert system.code_fingerprint(root=tmp_path) == first
+    # An uncommitted edit of the system is, on disk, before any commit.
+    (tmp_path / "libs/b.py").write_text("b = 3\n")
+    edited = system.code_fingerprint(root=tmp_path)
+    assert edited != first and system.code_fingerprint("HEAD", root=tmp_path) == first
+    _git(tmp_path, "commit", "-qam", "two")
+    assert system.code_fingerprint("HEAD", root=tmp_path) == edited
+    assert system.code_fingerprint("HEAD~1", root=tmp_path) == first
+    assert system.code_fingerprint("no-such-commit", root=tmp_path) is None
+    assert system.code_fingerprint(root=tmp_path / "benchmarks" / "not-a-checkout") is None
+
+
+def test_pooling_takes_the_rounds_of_one_system_code_only(tmp_path, capsys):
+    entries = [
+        {"measured_at": "a", "system_code": "one", "rounds": [1.02, 1.05, 0.99]},
+        {"measured_at": "b", "system_code": "one", "rounds": [1.01, 1.04, 1.00]},
+        {"measured_at": "c", "system_code": "two", "rounds": [1.5, 1.6, 1.7]},
+        {"measured_at": "d", "system_code": None, "rounds": [1.5, 1.6, 1.7]},
+    ]
+    pool = system.pooled(entries, "one")
+    mean, low, high = system.ratio_interval([1.02, 1.05, 0.99, 1.01, 1.04, 1.00])
+    assert pool["runs"] == 2 and pool["rounds"] == 6 and pool["measured_at"] == ["a", "b"]
+    assert (pool["geometric_mean"], pool["low"], pool["high"]) == (mean, low, high)
+    assert pool["verdict"] == "yes" and pool["over_target_rounds"] == 0
+    assert system.pooled(entries, "two")["verdict"] == "NO"
+    assert system.pooled(entries, None) is None and system.pooled(entries, "three") is None
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"system_reproduction_runs": entries}))
+    assert system.main(["pool", "--results", str(results), "--code", "one"]) == 0
+    out = capsys.readouterr().out
+    assert f"| 2 | 6 | 0 | {mean:.3f} | [{low:.3f}, {high:.3f}] | <= 1.10 | yes |" in out
+    assert "Runs: a; b" in out
+    system.main(["pool", "--results", str(results), "--code", "three"])
+    assert "No stored run of the system code three" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="results: cannot read"):
+        system.main(["pool", "--results", str(tmp_path / "missing.json"), "--code", "one"])
+    with pytest.raises(SystemExit):
+        system.main(["pool", "--code", "one", "--commit", "HEAD"])
+    assert "--code and --commit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        system.main(["pool", "--commit", "no-such-commit"])
+    assert "not a commit of this checkout" in capsys.readouterr().err
+
+
+def test_the_stored_runs_name_the_code_they_measured():
+    # Every stored run but one (a tree that was no commit) names its system code, and the
+    # section's run is the last of the list.
+    stored = json.loads((system.REPO / "benchmarks/results/cpu-1-x-cpu.json").read_text())
+    runs = stored["system_reproduction_runs"]
+    assert sum(r.get("system_code") is None for r in runs) == 1
+    assert runs[-1]["system_code"] == stored["system"]["system_code"]
+    assert runs[-1]["rounds"] == stored["system"]["ratio_cold_reproduction_rounds"]
