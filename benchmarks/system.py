@@ -38,9 +38,12 @@ round's two sides run back to back, so a round's ratio is a paired measurement, 
 rounds' spread on a shared machine (a few percent) is of the order of the margin. The section
 shows, per study, the geometric mean of the rounds' ratios with its 95% t-interval (on the
 logs): met when all of it is at or under the target, NO when all of it is over, not decided
-otherwise. Each result records a fingerprint of the system code it measured (system_code);
-`python -m benchmarks.system pool` pools the reproduction study's rounds of every stored run
-of one code (benchmarks/results' system_reproduction_runs), the way more rounds decide.
+otherwise. Each result records a fingerprint of the system code it ran (system_code: the
+tracked files under services/, libs/, protos/ and requirements/, taken before the rounds
+and checked after them); `python -m benchmarks.system pool` pools the reproduction study's
+stored runs of one code (benchmarks/results' system_reproduction_runs), each run counting
+once: rounds of one run share that hour's machine, so runs, not rounds, are the independent
+replicates. How many runs to pool is to be fixed before their results are seen.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,8 +76,10 @@ LEVEL = 0.95
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What a run measured: the code the services path and local run execute.
-SYSTEM_CODE = ("services", "libs", "protos")
+# What a run measured: the code the services path and local run execute, and the locked
+# dependencies they run on. Not in it: the generated protobuf code (made from protos/ by the
+# locked grpcio-tools), untracked files, the benchmark's own code and the study's spec.
+SYSTEM_CODE = ("services", "libs", "protos", "requirements")
 
 # The CPU sampling interval of the untimed CPU round. Each sample reads three /proc files per
 # thread of every process measured, and the stack has far more threads than local run (Ray's
@@ -270,7 +276,7 @@ def ratio_interval(ratios: list[float], level: float = LEVEL) -> tuple[float, fl
     comparison; the machine's drift between rounds moves both sides and cancels in the ratio.
     The logs of the ratios are taken as independent draws of a normal variable (a ratio is
     skewed; its log is not, at this spread), so ``exp(mean +- t * sd / sqrt(n))`` is the
-    interval. Needs two rounds or more.
+    interval. Needs two rounds or more, not all equal.
     """
     from scipy import stats
 
@@ -279,6 +285,11 @@ def ratio_interval(ratios: list[float], level: float = LEVEL) -> tuple[float, fl
     if any(not (r > 0 and math.isfinite(r)) for r in ratios):
         raise ValueError(f"ratios must be positive and finite, got {ratios}")
     logs = np.log(np.asarray(ratios, dtype=float))
+    if float(np.ptp(logs)) == 0.0:
+        # Ties (the stored ratios are rounded to 3 decimals) would give an interval of width
+        # zero, a certainty that no measurement has.
+        raise ValueError(f"all {len(ratios)} ratios are equal ({ratios[0]}): no spread to "
+                         "estimate an interval from")
     half = float(stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1)
                  / math.sqrt(len(logs)))
     centre = float(logs.mean())
@@ -297,45 +308,78 @@ def verdict(low: float, high: float, target: float = TARGET) -> str:
 
 def code_fingerprint(commit: str | None = None, root: Path = REPO) -> str | None:
     """A digest of the system code (the files git tracks under SYSTEM_CODE): at ``commit``, or
-    as the files are on disk (uncommitted edits included; untracked files left out). Runs
-    with equal fingerprints measured the same system, whatever their commits. None outside a
-    git checkout."""
+    as the files are on disk (uncommitted edits included; untracked files left out). Both read
+    a file as git stores it (git's own blob ids; on disk through `git hash-object`, which
+    applies the checkout's filters, such as line endings; a symbolic link as its target's
+    name), so the same code has the same fingerprint either way. Runs with equal fingerprints
+    ran the same system code and locked dependencies; nothing else about them need be equal
+    (the benchmark's code, the machine). None outside a git checkout."""
+    def git(*args: str, stdin: bytes | None = None) -> str:
+        return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
+                              input=stdin).stdout.decode()
+
     try:
         if commit:
-            listing = subprocess.run(
-                ["git", "ls-tree", "-r", "-z", commit, "--", *SYSTEM_CODE], cwd=root,
-                check=True, capture_output=True).stdout.decode()
+            listing = git("ls-tree", "-r", "-z", commit, "--", *SYSTEM_CODE)
             blobs = sorted((line.split("\t", 1)[1], line.split()[2])
                            for line in listing.split("\0") if line)
         else:
-            listing = subprocess.run(["git", "ls-files", "-z", "--", *SYSTEM_CODE], cwd=root,
-                                     check=True, capture_output=True).stdout.decode()
-            blobs = []
-            for path in sorted(x for x in listing.split("\0") if x):
-                file = root / path
-                if file.is_symlink() or not file.is_file():  # deleted on disk; links as git
-                    continue
-                data = file.read_bytes()
-                blobs.append((path, hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()))
-    except (OSError, subprocess.CalledProcessError):
+            paths = sorted(x for x in git("ls-files", "-z", "--", *SYSTEM_CODE).split("\0") if x)
+            links = {p: os.readlink(root / p).encode() for p in paths if (root / p).is_symlink()}
+            files = [p for p in paths if p not in links and (root / p).is_file()]  # not deleted
+            ids = git("hash-object", "--stdin-paths",
+                      stdin="".join(f"{p}\n" for p in files).encode()).split() if files else []
+            blobs = sorted([*zip(files, ids, strict=True),
+                            *((p, hashlib.sha1(b"blob %d\0" % len(t) + t).hexdigest())
+                              for p, t in links.items())])
+    except (OSError, ValueError, subprocess.CalledProcessError):
         return None
     digest = hashlib.sha256("".join(f"{p} {b}\n" for p, b in blobs).encode())
     return digest.hexdigest()[:16]
 
 
 def pooled(entries: list[dict], fingerprint: str | None) -> dict | None:
-    """The reproduction study's rounds of every stored run of the system code ``fingerprint``
-    (entries of the results' ``system_reproduction_runs``, each with ``system_code`` and
-    ``rounds``), pooled: runs, rounds, geometric mean, interval and verdict. None when no
-    stored run has that code, or too few rounds."""
-    same = [e for e in entries if fingerprint and e.get("system_code") == fingerprint]
-    ratios = [r for e in same for r in e.get("rounds", [])]
-    if len(ratios) < 2:
+    """The reproduction study's stored runs of the system code ``fingerprint`` (entries of the
+    results' ``system_reproduction_runs``, each with ``system_code`` and ``rounds``), pooled.
+
+    The unit is the run, not the round: rounds of one run share the machine's state of that
+    hour, so the rounds of several runs are not independent draws. Each run counts once, as
+    the geometric mean of its rounds' ratios, and the interval is over those (two runs or
+    more, see :func:`ratio_interval`). The number of runs to pool is to be fixed before
+    their results are seen: adding runs until the interval decides would make its 95%
+    optimistic.
+
+    Returns:
+      runs, rounds, rounds over the target, each run's mean, their geometric mean, interval
+      and verdict ("not decided" without an interval); None when no stored run has that code.
+    """
+    same = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"system_reproduction_runs[{i}]: an object expected, got "
+                             f"{type(entry).__name__}")
+        if not fingerprint or entry.get("system_code") != fingerprint:
+            continue
+        rounds = entry.get("rounds")
+        if (not isinstance(rounds, list) or not rounds
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                           and math.isfinite(r) and r > 0 for r in rounds)):
+            raise ValueError(f"system_reproduction_runs[{i}].rounds: a non-empty list of "
+                             f"positive finite ratios expected, got {str(rounds)[:60]}")
+        same.append(entry)
+    if not same:
         return None
-    mean, low, high = ratio_interval(ratios)
-    return {"runs": len(same), "rounds": len(ratios), "geometric_mean": mean, "low": low,
-            "high": high, "verdict": verdict(low, high),
-            "over_target_rounds": sum(r > TARGET for r in ratios),
+    means = [ratio_interval(e["rounds"])[0] if len(set(e["rounds"])) > 1 else e["rounds"][0]
+             for e in same]
+    rounds = [r for e in same for r in e["rounds"]]
+    try:
+        mean, low, high = ratio_interval(means)
+        decided = verdict(low, high)
+    except ValueError:  # one run, or runs of equal means: no interval
+        mean, low, high, decided = float(np.exp(np.mean(np.log(means)))), None, None, "not decided"
+    return {"runs": len(same), "rounds": len(rounds), "run_means": means,
+            "geometric_mean": mean, "low": low, "high": high, "verdict": decided,
+            "over_target_rounds": sum(r > TARGET for r in rounds),
             "measured_at": [e.get("measured_at") for e in same]}
 
 
@@ -348,6 +392,9 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
       cpu_round: then run the reproduction study once more on each side, untimed, under
         benchmarks.cpu_use (where the machine's CPU went).
     """
+    # The code the rounds ran: fingerprinted before them and checked after them (None when it
+    # changed on disk meanwhile; a service started after the change would run other code).
+    code_before = code_fingerprint()
     local_cold, local_warm, services_cold, services_warm, startups = [], [], [], [], []
     large_local, large_services = [], []
     local_parts: list[dict[str, float]] = []
@@ -431,7 +478,7 @@ def run(*, rounds: int = 2, cpu_round: bool = True) -> dict:
         "reproduction_cpu_sampler_s": repro_sampler,
         "reproduction_cpu_sample_interval_s": sample_interval,
         "reproduction_cpu_untimed": cpu_round,
-        "system_code": code_fingerprint(),
+        "system_code": code_before if code_fingerprint() == code_before else None,
     }
 
 
@@ -489,11 +536,11 @@ def _ratio_table(r: dict) -> list[str]:
         ratios = r.get(rounds_key) or _round_ratios(r[local], r[services])
         if label.startswith("cold, the"):
             label = f"{label} ({r.get('reproduction_runs')} runs)"
-        if len(ratios) >= 2:
+        try:
             mean, low, high = ratio_interval(ratios)
             interval, met = f"{mean:.3f} [{low:.3f}, {high:.3f}]", verdict(low, high)
-        else:
-            interval, met = "- (one round)", "not decided"
+        except ValueError:  # one round, or rounds of equal ratios
+            interval, met = "- (fewer than two rounds, or equal ones)", "not decided"
         rows.append(f"| services / local, {label} | {r[median_key]:.3f} | {interval} | "
                     f"<= {TARGET} | {met} |")
     return [
@@ -503,9 +550,9 @@ def _ratio_table(r: dict) -> list[str]:
         *rows,
         "",
         f"Met: the whole {LEVEL:.0%} interval is at or under the target; NO: all of it is over; "
-        "not decided: it straddles the target (more rounds decide; see `python -m "
-        "benchmarks.system pool` for the stored runs of the same code pooled). The interval is a "
-        "t-interval of the logs of the rounds' ratios (each round's two sides ran back to back).",
+        "not decided: it straddles the target (`python -m benchmarks.system pool` pools the "
+        "stored runs of the same code, each run counting once). The interval is a t-interval of "
+        "the logs of the rounds' ratios (each round's two sides ran back to back).",
         "",
     ]
 
@@ -653,28 +700,48 @@ def _cpu_table(r: dict) -> list[str]:
     ]
 
 
-def pool_report(results: Path, fingerprint: str | None) -> str:
-    """Markdown: the stored runs of the system code ``fingerprint`` pooled (see :func:`pooled`)."""
+def pool_report(results: Path, fingerprint: str) -> str:
+    """Markdown: the stored runs of the system code ``fingerprint`` pooled (see :func:`pooled`).
+
+    Raises:
+      SystemExit: with one line naming the file or the field, when ``results`` cannot be read
+        or is not a results file.
+    """
     try:
-        entries = json.loads(results.read_text()).get("system_reproduction_runs", [])
-    except (OSError, json.JSONDecodeError) as error:
+        stored = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SystemExit(f"results: cannot read {results}: {error}") from None
-    pool = pooled(entries, fingerprint)
+    if not isinstance(stored, dict) or "system_reproduction_runs" not in stored:
+        raise SystemExit(f"results: {results} has no system_reproduction_runs (not a results "
+                         "file of `python -m benchmarks.run`, or from before runs were stored)")
+    entries = stored["system_reproduction_runs"]
+    if not isinstance(entries, list):
+        raise SystemExit(f"results: {results}: system_reproduction_runs must be a list, got "
+                         f"{type(entries).__name__}")
+    try:
+        pool = pooled(entries, fingerprint)
+    except ValueError as error:
+        raise SystemExit(f"results: {results}: {error}") from None
     if pool is None:
-        return (f"No stored run of the system code {fingerprint} in {results} "
-                "(system_reproduction_runs) with two rounds or more.")
+        return f"No stored run of the system code {fingerprint} in {results}."
+    interval = ("- (fewer than two runs, or equal ones)" if pool["low"] is None
+                else f"[{pool['low']:.3f}, {pool['high']:.3f}]")
     return "\n".join([
         f"The reproduction study's cold ratio over the stored runs of the system code "
-        f"{fingerprint} ({results}):",
+        f"{fingerprint} ({results}); each run counts once, as the geometric mean of its "
+        "rounds' ratios:",
         "",
-        f"| runs | rounds | rounds over {TARGET:.2f} | geometric mean | {LEVEL:.0%} interval | "
-        f"target | met (by the interval) |",
-        "|---:|---:|---:|---:|---|---|---|",
-        f"| {pool['runs']} | {pool['rounds']} | {pool['over_target_rounds']} | "
-        f"{pool['geometric_mean']:.3f} | [{pool['low']:.3f}, {pool['high']:.3f}] | <= {TARGET:.2f} | "
-        f"{pool['verdict']} |",
+        f"| runs | their means | rounds | rounds over {TARGET:.2f} | geometric mean | "
+        f"{LEVEL:.0%} interval (over the runs) | target | met (by the interval) |",
+        "|---:|---|---:|---:|---:|---|---|---|",
+        f"| {pool['runs']} | {', '.join(f'{m:.3f}' for m in pool['run_means'])} | "
+        f"{pool['rounds']} | {pool['over_target_rounds']} | {pool['geometric_mean']:.3f} | "
+        f"{interval} | <= {TARGET:.2f} | {pool['verdict']} |",
         "",
-        "Runs: " + "; ".join(str(m) for m in pool["measured_at"]),
+        "Runs: " + "; ".join(str(m) for m in pool["measured_at"] if m is not None),
+        "",
+        "Decide at a number of runs fixed beforehand: adding runs until the interval decides "
+        "makes its 95% optimistic.",
     ])
 
 
@@ -682,18 +749,22 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.system pool`: the stored runs of one system code pooled."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.system", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    pool = sub.add_parser("pool", help="pool the reproduction study's stored rounds of one "
+    pool = sub.add_parser("pool", help="pool the reproduction study's stored runs of one "
                                        "system code (default: the code on disk)")
     pool.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "cpu-1-x-cpu.json")
     pool.add_argument("--code", help="a system-code fingerprint (as stored in system_code)")
     pool.add_argument("--commit", help="the system code at this commit")
     args = parser.parse_args(argv)
-    if args.code and args.commit:
+    if args.code is not None and args.commit is not None:
         parser.error("--code and --commit: give one")
+    if args.code is not None and not args.code.strip():
+        parser.error("--code: empty; give a fingerprint as stored in system_code")
+    if args.commit is not None and not args.commit.strip():
+        parser.error("--commit: empty; give a commit of this checkout")
     fingerprint = args.code or code_fingerprint(args.commit)
     if fingerprint is None:
-        parser.error("--commit: not a commit of this checkout" if args.commit else
-                     "no git checkout here to fingerprint the code on disk: give --code")
+        parser.error(f"--commit: {args.commit!r} is not a commit of this checkout" if args.commit
+                     else "no git checkout here to fingerprint the code on disk: give --code")
     print(pool_report(args.results, fingerprint))
     return 0
 

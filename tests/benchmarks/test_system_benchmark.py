@@ -154,6 +154,9 @@ def test_the_ratio_interval_is_the_t_interval_of_the_logs():
     for bad in ([1.0], [], [1.0, 0.0], [1.0, float("nan")], [1.0, -1.2]):
         with pytest.raises(ValueError):
             system.ratio_interval(bad)
+    # Ties (stored ratios have 3 decimals) would give an interval of width zero: refused.
+    with pytest.raises(ValueError, match="no spread"):
+        system.ratio_interval([1.05, 1.05, 1.05])
 
 
 def test_the_target_is_met_only_when_the_whole_interval_is_under_it():
@@ -187,8 +190,10 @@ def _git(root, *args):
 
 
 def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
-    for path, text in (("services/a.py", "a = 1\n"), ("libs/b.py", "b = 2\n"),
-                       ("protos/c.proto", "syntax = 'proto3';\n"), ("benchmarks/d.py", "d\n")):
+    files = {"services/a.py": "a = 1\n", "libs/b.py": "b = 2\n",
+             "protos/c.proto": "syntax = 'proto3';\n", "requirements/all.lock": "x==1\n",
+             "benchmarks/d.py": "d\n", "experiments/e.yaml": "e: 1\n"}
+    for path, text in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
     _git(tmp_path, "init", "-q")
@@ -196,14 +201,19 @@ def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
     _git(tmp_path, "commit", "-qm", "one")
     first = system.code_fingerprint(root=tmp_path)
     assert first is not None and first == system.code_fingerprint("HEAD", root=tmp_path)
-    # A benchmark's or an untracked file's change is not the system's.
+    # A benchmark's, a spec's or an untracked file's change is not the system's.
     (tmp_path / "benchmarks/d.py").write_text("changed\n")
+    (tmp_path / "experiments/e.yaml").write_text("e: 2\n")
     (tmp_path / "services/untracked.py").write_text("x = 1\n")
     assert system.code_fingerprint(root=tmp_path) == first
-    # An uncommitted edit of the system is, on disk, before any commit.
-    (tmp_path / "libs/b.py").write_text("b = 3\n")
-    edited = system.code_fingerprint(root=tmp_path)
-    assert edited != first and system.code_fingerprint("HEAD", root=tmp_path) == first
+    # An uncommitted edit of each part of the system is, on disk, before any commit.
+    seen = {first}
+    for path in ("services/a.py", "libs/b.py", "protos/c.proto", "requirements/all.lock"):
+        (tmp_path / path).write_text(files[path] + "# edited\n")
+        edited = system.code_fingerprint(root=tmp_path)
+        assert edited not in seen, path
+        assert system.code_fingerprint("HEAD", root=tmp_path) == first
+        seen.add(edited)
     _git(tmp_path, "commit", "-qam", "two")
     assert system.code_fingerprint("HEAD", root=tmp_path) == edited
     assert system.code_fingerprint("HEAD~1", root=tmp_path) == first
@@ -211,43 +221,130 @@ def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
     assert system.code_fingerprint(root=tmp_path / "benchmarks" / "not-a-checkout") is None
 
 
-def test_pooling_takes_the_rounds_of_one_system_code_only(tmp_path, capsys):
+def test_the_code_fingerprint_on_disk_equals_the_commits_with_links_and_line_endings(tmp_path):
+    # git stores a symbolic link as its target's name, and a file as its filters clean it (here
+    # CRLF on disk, LF in the commit): the disk's fingerprint reads both as git does.
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services/a.py").write_bytes(b"a = 1\n")
+    os.symlink("a.py", tmp_path / "services/link.py")
+    (tmp_path / ".gitattributes").write_text("*.py text eol=crlf\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "one")
+    (tmp_path / "services/a.py").unlink()
+    _git(tmp_path, "checkout", "--", "services/a.py")
+    assert (tmp_path / "services/a.py").read_bytes() == b"a = 1\r\n"
+    assert system.code_fingerprint(root=tmp_path) == system.code_fingerprint("HEAD", root=tmp_path)
+    os.remove(tmp_path / "services/link.py")
+    os.symlink("other.py", tmp_path / "services/link.py")
+    assert system.code_fingerprint(root=tmp_path) != system.code_fingerprint("HEAD", root=tmp_path)
+
+
+def test_pooling_counts_each_run_once_and_takes_one_system_code_only(tmp_path, capsys):
     entries = [
         {"measured_at": "a", "system_code": "one", "rounds": [1.02, 1.05, 0.99]},
         {"measured_at": "b", "system_code": "one", "rounds": [1.01, 1.04, 1.00]},
-        {"measured_at": "c", "system_code": "two", "rounds": [1.5, 1.6, 1.7]},
-        {"measured_at": "d", "system_code": None, "rounds": [1.5, 1.6, 1.7]},
+        {"measured_at": "c", "system_code": "one", "rounds": [1.03]},
+        {"measured_at": "d", "system_code": "two", "rounds": [1.5, 1.6, 1.7]},
+        {"measured_at": "e", "system_code": "two", "rounds": [1.6, 1.7, 1.8]},
+        {"measured_at": "f", "system_code": None, "rounds": [1.5, 1.6, 1.7]},
     ]
     pool = system.pooled(entries, "one")
-    mean, low, high = system.ratio_interval([1.02, 1.05, 0.99, 1.01, 1.04, 1.00])
-    assert pool["runs"] == 2 and pool["rounds"] == 6 and pool["measured_at"] == ["a", "b"]
+    means = [system.ratio_interval([1.02, 1.05, 0.99])[0],
+             system.ratio_interval([1.01, 1.04, 1.00])[0], 1.03]
+    mean, low, high = system.ratio_interval(means)  # over the runs, not the 7 rounds
+    assert pool["runs"] == 3 and pool["rounds"] == 7 and pool["measured_at"] == ["a", "b", "c"]
+    assert pool["run_means"] == means
     assert (pool["geometric_mean"], pool["low"], pool["high"]) == (mean, low, high)
+    assert (low, high) != system.ratio_interval([1.02, 1.05, 0.99, 1.01, 1.04, 1.00, 1.03])[1:]
     assert pool["verdict"] == "yes" and pool["over_target_rounds"] == 0
     assert system.pooled(entries, "two")["verdict"] == "NO"
     assert system.pooled(entries, None) is None and system.pooled(entries, "three") is None
+    one_run = system.pooled(entries[:1], "one")
+    assert one_run["low"] is None and one_run["verdict"] == "not decided"
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"system_reproduction_runs": entries}))
     assert system.main(["pool", "--results", str(results), "--code", "one"]) == 0
     out = capsys.readouterr().out
-    assert f"| 2 | 6 | 0 | {mean:.3f} | [{low:.3f}, {high:.3f}] | <= 1.10 | yes |" in out
-    assert "Runs: a; b" in out
+    assert (f"| 3 | {means[0]:.3f}, {means[1]:.3f}, 1.030 | 7 | 0 | {mean:.3f} | "
+            f"[{low:.3f}, {high:.3f}] | <= 1.10 | yes |") in out
+    assert "Runs: a; b; c" in out
     system.main(["pool", "--results", str(results), "--code", "three"])
     assert "No stored run of the system code three" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="results: cannot read"):
-        system.main(["pool", "--results", str(tmp_path / "missing.json"), "--code", "one"])
-    with pytest.raises(SystemExit):
-        system.main(["pool", "--code", "one", "--commit", "HEAD"])
-    assert "--code and --commit" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        system.main(["pool", "--commit", "no-such-commit"])
-    assert "not a commit of this checkout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    (b"\xff\xfe not utf-8", "cannot read"),
+    (b"{not json", "cannot read"),
+    (b"[]", "has no system_reproduction_runs"),
+    (b"{}", "has no system_reproduction_runs"),
+    (b'{"system_reproduction_runs": {}}', "must be a list, got dict"),
+    (b'{"system_reproduction_runs": ["x"]}', r"system_reproduction_runs\[0\]: an object expected"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": null}]}',
+     r"system_reproduction_runs\[0\]\.rounds: a non-empty list"),
+    (b'{"system_reproduction_runs": [{}, {"system_code": "one", "rounds": [1.0, 0]}]}',
+     r"system_reproduction_runs\[1\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": ["1.0"]}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [NaN, 1.0]}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+])
+def test_a_bad_results_file_is_one_line_naming_the_file_or_field(tmp_path, content, message):
+    results = tmp_path / "results.json"
+    if content is not None:
+        results.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        system.main(["pool", "--results", str(results), "--code", "one"])
+    text = str(stop.value.code)
+    assert "\n" not in text and text.startswith("results: ") and str(results) in text
+    assert re.search(message, text), text
+
+
+def test_the_pool_commands_arguments_are_checked(capsys):
+    for argv, message in ((["pool", "--code", "one", "--commit", "HEAD"], "--code and --commit"),
+                          (["pool", "--code", " "], "--code: empty"),
+                          (["pool", "--commit", ""], "--commit: empty"),
+                          (["pool", "--commit", "no-such-commit"],
+                           "'no-such-commit' is not a commit of this checkout")):
+        with pytest.raises(SystemExit) as stop:
+            system.main(argv)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_stored_runs_name_the_code_they_measured():
-    # Every stored run but one (a tree that was no commit) names its system code, and the
-    # section's run is the last of the list.
+    # Each stored run's system_code is its commit's (the one its measured_at names; the commit
+    # whose code it ran where it says "code as"); one run, whose tree was no commit, has none;
+    # the section's run is the last of the list.
     stored = json.loads((system.REPO / "benchmarks/results/cpu-1-x-cpu.json").read_text())
     runs = stored["system_reproduction_runs"]
-    assert sum(r.get("system_code") is None for r in runs) == 1
+    for run in runs:
+        named = (re.search(r"code as ([0-9a-f]{7})", run["measured_at"])
+                 or re.search(r"commit ([0-9a-f]{7})", run["measured_at"]))
+        if run["system_code"] is None:
+            assert "with 7de01d5's change" in run["measured_at"]
+        else:
+            assert run["system_code"] == system.code_fingerprint(named.group(1)), run["measured_at"]
+    assert sum(r["system_code"] is None for r in runs) == 1
     assert runs[-1]["system_code"] == stored["system"]["system_code"]
     assert runs[-1]["rounds"] == stored["system"]["ratio_cold_reproduction_rounds"]
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
+def test_a_run_whose_code_changed_during_its_rounds_records_no_code(monkeypatch):
+    codes = iter(["before", "after"])
+    monkeypatch.setattr(system, "code_fingerprint", lambda *a, **k: next(codes))
+    for name in ("_local", "_services", "_services_cold", "_reproduction_spec"):
+        monkeypatch.setattr(system, name, _no_study(name))
+    assert system.run(rounds=0, cpu_round=False)["system_code"] is None
+    codes = iter(["same", "same"])
+    assert system.run(rounds=0, cpu_round=False)["system_code"] == "same"
+
+
+def _no_study(name):
+    def stub(*args, **kwargs):
+        if name == "_reproduction_spec":
+            return {}
+        raise AssertionError(f"{name} ran with rounds=0")
+    return stub
