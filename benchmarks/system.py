@@ -39,8 +39,8 @@ rounds' spread on a shared machine (a few percent) is of the order of the margin
 shows, per study, the geometric mean of the rounds' ratios with its 95% t-interval (on the
 logs): met when all of it is at or under the target, NO when all of it is over, not decided
 otherwise. Each result records a fingerprint of the system code it ran (system_code: the
-tracked files under services/, libs/, protos/ and requirements/, taken before the rounds
-and checked after them); `python -m benchmarks.system pool` pools the reproduction study's
+tracked files under services/, libs/, protos/ and requirements/ and pyproject.toml, taken
+before the rounds and checked after them); `python -m benchmarks.system pool` pools the reproduction study's
 stored runs of one code (benchmarks/results' system_reproduction_runs), each run counting
 once: rounds of one run share that hour's machine, so runs, not rounds, are the independent
 replicates. How many runs to pool is to be fixed before their results are seen.
@@ -76,10 +76,12 @@ LEVEL = 0.95
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What a run measured: the code the services path and local run execute, and the locked
-# dependencies they run on. Not in it: the generated protobuf code (made from protos/ by the
-# locked grpcio-tools), untracked files, the benchmark's own code and the study's spec.
-SYSTEM_CODE = ("services", "libs", "protos", "requirements")
+# What a run measured: the code the services path and local run execute, the package's
+# definition (pyproject.toml: entry points, pins) and the lock files of its dependencies. Not
+# in it: what is installed (a .venv made from other locks), the generated protobuf code (made
+# from protos/ by the locked grpcio-tools), untracked files, the benchmark's own code and the
+# study's spec.
+SYSTEM_CODE = ("services", "libs", "protos", "requirements", "pyproject.toml")
 
 # The CPU sampling interval of the untimed CPU round. Each sample reads three /proc files per
 # thread of every process measured, and the stack has far more threads than local run (Ray's
@@ -285,11 +287,12 @@ def ratio_interval(ratios: list[float], level: float = LEVEL) -> tuple[float, fl
     if any(not (r > 0 and math.isfinite(r)) for r in ratios):
         raise ValueError(f"ratios must be positive and finite, got {ratios}")
     logs = np.log(np.asarray(ratios, dtype=float))
-    if float(np.ptp(logs)) == 0.0:
-        # Ties (the stored ratios are rounded to 3 decimals) would give an interval of width
-        # zero, a certainty that no measurement has.
-        raise ValueError(f"all {len(ratios)} ratios are equal ({ratios[0]}): no spread to "
-                         "estimate an interval from")
+    if float(np.ptp(logs)) < 1e-9:
+        # Ties (the stored ratios are rounded to 3 decimals; means of the same rounds in
+        # another order differ in the last bit) would give an interval of width zero, a
+        # certainty that no measurement has.
+        raise ValueError(f"all {len(ratios)} ratios are equal ({ratios[0]:.6g}): no spread "
+                         "to estimate an interval from")
     half = float(stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1)
                  / math.sqrt(len(logs)))
     centre = float(logs.mean())
@@ -312,8 +315,9 @@ def code_fingerprint(commit: str | None = None, root: Path = REPO) -> str | None
     a file as git stores it (git's own blob ids; on disk through `git hash-object`, which
     applies the checkout's filters, such as line endings; a symbolic link as its target's
     name), so the same code has the same fingerprint either way. Runs with equal fingerprints
-    ran the same system code and locked dependencies; nothing else about them need be equal
-    (the benchmark's code, the machine). None outside a git checkout."""
+    ran the same system code from the same lock files; nothing else about them need be equal
+    (what was installed, the benchmark's code, the machine). None outside a git checkout, or
+    where there is no system code (a commit from before it)."""
     def git(*args: str, stdin: bytes | None = None) -> str:
         return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
                               input=stdin).stdout.decode()
@@ -334,8 +338,24 @@ def code_fingerprint(commit: str | None = None, root: Path = REPO) -> str | None
                               for p, t in links.items())])
     except (OSError, ValueError, subprocess.CalledProcessError):
         return None
+    if not blobs:
+        return None
     digest = hashlib.sha256("".join(f"{p} {b}\n" for p, b in blobs).encode())
     return digest.hexdigest()[:16]
+
+
+# The largest services / local ratio a stored round may have (a larger one is a broken file).
+MAX_RATIO = 1e6
+
+
+def _plausible(ratio: object) -> bool:
+    """A stored round's ratio: a number (not a bool) in (0, MAX_RATIO)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        return False
+    try:
+        return 0 < float(ratio) < MAX_RATIO
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def pooled(entries: list[dict], fingerprint: str | None) -> dict | None:
@@ -361,11 +381,10 @@ def pooled(entries: list[dict], fingerprint: str | None) -> dict | None:
         if not fingerprint or entry.get("system_code") != fingerprint:
             continue
         rounds = entry.get("rounds")
-        if (not isinstance(rounds, list) or not rounds
-                or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
-                           and math.isfinite(r) and r > 0 for r in rounds)):
+        if not isinstance(rounds, list) or not rounds or not all(map(_plausible, rounds)):
             raise ValueError(f"system_reproduction_runs[{i}].rounds: a non-empty list of "
-                             f"positive finite ratios expected, got {str(rounds)[:60]}")
+                             f"ratios in (0, {MAX_RATIO:g}) expected, got "
+                             f"{json.dumps(rounds, default=str)[:60]}")
         same.append(entry)
     if not same:
         return None
@@ -709,8 +728,9 @@ def pool_report(results: Path, fingerprint: str) -> str:
     """
     try:
         stored = json.loads(results.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SystemExit(f"results: cannot read {results}: {error}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise SystemExit(f"results: cannot read {results}: {reason}") from None
     if not isinstance(stored, dict) or "system_reproduction_runs" not in stored:
         raise SystemExit(f"results: {results} has no system_reproduction_runs (not a results "
                          "file of `python -m benchmarks.run`, or from before runs were stored)")
@@ -763,8 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--commit: empty; give a commit of this checkout")
     fingerprint = args.code or code_fingerprint(args.commit)
     if fingerprint is None:
-        parser.error(f"--commit: {args.commit!r} is not a commit of this checkout" if args.commit
-                     else "no git checkout here to fingerprint the code on disk: give --code")
+        parser.error(f"--commit: {args.commit!r} is not a commit of this checkout, or has no "
+                     "system code" if args.commit else
+                     "no git checkout with system code here to fingerprint: give --code")
     print(pool_report(args.results, fingerprint))
     return 0
 

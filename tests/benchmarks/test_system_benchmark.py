@@ -157,6 +157,11 @@ def test_the_ratio_interval_is_the_t_interval_of_the_logs():
     # Ties (stored ratios have 3 decimals) would give an interval of width zero: refused.
     with pytest.raises(ValueError, match="no spread"):
         system.ratio_interval([1.05, 1.05, 1.05])
+    # The same rounds in another order: geometric means equal but for the last bit.
+    a, b = (system.ratio_interval(r)[0] for r in ([1.007, 1.265, 1.284], [1.284, 1.265, 1.007]))
+    assert abs(a - b) < 1e-12
+    with pytest.raises(ValueError, match="no spread"):
+        system.ratio_interval([a, b])
 
 
 def test_the_target_is_met_only_when_the_whole_interval_is_under_it():
@@ -192,6 +197,7 @@ def _git(root, *args):
 def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
     files = {"services/a.py": "a = 1\n", "libs/b.py": "b = 2\n",
              "protos/c.proto": "syntax = 'proto3';\n", "requirements/all.lock": "x==1\n",
+             "pyproject.toml": "[project]\n",
              "benchmarks/d.py": "d\n", "experiments/e.yaml": "e: 1\n"}
     for path, text in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +214,8 @@ def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
     assert system.code_fingerprint(root=tmp_path) == first
     # An uncommitted edit of each part of the system is, on disk, before any commit.
     seen = {first}
-    for path in ("services/a.py", "libs/b.py", "protos/c.proto", "requirements/all.lock"):
+    for path in ("services/a.py", "libs/b.py", "protos/c.proto", "requirements/all.lock",
+                 "pyproject.toml"):
         (tmp_path / path).write_text(files[path] + "# edited\n")
         edited = system.code_fingerprint(root=tmp_path)
         assert edited not in seen, path
@@ -219,6 +226,9 @@ def test_the_code_fingerprint_follows_the_system_code_only(tmp_path):
     assert system.code_fingerprint("HEAD~1", root=tmp_path) == first
     assert system.code_fingerprint("no-such-commit", root=tmp_path) is None
     assert system.code_fingerprint(root=tmp_path / "benchmarks" / "not-a-checkout") is None
+    # A tree without system code (a commit from before it) has no fingerprint, not the
+    # digest of nothing.
+    assert system.code_fingerprint("HEAD:benchmarks", root=tmp_path) is None
 
 
 def test_the_code_fingerprint_on_disk_equals_the_commits_with_links_and_line_endings(tmp_path):
@@ -289,6 +299,17 @@ def test_pooling_counts_each_run_once_and_takes_one_system_code_only(tmp_path, c
      r"system_reproduction_runs\[0\]\.rounds"),
     (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [NaN, 1.0]}]}',
      r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [Infinity, 1.0]}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [true, 1.0]}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [1' + b"0" * 400 + b']}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": [1e308, 1.0]}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b'{"system_reproduction_runs": [{"system_code": "one", "rounds": "a\\nb"}]}',
+     r"system_reproduction_runs\[0\]\.rounds"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
 ])
 def test_a_bad_results_file_is_one_line_naming_the_file_or_field(tmp_path, content, message):
     results = tmp_path / "results.json"
@@ -331,20 +352,31 @@ def test_the_stored_runs_name_the_code_they_measured():
     assert runs[-1]["rounds"] == stored["system"]["ratio_cold_reproduction_rounds"]
 
 
-@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered")
-def test_a_run_whose_code_changed_during_its_rounds_records_no_code(monkeypatch):
+def test_the_code_is_fingerprinted_before_the_rounds_and_checked_after_them(monkeypatch):
+    events: list[str] = []
     codes = iter(["before", "after"])
-    monkeypatch.setattr(system, "code_fingerprint", lambda *a, **k: next(codes))
-    for name in ("_local", "_services", "_services_cold", "_reproduction_spec"):
-        monkeypatch.setattr(system, name, _no_study(name))
-    assert system.run(rounds=0, cpu_round=False)["system_code"] is None
+
+    def fingerprint(*args, **kwargs):
+        events.append("fingerprint")
+        return next(codes)
+
+    def study(name, result):
+        def stub(*args, **kwargs):
+            events.append(name)
+            return result
+        return stub
+
+    monkeypatch.setattr(system, "code_fingerprint", fingerprint)
+    monkeypatch.setattr(system, "_local", study("local", (10.0, 5.0)))
+    monkeypatch.setattr(system, "_services", study("services", (11.0, 4.0, 6.0)))
+    monkeypatch.setattr(system, "_services_cold", study("services", (11.0, {
+        "runs": 1, "first_step_s": 1.0, "train_s": 5.0, "rest_of_run_s": 1.0,
+        "outside_runs_s": 4.0})))
+    monkeypatch.setattr(system, "_run_results", lambda folder: [])
+    monkeypatch.setattr(system, "_reproduction_spec", lambda: {**system.SPEC, "name": "repro"})
+    r = system.run(rounds=1, cpu_round=False)
+    assert events[0] == events[-1] == "fingerprint" and events.count("fingerprint") == 2
+    assert r["system_code"] is None  # it changed meanwhile
+    events.clear()
     codes = iter(["same", "same"])
-    assert system.run(rounds=0, cpu_round=False)["system_code"] == "same"
-
-
-def _no_study(name):
-    def stub(*args, **kwargs):
-        if name == "_reproduction_spec":
-            return {}
-        raise AssertionError(f"{name} ran with rounds=0")
-    return stub
+    assert system.run(rounds=1, cpu_round=False)["system_code"] == "same"
