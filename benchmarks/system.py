@@ -299,6 +299,11 @@ def ratio_interval(ratios: list[float], level: float = LEVEL) -> tuple[float, fl
     return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
 
 
+def _geometric_mean(ratios: list[float]) -> float:
+    """The geometric mean of positive ratios (any number of them, ties included)."""
+    return math.exp(float(np.mean(np.log(np.asarray(ratios, dtype=float)))))
+
+
 def verdict(low: float, high: float, target: float = TARGET) -> str:
     """'yes' when the whole interval is at or under the target, 'NO' when it is all over it,
     'not decided' (more rounds needed) when it straddles the target."""
@@ -388,14 +393,13 @@ def pooled(entries: list[dict], fingerprint: str | None) -> dict | None:
         same.append(entry)
     if not same:
         return None
-    means = [ratio_interval(e["rounds"])[0] if len(set(e["rounds"])) > 1 else e["rounds"][0]
-             for e in same]
+    means = [_geometric_mean(e["rounds"]) for e in same]
     rounds = [r for e in same for r in e["rounds"]]
     try:
         mean, low, high = ratio_interval(means)
         decided = verdict(low, high)
     except ValueError:  # one run, or runs of equal means: no interval
-        mean, low, high, decided = float(np.exp(np.mean(np.log(means)))), None, None, "not decided"
+        mean, low, high, decided = _geometric_mean(means), None, None, "not decided"
     return {"runs": len(same), "rounds": len(rounds), "run_means": means,
             "geometric_mean": mean, "low": low, "high": high, "verdict": decided,
             "over_target_rounds": sum(r > TARGET for r in rounds),

@@ -270,6 +270,9 @@ def test_pooling_counts_each_run_once_and_takes_one_system_code_only(tmp_path, c
     assert pool["verdict"] == "yes" and pool["over_target_rounds"] == 0
     assert system.pooled(entries, "two")["verdict"] == "NO"
     assert system.pooled(entries, None) is None and system.pooled(entries, "three") is None
+    # A run whose rounds are equal but for the last bit is its mean, not an error.
+    near = system.pooled([{"system_code": "n", "rounds": [1.0, 1.0 + 1e-13]}], "n")
+    assert abs(near["run_means"][0] - 1.0) < 1e-12 and near["verdict"] == "not decided"
     one_run = system.pooled(entries[:1], "one")
     assert one_run["low"] is None and one_run["verdict"] == "not decided"
     results = tmp_path / "results.json"
