@@ -260,6 +260,8 @@ class ProgressReporter:
         self._buffer: list[Any] = []
         self._last_sent = -math.inf
         self.cancelled = False
+        # Points come from the training thread and from the run's checkpoint thread.
+        self._lock = threading.RLock()
 
     def add(self, point: Mapping[str, float], *, awaiting_evaluation: bool = False) -> None:
         """Queue one evaluation point ({"step": s, metric: value, ...}); send if due.
@@ -272,16 +274,21 @@ class ProgressReporter:
         if self._stub is None:
             return
         values = {k: float(v) for k, v in point.items() if k != "step"}
-        self._buffer.append(controller_pb2.MetricPoint(
-            trial=self.trial, attempt=self.attempt, step=int(point["step"]), values=values,
-            awaiting_evaluation=awaiting_evaluation))
-        if len(self._buffer) > self.MAX_BUFFERED:
-            del self._buffer[: len(self._buffer) - self.MAX_BUFFERED]
-        if self._clock() - self._last_sent >= self.interval_s:
-            self.flush()
+        with self._lock:
+            self._buffer.append(controller_pb2.MetricPoint(
+                trial=self.trial, attempt=self.attempt, step=int(point["step"]),
+                values=values, awaiting_evaluation=awaiting_evaluation))
+            if len(self._buffer) > self.MAX_BUFFERED:
+                del self._buffer[: len(self._buffer) - self.MAX_BUFFERED]
+            if self._clock() - self._last_sent >= self.interval_s:
+                self.flush()
 
     def flush(self) -> bool:
         """Send what is buffered; returns whether the controller asked to cancel."""
+        with self._lock:
+            return self._flush()
+
+    def _flush(self) -> bool:
         if self._stub is None or not self._buffer:
             return self.cancelled
         import grpc
@@ -706,20 +713,17 @@ class TrainerWorker:
             series = self._metrics.trainer.trial(assignment.experiment_id, assignment.study_id,
                                                  f"{assignment.trial_index}-r"
                                                  f"{assignment.replica}")
-        last_point: dict[str, float] = {}
-        waiting_point: dict[str, float] = {}  # by service: reported once its checkpoint is up
+        # Evaluation points by step, until their checkpoint is handed on (on_checkpoint runs in
+        # the loop's checkpoint thread while training goes on to the next point).
+        points: dict[int, dict[str, float]] = {}
         last_eval = {"step": 0, "time": time.perf_counter()}
         sharding = None
         streams: list[Any] = []
         example_log = self._example_log(trial, attempt, process_id)
 
         def on_eval(point: dict[str, float]) -> None:
-            last_point.clear()
-            last_point.update(point)
-            if by_service:
-                waiting_point.clear()
-                waiting_point.update(point)
-            else:
+            points[int(point["step"])] = dict(point)
+            if not by_service:
                 reporter.add(point)
             if series is not None:
                 try:
@@ -738,17 +742,18 @@ class TrainerWorker:
                 # Every host recorded its position before process 0 stores the checkpoint:
                 # a stored checkpoint always has the positions to resume from.
                 multihost_utils.sync_global_devices(f"{trial}/{attempt}/checkpoint-{step}")
+            point = points.pop(step, None)
             if sync is None or process_id != 0:
                 return
             step_dir = Path(directory) / str(step)
-            if by_service and waiting_point.get("step") == step:
+            if by_service and point is not None:
+                # Reported once its checkpoint is up, for the controller to have it evaluated.
                 self._upload_for_evaluation(sync, trial, step, step_dir, maximize)
-                reporter.add(dict(waiting_point), awaiting_evaluation=True)
-                waiting_point.clear()
+                reporter.add(point, awaiting_evaluation=True)
                 return
             metric = None
-            if not by_service and last_point.get("step") == step:
-                metric = last_point.get(target.metric)
+            if not by_service and point is not None:
+                metric = point.get(target.metric)
             if metric is not None and not math.isfinite(metric):
                 metric = None
             try:

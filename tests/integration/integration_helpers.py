@@ -87,7 +87,8 @@ def gated_storage(directory, gate_step: int):
 
     A trainer evaluating in its own process reports at every evaluation before it saves
     that step's checkpoint, so while the report is held its last uploaded checkpoint is the
-    previous evaluation's; evaluating by the service, it reports after the upload.
+    previous evaluation's (once the run's checkpoint thread has uploaded it); evaluating by
+    the service, it reports after the upload.
     """
     from services.controller.storage import SQLiteStorage
 

@@ -75,9 +75,13 @@ def test_killed_trainer_resumes_from_checkpoint_bit_identical(
             study_id = experiment.studies[0].name.rsplit("/", 1)[1]
             trial = f"{experiment.name}/studies/{study_id}/trials/0-r0"
             assert storage.reached.wait(180), "trial 0 never reached step 20"
-            saved = [c.step for c in CheckpointClient(channel(checkpoint_server.address))
-                     .list(trial)]
-            assert saved == [10]  # step 20 is not saved while its report is held
+            # Step 10's checkpoint is uploaded by the run's checkpoint thread, which may
+            # still be at it; step 20's is not saved while its report is held.
+            checkpoints = CheckpointClient(channel(checkpoint_server.address))
+            deadline = time.monotonic() + 60
+            while (saved := [c.step for c in checkpoints.list(trial)]) != [10]:
+                assert saved == [] and time.monotonic() < deadline, saved
+                time.sleep(0.05)
             (first,) = [a for a in storage.attempts(experiment_id)
                         if a.trial.trial_index == 0 and a.trial.replica == 0]
             ray.kill(controller.pool.actor_of(trial))

@@ -8,6 +8,10 @@ new ``train_and_evaluate`` call, and compares the final TrainState leaf by leaf 
 
 from __future__ import annotations
 
+import shutil
+import threading
+from pathlib import Path
+
 import pytest
 from train_helpers import Recorder, assert_batches_equal, assert_trees_equal, stop_after
 
@@ -160,3 +164,52 @@ def test_a_checkpoint_of_jax_arrays_from_two_devices_restores_on_one(tmp_path):
     got = child("restore", 1)
     assert got == {"devices": 1, "meta": {"step": 7}, "w": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]],
                    "rng": [1, 2]}
+
+
+def test_training_goes_on_while_a_checkpoint_is_handed_on(make_config, baseline, tmp_path):
+    """on_checkpoint runs in the run's checkpoint thread: while step 10's is held (a slow
+    upload), training reaches step 20's evaluation; the calls come in step order and have all
+    returned when the run does; and step 20's checkpoint, written after training had gone on
+    (donating the state's buffers), holds step 20's state."""
+    reached_20 = threading.Event()
+    calls = []
+
+    def on_eval(point):
+        if point["step"] == 20:
+            reached_20.set()
+
+    def on_checkpoint(step, directory):
+        waited = reached_20.wait(timeout=30) if step == 10 else None
+        calls.append((step, threading.current_thread() is threading.main_thread(), waited))
+        shutil.copytree(Path(directory) / str(step), tmp_path / "copies" / str(step))
+
+    result, _ = _run(make_config(checkpoint_dir=str(tmp_path / "run")), on_eval=on_eval,
+                     on_checkpoint=on_checkpoint)
+    assert result.outcome is Outcome.SUCCEEDED, result.error
+    assert calls == [(10, False, True), (20, False, None), (30, False, None)]
+    assert_trees_equal(result.final_state, baseline.result.final_state)
+    _, ours, meta = _checkpoint(tmp_path / "copies", baseline.result.final_state, 20)
+    _, theirs, _ = _checkpoint(baseline.checkpoint_dir, baseline.result.final_state, 20)
+    assert int(ours.step) == 20 and meta["curve"] == baseline.result.curve[:2]
+    assert_trees_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("failing_step", [10, 30])
+def test_a_failed_checkpoint_job_fails_the_run_with_its_error(make_config, tmp_path,
+                                                              failing_step):
+    """An error of on_checkpoint (e.g. an upload that failed for good) reaches the training
+    thread: the run is FAILED with it, as an infrastructure failure when the error says so,
+    whether training had gone on (step 10) or was over (step 30)."""
+
+    class UploadLost(RuntimeError):
+        infrastructure = True
+
+    def on_checkpoint(step, directory):
+        if step == failing_step:
+            raise UploadLost(f"upload of step {step} failed")
+
+    result, _ = _run(make_config(checkpoint_dir=str(tmp_path)), on_checkpoint=on_checkpoint)
+    assert result.outcome is Outcome.FAILED
+    assert result.error == f"UploadLost: upload of step {failing_step} failed"
+    assert result.failure == "infrastructure"
+    assert failing_step <= result.steps_completed <= 30

@@ -30,6 +30,7 @@ __all__ = [
     "check_initial_variables",
     "restore_initial_variables",
     "save_final_variables",
+    "snapshot",
 ]
 
 # What a warm start takes from a checkpoint; the rest (optimizer state, step, RNG) starts fresh.
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 def _host_copy(leaf: Any) -> Any:
     """A replicated array's value as host numpy (this process's copy)."""
     return np.asarray(leaf.addressable_data(0) if hasattr(leaf, "addressable_data") else leaf)
+
+
+def snapshot(state: Any) -> Any:
+    """A state's value as host numpy arrays of its own, for a save that runs while training goes on.
+
+    Copies, not views: on CPU a host view of an array may share its buffer, and the next
+    training step donates (reuses) the state's buffers.
+    """
+    return jax.tree.map(lambda leaf: np.array(_host_copy(leaf), copy=True), state)
 
 
 class RunCheckpointer:

@@ -11,6 +11,7 @@ bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -37,6 +38,7 @@ from batchlab.train.checkpoint import (
     RunCheckpointer,
     check_initial_variables,
     restore_initial_variables,
+    snapshot,
 )
 from batchlab.train.parallel import DataParallel
 from batchlab.train.steps import (
@@ -562,6 +564,55 @@ class _Run:
         return out
 
 
+class _CheckpointWriter:
+    """Runs a run's checkpoint jobs (write, record the data position, the caller's callback)
+    one at a time, in order.
+
+    In a single-process run a background thread runs them, so training goes on while a
+    checkpoint is written and handed on (uploaded, sent for evaluation), as in orbax's
+    asynchronous checkpointing. In a multi-process run they run in the caller's thread: the
+    callbacks may run collectives, which every process must enter at the same point of its
+    training. A failed job's error is raised in the training thread by the next ``check`` (every
+    step), ``submit`` or ``wait``.
+
+    Args:
+      background: run the jobs in a thread of their own.
+    """
+
+    def __init__(self, *, background: bool):
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+                      if background else None)
+        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        if self._pool is None:
+            job()
+        else:
+            self._pending.append(self._pool.submit(job))
+
+    def check(self) -> None:
+        """Raise the error of a finished job, if one failed."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        """Wait for every job; raise the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every job (a failed run's checkpoints are still completed); never raises."""
+        for job in self._pending:
+            error = job.exception()
+            if error is not None:
+                log.warning("a checkpoint job of a run that ended failed too: %s: %s",
+                            type(error).__name__, error)
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
 def train_and_evaluate(
     config: RunConfig,
     *,
@@ -585,9 +636,12 @@ def train_and_evaluate(
       data_parallel: the devices to use (default: all).
       return_state: put the final TrainState in ``RunResult.final_state``.
       on_checkpoint: called with (step, checkpoint_dir) after each checkpoint is on disk
-        (its files are in ``checkpoint_dir/<step>``), e.g. to upload it. In a multi-process
-        run, process 0 alone writes the checkpoint (the state is replicated) and every
-        process is called, e.g. to record its data position.
+        (its files are in ``checkpoint_dir/<step>``), e.g. to upload it. In a single-process
+        run it is called from a background thread, in step order, while training goes on
+        (an error it raises fails the run at the next step); the run returns once every
+        call has returned. In a multi-process run, process 0 alone writes the checkpoint
+        (the state is replicated) and every process is called, in the training thread
+        (e.g. to record its data position, or to run a collective).
       evaluate: evaluate at each evaluation point in this process. False leaves the
         evaluation to someone else (the evaluation service reads the checkpoint saved at
         every point): points carry the step, learning rate and training loss only, and the
@@ -597,8 +651,9 @@ def train_and_evaluate(
         instead of one computed here and moved to the position saved with the checkpoint;
         ``saved`` is that position (the checkpoint's ``data_state["indices"]``, None at the
         start), e.g. to check that both agree. See batchlab.data.BatchIterator.
-      on_data_position: called on every process at each checkpoint, before on_checkpoint,
-        with (step, the training input's position: its ``get_state()["indices"]``).
+      on_data_position: called on every process at each checkpoint, before on_checkpoint
+        and from the same thread, with (step, the training input's position at that step:
+        its ``get_state()["indices"]``).
       on_examples: called with (step, the example indices of this process's batch) for
         every step trained, e.g. to log what a run read.
 
@@ -626,6 +681,8 @@ def train_and_evaluate(
     # Training losses since the last evaluation (their mean is the next point's
     # train/batch_loss); checkpointed, so a run resumed mid-window records the same curve.
     window_losses: list[float] = []
+    writer = _CheckpointWriter(background=jax.process_count() == 1)
+    saved_step: int | None = None  # the step of the latest checkpoint, saved or on its way
 
     def check_divergence() -> int | None:
         nonlocal pending
@@ -643,19 +700,31 @@ def train_and_evaluate(
     def save(iterator: BatchIterator) -> None:
         # A cancellation right after an evaluation (or right after resuming) finds this step
         # saved already, with the same content; orbax refuses to overwrite it.
-        if ckpt is not None and ckpt.latest_step() != step:
-            if jax.process_index() == 0:
-                ckpt.save(step, state, {
-                    "step": step, "curve": curve, "data_state": iterator.get_state(),
-                    "window_losses": window_losses,
-                })
+        nonlocal saved_step
+        if ckpt is None or step == saved_step:
+            return
+        saved_step = at = step
+        data_state = copy.deepcopy(iterator.get_state())
+        # What the job writes is taken now: training goes on meanwhile.
+        host_state = snapshot(state) if jax.process_index() == 0 else None
+        meta = {"step": at, "curve": copy.deepcopy(curve), "data_state": data_state,
+                "window_losses": list(window_losses)}
+        directory = str(ckpt.directory)
+        checkpointer = ckpt
+
+        def job() -> None:
+            if host_state is not None:
+                checkpointer.save(at, host_state, meta)
             if on_data_position is not None:
-                on_data_position(step, iterator.get_state()["indices"])
+                on_data_position(at, data_state["indices"])
             if on_checkpoint is not None:
-                on_checkpoint(step, str(ckpt.directory))
+                on_checkpoint(at, directory)
+
+        writer.submit(job)
 
     try:
         ckpt = RunCheckpointer(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        saved_step = None if ckpt is None else ckpt.latest_step()
         data_state = None
         state = run.init_state()
         if ckpt is not None and ckpt.latest_step() is not None:
@@ -689,6 +758,7 @@ def train_and_evaluate(
                     outcome = Outcome.CANCELLED
                     save(iterator)
                     break
+                writer.check()
                 t0 = time.perf_counter()
                 batch = next(iterator)
                 input_wait += time.perf_counter() - t0
@@ -729,11 +799,13 @@ def train_and_evaluate(
                     t_train = time.perf_counter()
                     if cfg.stop_at_target and cfg.target and cfg.target.is_met(point.get(cfg.target.metric, math.nan)):
                         break
+        writer.wait()
     except Exception as err:  # noqa: BLE001 - any failure inside training is the FAILED outcome
         log.exception("run failed at step %d", step)
         outcome, error = Outcome.FAILED, f"{type(err).__name__}: {err}"
         failure = "infrastructure" if getattr(err, "infrastructure", False) else "run"
     finally:
+        writer.close()
         if ckpt is not None:
             ckpt.close()
 
