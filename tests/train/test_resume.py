@@ -179,7 +179,7 @@ def test_training_goes_on_while_a_checkpoint_is_handed_on(make_config, baseline,
             reached_20.set()
 
     def on_checkpoint(step, directory):
-        waited = reached_20.wait(timeout=30) if step == 10 else None
+        waited = reached_20.wait(timeout=120) if step == 10 else None
         calls.append((step, threading.current_thread() is threading.main_thread(), waited))
         shutil.copytree(Path(directory) / str(step), tmp_path / "copies" / str(step))
 
@@ -199,17 +199,30 @@ def test_a_failed_checkpoint_job_fails_the_run_with_its_error(make_config, tmp_p
                                                               failing_step):
     """An error of on_checkpoint (e.g. an upload that failed for good) reaches the training
     thread: the run is FAILED with it, as an infrastructure failure when the error says so,
-    whether training had gone on (step 10) or was over (step 30)."""
+    whether training had gone on (step 10) or was over (step 30); and no later checkpoint is
+    handed on after a lost one (a resume from it would have a curve point with no checkpoint)."""
 
     class UploadLost(RuntimeError):
         infrastructure = True
 
+    calls = []
+    next_point = threading.Event()
+
+    def on_eval(point):
+        if point["step"] == failing_step + 10:
+            next_point.set()
+
     def on_checkpoint(step, directory):
+        calls.append(step)
         if step == failing_step:
+            # Failing for good takes retries: training reaches the next point meanwhile.
+            if failing_step < 30:
+                assert next_point.wait(timeout=120)
             raise UploadLost(f"upload of step {step} failed")
 
-    result, _ = _run(make_config(checkpoint_dir=str(tmp_path)), on_checkpoint=on_checkpoint)
+    result, _ = _run(make_config(checkpoint_dir=str(tmp_path)), on_eval=on_eval,
+                     on_checkpoint=on_checkpoint)
     assert result.outcome is Outcome.FAILED
     assert result.error == f"UploadLost: upload of step {failing_step} failed"
     assert result.failure == "infrastructure"
-    assert failing_step <= result.steps_completed <= 30
+    assert calls == [s for s in (10, 20, 30) if s <= failing_step]

@@ -570,10 +570,13 @@ class _CheckpointWriter:
 
     In a single-process run a background thread runs them, so training goes on while a
     checkpoint is written and handed on (uploaded, sent for evaluation), as in orbax's
-    asynchronous checkpointing. In a multi-process run they run in the caller's thread: the
-    callbacks may run collectives, which every process must enter at the same point of its
-    training. A failed job's error is raised in the training thread by the next ``check`` (every
-    step), ``submit`` or ``wait``.
+    asynchronous checkpointing. As there, one job is in flight at most: the next waits for it
+    (so a run holds one extra copy of its state at most), and a failed job's error reaches the
+    training thread before any later job runs (a later checkpoint stored after an earlier one
+    was lost would be a resume point whose curve has a point no checkpoint holds). The error
+    is raised by the next ``check`` (every step), ``submit`` or ``wait``. In a multi-process
+    run the jobs run in the caller's thread: the callbacks may run collectives, which every
+    process must enter at the same point of its training.
 
     Args:
       background: run the jobs in a thread of their own.
@@ -584,8 +587,13 @@ class _CheckpointWriter:
                       if background else None)
         self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
 
+    @property
+    def background(self) -> bool:
+        """Whether jobs run in a thread of their own (while the caller goes on)."""
+        return self._pool is not None
+
     def submit(self, job: Callable[[], None]) -> None:
-        self.check()
+        self.wait()
         if self._pool is None:
             job()
         else:
@@ -602,7 +610,8 @@ class _CheckpointWriter:
             self._pending.popleft().result()
 
     def close(self) -> None:
-        """Wait for every job (a failed run's checkpoints are still completed); never raises."""
+        """Wait for the job in flight (a run that failed in training still completes its last
+        checkpoint); never raises."""
         for job in self._pending:
             error = job.exception()
             if error is not None:
@@ -706,7 +715,9 @@ def train_and_evaluate(
         saved_step = at = step
         data_state = copy.deepcopy(iterator.get_state())
         # What the job writes is taken now: training goes on meanwhile.
-        host_state = snapshot(state) if jax.process_index() == 0 else None
+        host_state = None
+        if jax.process_index() == 0:
+            host_state = snapshot(state) if writer.background else state
         meta = {"step": at, "curve": copy.deepcopy(curve), "data_state": data_state,
                 "window_losses": list(window_losses)}
         directory = str(ckpt.directory)
@@ -802,7 +813,9 @@ def train_and_evaluate(
         writer.wait()
     except Exception as err:  # noqa: BLE001 - any failure inside training is the FAILED outcome
         log.exception("run failed at step %d", step)
-        outcome, error = Outcome.FAILED, f"{type(err).__name__}: {err}"
+        # A checkpoint job of a run that had diverged failed: the attempt is lost (its
+        # checkpoint is not stored), whatever the run did.
+        outcome, error, diverged_step = Outcome.FAILED, f"{type(err).__name__}: {err}", None
         failure = "infrastructure" if getattr(err, "infrastructure", False) else "run"
     finally:
         writer.close()
